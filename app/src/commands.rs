@@ -1,0 +1,170 @@
+//! The CLI (clap): `serve`, `migrate`, `config check`, `token issue`, plus each module's own
+//! subcommand (added at run time through the `Module` trait).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bulwark_kernel::auth::{Authenticator, Role};
+use bulwark_kernel::config::{ConfigError, Settings};
+use bulwark_kernel::module::ProcessRole;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "bulwark", about = "Bulwark: one binary, five modules.")]
+pub struct Cli {
+    /// Config file layered over the compiled-in defaults (also BULWARK_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve {
+        /// Which parts to run in this process.
+        #[arg(long, value_enum, default_value = "all")]
+        role: ProcessRole,
+    },
+    /// Database migrations of the kernel and every compiled-in module.
+    Migrate {
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Local JWTs (HS256).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Apply every pending migration (the default).
+    Up,
+    /// Roll back the last applied migrations of one module.
+    Down(DownArgs),
+    /// List every migration and whether it is applied.
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Module whose migrations to roll back (`kernel`, `cache`, ...).
+    #[arg(long)]
+    pub module: String,
+    /// How many migrations to roll back.
+    #[arg(long, default_value_t = 1)]
+    pub steps: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate and print the effective config (secrets redacted); exit 2 naming a bad key.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Mint a token signed with the configured (or generated) HS256 secret.
+    Issue {
+        /// The subject (user name).
+        #[arg(long)]
+        sub: String,
+        /// The role.
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Lifetime, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h", value_parser = humantime_duration)]
+        ttl: Duration,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("not a duration like `1h` or `30m`: {e}"))
+}
+
+/// Errors that map to distinct exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Exit 2: the configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Exit 1: anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) => 2,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+/// Validate the config: the kernel's part and every enabled module's section.
+pub fn check(settings: &Settings) -> Result<toml::Table, ConfigError> {
+    let kernel = toml::Table::try_from(&settings.kernel).map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
+    let mut out = kernel;
+    let compiled = crate::modules::compiled();
+    for section in bulwark_kernel::config::MODULE_SECTIONS {
+        if settings.has_section(section) && !compiled.iter().any(|m| m.name() == *section) {
+            tracing::warn!(message = "Config section for a module not compiled into this binary; ignored.", section);
+        }
+    }
+    for m in compiled.iter().filter(|m| settings.module_enabled(m.name())) {
+        let value = m.check_config(settings)?;
+        let table = toml::Value::try_from(value).map_err(|e| ConfigError::new(m.name(), e.to_string()))?;
+        out.insert(m.name().to_owned(), table);
+    }
+    Ok(out)
+}
+
+pub async fn config_check(settings: &Settings) -> Result<(), CliError> {
+    let table = check(settings)?;
+    let rendered = toml::to_string_pretty(&table).context("render config")?;
+    println!("# effective configuration (secrets redacted)\n{rendered}");
+    Ok(())
+}
+
+pub async fn token_issue(settings: &Settings, sub: &str, role: Role, ttl: Duration) -> Result<(), CliError> {
+    let auth = Authenticator::from_config(&settings.kernel).await.context("auth")?;
+    let token = auth.issue(sub, role, ttl).context("issue token")?;
+    println!("{token}");
+    Ok(())
+}
+
+pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), CliError> {
+    let db = bulwark_kernel::db::connect(&settings.kernel.database).await.context("database")?;
+    match action {
+        MigrateAction::Up => {
+            crate::migrate_up(&db).await?;
+            println!("migrations applied");
+        }
+        MigrateAction::Down(args) => {
+            let set = bulwark_migrations::sets()
+                .into_iter()
+                .find(|s| s.module() == args.module)
+                .ok_or_else(|| anyhow::anyhow!("--module: no migrations for `{}` in this build", args.module))?;
+            set.down(&db, args.steps).await.context("roll back")?;
+            println!("rolled back {} migration(s) of {}", args.steps, args.module);
+        }
+        MigrateAction::Status => {
+            for set in bulwark_migrations::sets() {
+                for (name, applied) in set.status(&db).await.context("status")? {
+                    println!("{:<12} {:<8} {name}", set.module(), if applied { "applied" } else { "pending" });
+                }
+            }
+        }
+    }
+    Ok(())
+}

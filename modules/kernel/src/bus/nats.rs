@@ -1,0 +1,625 @@
+//! The NATS JetStream bus (K4), written against NATS 2.9: one filter subject per consumer,
+//! server-side `max_deliver` unlimited (this wrapper dead-letters itself, exactly like the
+//! embedded bus).
+//!
+//! `bus.prefix` isolates tenants and tests on one server: stream `AUCTION_BIDS` becomes
+//! `<prefix>AUCTION_BIDS` and subject `auction.bids.1` becomes `<prefix>.auction.bids.1` (a
+//! trailing `.` in the prefix is dropped). Callers never see the prefix on anything returned.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind, stream};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+
+use super::{
+    Acker, Bus, BusError, Consumer, ConsumerSpec, Delivery, Headers, Message, PublishAck,
+    StreamSpec, validate_name, validate_pattern, validate_subject,
+};
+use crate::config::BusConfig;
+
+const BUS: &str = "nats";
+/// JetStream's default when a consumer gives no ack wait.
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The bus on a NATS server with JetStream.
+#[derive(Clone)]
+pub struct NatsBus {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    prefix: Prefix,
+    default_duplicate_window: Duration,
+    request_timeout: Duration,
+}
+
+/// How `bus.prefix` maps names and subjects.
+struct Prefix {
+    stream: String,
+    /// The leading subject token, if any.
+    subject: Option<String>,
+}
+
+impl Prefix {
+    fn new(raw: &str) -> Result<Self, BusError> {
+        let token = raw.trim_end_matches('.');
+        if token.is_empty() {
+            return Ok(Self {
+                stream: String::new(),
+                subject: None,
+            });
+        }
+        validate_subject(token)
+            .map_err(|_| BusError::Invalid(format!("invalid bus.prefix `{raw}`")))?;
+        Ok(Self {
+            stream: token.replace('.', "_"),
+            subject: Some(token.to_owned()),
+        })
+    }
+    fn stream(&self, name: &str) -> String {
+        format!("{}{name}", self.stream)
+    }
+    fn unstream(&self, name: &str) -> String {
+        name.strip_prefix(&self.stream).unwrap_or(name).to_owned()
+    }
+    fn subject(&self, subject: &str) -> String {
+        match &self.subject {
+            Some(p) => format!("{p}.{subject}"),
+            None => subject.to_owned(),
+        }
+    }
+    fn unsubject(&self, subject: &str) -> String {
+        match &self.subject {
+            Some(p) => subject
+                .strip_prefix(p.as_str())
+                .and_then(|s| s.strip_prefix('.'))
+                .unwrap_or(subject)
+                .to_owned(),
+            None => subject.to_owned(),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+fn other(e: impl std::fmt::Display) -> BusError {
+    BusError::Other(e.to_string())
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn to_header_map(headers: &Headers) -> Result<HeaderMap, BusError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let n: HeaderName = name
+            .parse()
+            .map_err(|_| BusError::Invalid(format!("invalid header name `{name}`")))?;
+        let v: HeaderValue = value
+            .parse()
+            .map_err(|_| BusError::Invalid(format!("invalid value of header `{name}`")))?;
+        map.insert(n, v);
+    }
+    Ok(map)
+}
+
+/// Headers as callers see them: first value of each, the message id split out.
+fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<String>) {
+    let mut headers = Headers::new();
+    let mut id = None;
+    for (name, values) in map.into_iter().flat_map(HeaderMap::iter) {
+        let Some(value) = values.first() else {
+            continue;
+        };
+        if name.as_ref() as &str == MSG_ID_HEADER {
+            id = Some(value.as_str().to_owned());
+        } else {
+            headers.insert(name.to_string(), value.as_str().to_owned());
+        }
+    }
+    (headers, id)
+}
+
+impl NatsBus {
+    /// Connect to `cfg.url`. Returns at once even when the server is down: the client keeps
+    /// retrying in the background and [`Bus::health`] fails until it is connected.
+    pub async fn connect(cfg: &BusConfig) -> Result<Self, BusError> {
+        let url = cfg
+            .url
+            .as_ref()
+            .ok_or_else(|| BusError::Invalid("bus.url is not set".into()))?;
+        let prefix = Prefix::new(&cfg.prefix)?;
+        let client = async_nats::ConnectOptions::new()
+            .name("bulwark")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(cfg.request_timeout)
+            .request_timeout(Some(cfg.request_timeout))
+            .connect(url.expose())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("{} ({})", e, url.redacted())))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.request_timeout)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Ok(Self {
+            shared: Arc::new(Shared {
+                client,
+                js,
+                prefix,
+                default_duplicate_window: cfg.duplicate_window,
+                request_timeout: cfg.request_timeout,
+            }),
+        })
+    }
+}
+
+impl Shared {
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: Option<&str>,
+        mut headers: Headers,
+        payload: Bytes,
+    ) -> Result<PublishAck, BusError> {
+        let started = Instant::now();
+        let result = self
+            .publish_inner(subject, message_id, &mut headers, payload)
+            .await;
+        metrics::histogram!("bulwark_bus_publish_duration_seconds", "bus" => BUS)
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(ack) if ack.duplicate => "duplicate",
+            Ok(_) => "stored",
+            Err(_) => "error",
+        };
+        metrics::counter!("bulwark_bus_published_total", "bus" => BUS, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+
+    async fn publish_inner(
+        &self,
+        subject: &str,
+        message_id: Option<&str>,
+        headers: &mut Headers,
+        payload: Bytes,
+    ) -> Result<PublishAck, BusError> {
+        validate_subject(subject)?;
+        crate::telemetry::inject_context(headers);
+        let mut map = to_header_map(headers)?;
+        if let Some(id) = message_id {
+            let v: HeaderValue = id
+                .parse()
+                .map_err(|_| BusError::Invalid("invalid message id".into()))?;
+            if id.is_empty() {
+                return Err(BusError::Invalid("empty message id".into()));
+            }
+            map.insert(async_nats::header::NATS_MESSAGE_ID, v);
+        }
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .headers(map);
+        let ack = self
+            .js
+            .send_publish(self.prefix.subject(subject), publish)
+            .await
+            .map_err(|e| publish_error(subject, &e))?
+            .await
+            .map_err(|e| publish_error(subject, &e))?;
+        Ok(PublishAck {
+            stream: self.prefix.unstream(&ack.stream),
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+fn publish_error(subject: &str, e: &jetstream::context::PublishError) -> BusError {
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => {
+            BusError::Invalid(format!("no stream captures subject `{subject}`"))
+        }
+        PublishErrorKind::TimedOut => BusError::Timeout(format!("publish to `{subject}`: {e}")),
+        PublishErrorKind::BrokenPipe => {
+            BusError::Unavailable(format!("publish to `{subject}`: {e}"))
+        }
+        PublishErrorKind::MaxPayloadExceeded => {
+            BusError::Invalid(format!("publish to `{subject}`: {e}"))
+        }
+        _ => BusError::Other(format!("publish to `{subject}`: {e}")),
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn kind(&self) -> &'static str {
+        BUS
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
+        validate_name("stream", &spec.name)?;
+        if spec.subjects.is_empty() {
+            return Err(BusError::Invalid(format!(
+                "stream `{}` has no subjects",
+                spec.name
+            )));
+        }
+        for s in &spec.subjects {
+            validate_pattern(s)?;
+        }
+        let s = &self.shared;
+        let name = s.prefix.stream(&spec.name);
+        let subjects: Vec<String> = spec.subjects.iter().map(|x| s.prefix.subject(x)).collect();
+        let window = if spec.duplicate_window.is_zero() {
+            s.default_duplicate_window
+        } else {
+            spec.duplicate_window
+        };
+        let max_age = spec.max_age.unwrap_or(Duration::ZERO);
+        let apply = |config: &mut stream::Config| {
+            config.subjects = subjects.clone();
+            config.duplicate_window = window;
+            config.max_age = max_age;
+        };
+        // Two attempts: a concurrent creator may win between our lookup and create.
+        for _ in 0..2 {
+            match s.js.get_stream(&name).await {
+                Ok(existing) => {
+                    let current = &existing.cached_info().config;
+                    let mut wanted = current.clone();
+                    apply(&mut wanted);
+                    let mut a = current.subjects.clone();
+                    a.sort();
+                    let mut b = wanted.subjects.clone();
+                    b.sort();
+                    if a == b && current.duplicate_window == window && current.max_age == max_age {
+                        return Ok(());
+                    }
+                    s.js.update_stream(&wanted)
+                        .await
+                        .map_err(|e| other(format!("update stream `{name}`: {e}")))?;
+                    return Ok(());
+                }
+                Err(e) if is_stream_not_found(&e) => {
+                    let mut config = stream::Config {
+                        name: name.clone(),
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    };
+                    apply(&mut config);
+                    match s.js.create_stream(config).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) => {
+                            tracing::debug!(message = "Stream create failed; looking again.", error = %e)
+                        }
+                    }
+                }
+                Err(e) => return Err(unavailable(format!("look up stream `{name}`: {e}"))),
+            }
+        }
+        Err(BusError::Other(format!("cannot declare stream `{name}`")))
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: Option<&str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<PublishAck, BusError> {
+        self.shared
+            .publish(subject, message_id, headers, payload)
+            .await
+    }
+
+    async fn consumer(&self, spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BusError> {
+        validate_name("durable", &spec.durable)?;
+        if let Some(filter) = &spec.filter_subject {
+            validate_pattern(filter)?;
+        }
+        validate_subject(&spec.dead_letter_subject())?;
+        let s = &self.shared;
+        let stream_name = s.prefix.stream(&spec.stream);
+        let stream = s.js.get_stream(&stream_name).await.map_err(|e| {
+            if is_stream_not_found(&e) {
+                BusError::Invalid(format!("unknown stream `{}`", spec.stream))
+            } else {
+                unavailable(format!("look up stream `{stream_name}`: {e}"))
+            }
+        })?;
+        let ack_wait = if spec.ack_wait.is_zero() {
+            DEFAULT_ACK_WAIT
+        } else {
+            spec.ack_wait
+        };
+        let config = pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait,
+            // Unlimited on the server: the wrapper dead-letters after `spec.max_deliver`.
+            max_deliver: -1,
+            filter_subject: spec
+                .filter_subject
+                .as_deref()
+                .map(|f| s.prefix.subject(f))
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        // Create-or-update: an existing durable keeps its position.
+        let consumer = stream.create_consumer(config).await.map_err(|e| {
+            other(format!(
+                "create consumer `{}` on `{stream_name}`: {e}",
+                spec.durable
+            ))
+        })?;
+        Ok(Box::new(NatsConsumer {
+            shared: s.clone(),
+            consumer,
+            spec: spec.clone(),
+        }))
+    }
+
+    async fn broadcast(
+        &self,
+        subject: &str,
+        mut headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        validate_subject(subject)?;
+        crate::telemetry::inject_context(&mut headers);
+        let map = to_header_map(&headers)?;
+        self.shared
+            .client
+            .publish_with_headers(self.shared.prefix.subject(subject), map, payload)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn subscribe(&self, subject: &str) -> Result<BoxStream<'static, Message>, BusError> {
+        validate_pattern(subject)?;
+        let shared = self.shared.clone();
+        let sub = shared
+            .client
+            .subscribe(shared.prefix.subject(subject))
+            .await
+            .map_err(unavailable)?;
+        Ok(sub
+            .map(move |m| {
+                let (headers, _) = from_header_map(m.headers.as_ref());
+                Message {
+                    subject: shared.prefix.unsubject(&m.subject),
+                    headers,
+                    payload: m.payload,
+                }
+            })
+            .boxed())
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let s = &self.shared;
+        let state = s.client.connection_state();
+        if state != State::Connected {
+            return Err(BusError::Unavailable(format!(
+                "NATS connection is {state:?}"
+            )));
+        }
+        match tokio::time::timeout(s.request_timeout, s.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(format!("NATS flush: {e}"))),
+            Err(_) => Err(BusError::Timeout("NATS flush".into())),
+        }
+    }
+}
+
+struct NatsConsumer {
+    shared: Arc<Shared>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    spec: ConsumerSpec,
+}
+
+impl NatsConsumer {
+    /// What the server has for us right now, without waiting.
+    async fn pull_now(&self, max: usize) -> Result<Vec<jetstream::Message>, BusError> {
+        let batch = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        collect(batch).await
+    }
+
+    /// Waits up to `wait` for one message. A batch of one ends on the first message, so no
+    /// pull request outlives this call to swallow a later message.
+    async fn pull_one(&self, wait: Duration) -> Result<Vec<jetstream::Message>, BusError> {
+        let batch = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        collect(batch).await
+    }
+
+    /// Publishes to the dead-letter subject, then terminates. If the publish fails the message
+    /// is left alone: the server redelivers it after `ack_wait` and the move is retried.
+    async fn dead_letter(&self, msg: &jetstream::Message, subject: &str, seq: u64, delivered: i64) {
+        let (mut headers, _) = from_header_map(msg.headers.as_ref());
+        headers.insert(
+            "Bulwark-Dead-Letter-Stream".into(),
+            self.spec.stream.clone(),
+        );
+        headers.insert(
+            "Bulwark-Dead-Letter-Durable".into(),
+            self.spec.durable.clone(),
+        );
+        headers.insert("Bulwark-Dead-Letter-Subject".into(), subject.to_owned());
+        headers.insert("Bulwark-Dead-Letter-Sequence".into(), seq.to_string());
+        headers.insert(
+            "Bulwark-Dead-Letter-Delivered".into(),
+            (delivered - 1).to_string(),
+        );
+        // A stable id makes a retried move a duplicate instead of a second copy.
+        let id = format!("dlq-{}-{}-{seq}", self.spec.stream, self.spec.durable);
+        let dlq = self.spec.dead_letter_subject();
+        match self
+            .shared
+            .publish(&dlq, Some(&id), headers, msg.payload.clone())
+            .await
+        {
+            Ok(_) => {
+                metrics::counter!("bulwark_bus_dead_letters_total", "bus" => BUS).increment(1);
+                if let Err(e) = msg.double_ack_with(AckKind::Term).await {
+                    tracing::warn!(message = "Dead-lettered message not terminated; it will be retried.", error = %e);
+                }
+            }
+            Err(err) => tracing::error!(
+                message = "Cannot move a message to its dead-letter subject; will retry.",
+                stream = %self.spec.stream, durable = %self.spec.durable, sequence = seq, error = %err,
+            ),
+        }
+    }
+
+    async fn deliveries(&self, msgs: Vec<jetstream::Message>) -> Vec<Delivery> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let (seq, delivered) = match msg.info() {
+                Ok(info) => (info.stream_sequence, info.delivered),
+                Err(e) => {
+                    tracing::warn!(message = "JetStream message without ack metadata; skipped.", error = %e);
+                    continue;
+                }
+            };
+            let subject = self.shared.prefix.unsubject(&msg.subject);
+            if self.spec.max_deliver > 0 && delivered > i64::from(self.spec.max_deliver) {
+                self.dead_letter(&msg, &subject, seq, delivered).await;
+                continue;
+            }
+            metrics::counter!("bulwark_bus_deliveries_total", "bus" => BUS).increment(1);
+            if delivered > 1 {
+                metrics::counter!("bulwark_bus_redeliveries_total", "bus" => BUS).increment(1);
+            }
+            let (headers, message_id) = from_header_map(msg.headers.as_ref());
+            let payload = msg.payload.clone();
+            out.push(Delivery::new(
+                subject,
+                headers,
+                payload,
+                message_id,
+                seq,
+                u32::try_from(delivered).unwrap_or(u32::MAX),
+                Box::new(NatsAcker { msg }),
+            ));
+        }
+        out
+    }
+}
+
+async fn collect(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, BusError> {
+    let mut out = Vec::new();
+    while let Some(item) = batch.next().await {
+        match item {
+            Ok(m) => out.push(m),
+            // Status replies such as 409 end a batch; keep what arrived before.
+            Err(e) if !out.is_empty() => {
+                tracing::debug!(message = "Pull batch ended with a status.", error = %e);
+                break;
+            }
+            Err(e) => return Err(other(format!("pull: {e}"))),
+        }
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut msgs = self.pull_now(max).await?;
+            if msgs.is_empty() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left >= Duration::from_millis(1) {
+                    msgs = self.pull_one(left).await?;
+                    if !msgs.is_empty() && max > 1 {
+                        msgs.extend(self.pull_now(max - 1).await?);
+                    }
+                }
+            }
+            let got = self.deliveries(msgs).await;
+            // Only dead-lettered messages arrived: look again while time is left.
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+        }
+    }
+}
+
+struct NatsAcker {
+    msg: jetstream::Message,
+}
+
+fn ack_error(e: &async_nats::Error) -> BusError {
+    let text = e.to_string();
+    if text.contains("timed out") {
+        BusError::Timeout(format!("ack: {text}"))
+    } else {
+        BusError::Unavailable(format!("ack: {text}"))
+    }
+}
+
+fn count_ack(kind: &'static str) {
+    metrics::counter!("bulwark_bus_acks_total", "bus" => BUS, "kind" => kind).increment(1);
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), BusError> {
+        count_ack("ack");
+        // Double ack: returns once the server has recorded it.
+        self.msg.double_ack().await.map_err(|e| ack_error(&e))
+    }
+    async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        count_ack("nak");
+        let delay = (!delay.is_zero()).then_some(delay);
+        self.msg
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(|e| ack_error(&e))
+    }
+    async fn in_progress(&self) -> Result<(), BusError> {
+        count_ack("progress");
+        self.msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| ack_error(&e))
+    }
+    async fn term(&self) -> Result<(), BusError> {
+        count_ack("term");
+        self.msg
+            .double_ack_with(AckKind::Term)
+            .await
+            .map_err(|e| ack_error(&e))
+    }
+}

@@ -1,0 +1,275 @@
+//! The HTTP surface every process shares: `/livez`, `/readyz`, `/metrics`,
+//! `/api/openapi.json`, and the middleware stack around every module's routes (request id,
+//! tracing with W3C `traceparent`, RED metrics by route template, CORS, compression, timeout,
+//! body limit, and problem+json for every error).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower::ServiceBuilder;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::auth::Authenticator;
+use crate::config::ServerConfig;
+use crate::problem::{self, Problem};
+use crate::readiness::{Readiness, ReadinessReport};
+
+/// Shared state of the kernel's own endpoints.
+#[derive(Clone)]
+pub struct KernelHttp {
+    pub readiness: Readiness,
+    pub prometheus: PrometheusHandle,
+    /// The merged OpenAPI document, rendered once.
+    pub openapi: Arc<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Bulwark", description = "One binary, five modules. Errors are RFC 9457 problem+json."),
+    paths(livez, readyz, openapi_json),
+    components(schemas(Problem, ReadinessReport)),
+    modifiers(&BearerAuth)
+)]
+struct KernelApi;
+
+struct BearerAuth;
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// The kernel's OpenAPI document, to merge module documents into.
+pub fn kernel_openapi(version: &str) -> utoipa::openapi::OpenApi {
+    let mut doc = KernelApi::openapi();
+    doc.info.version = version.to_owned();
+    doc
+}
+
+/// Liveness: the process answers. Never checks dependencies.
+#[utoipa::path(get, path = "/livez", tag = "kernel", responses((status = 200, description = "The process is alive")))]
+async fn livez() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: every configured dependency answers and the process is not draining.
+#[utoipa::path(get, path = "/readyz", tag = "kernel", responses(
+    (status = 200, description = "Ready", body = ReadinessReport),
+    (status = 503, description = "Not ready or draining", body = ReadinessReport)
+))]
+async fn readyz(State(k): State<KernelHttp>) -> impl IntoResponse {
+    let report = k.readiness.report().await;
+    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(report))
+}
+
+/// The OpenAPI document of this build (kernel and every compiled-in module).
+#[utoipa::path(get, path = "/api/openapi.json", tag = "kernel", responses((status = 200, description = "OpenAPI 3.1 document")))]
+async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], k.openapi.as_str().to_owned())
+}
+
+/// Prometheus text exposition.
+pub async fn metrics_handler(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+    crate::telemetry::record_process_metrics();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render())
+}
+
+/// A router serving only `/metrics` (for `server.metrics_listen`).
+pub fn metrics_router(handle: PrometheusHandle) -> Router {
+    Router::new().route("/metrics", get(metrics_handler)).with_state(handle).fallback(not_found)
+}
+
+async fn not_found(req: Request) -> Problem {
+    Problem::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+/// The module label of a route template: `/api/<module>/...`, `/ws/<module>/...`, else `kernel`.
+fn module_of(route: &str) -> &str {
+    let mut parts = route.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next()) {
+        (Some("api" | "ws"), Some(m)) if !m.is_empty() && !m.starts_with('{') && m != "openapi.json" => m,
+        _ => "kernel",
+    }
+}
+
+/// RED metrics labelled with the matched route template, never the raw path.
+async fn red_metrics(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    let method = match *req.method() {
+        Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::HEAD | Method::OPTIONS => {
+            req.method().as_str().to_owned()
+        }
+        _ => "other".to_owned(),
+    };
+    let started = Instant::now();
+    let res = next.run(req).await;
+    let module = module_of(&route).to_owned();
+    let status = res.status().as_u16().to_string();
+    metrics::counter!("bulwark_http_requests_total",
+        "module" => module.clone(), "route" => route.clone(), "method" => method.clone(), "status" => status)
+    .increment(1);
+    metrics::histogram!("bulwark_http_request_duration_seconds",
+        "module" => module, "route" => route, "method" => method)
+    .record(started.elapsed().as_secs_f64());
+    res
+}
+
+/// Turn any error response that is not already problem+json (routing 404/405, timeout 408,
+/// body limit 413, extractor rejections) into one, keeping a short text body as `detail`.
+async fn problemify(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if status.as_u16() < 400 {
+        return res;
+    }
+    let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ct.starts_with(problem::CONTENT_TYPE) {
+        return res;
+    }
+    let is_text = ct.starts_with("text/plain");
+    let (parts, body) = res.into_parts();
+    let detail = if is_text {
+        axum::body::to_bytes(body, 4096).await.ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+    } else {
+        None
+    };
+    let mut p = Problem::for_status(status);
+    if let Some(d) = detail.filter(|d| !d.is_empty()) {
+        p = p.detail(d);
+    }
+    let mut out = p.into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    if let Some(id) = parts.headers.get("x-request-id") {
+        out.headers_mut().insert("x-request-id", id.clone());
+    }
+    out
+}
+
+fn cors_layer(cfg: &ServerConfig) -> CorsLayer {
+    let origins = &cfg.cors_allowed_origins;
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "x-request-id".parse().unwrap_or(header::ACCEPT)])
+}
+
+/// Assemble the whole HTTP application: kernel endpoints, module routes, middleware.
+pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, modules: Router) -> Router {
+    let mut kernel_routes = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/api/openapi.json", get(openapi_json))
+        .with_state(kernel.clone());
+    if cfg.metrics_listen.is_none() {
+        kernel_routes = kernel_routes.merge(metrics_router(kernel.prometheus.clone()));
+    }
+    let compress = cfg.compression;
+    let predicate = DefaultPredicate::new().and(move |_: StatusCode, _: axum::http::Version, _: &axum::http::HeaderMap, _: &axum::http::Extensions| compress);
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+            let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let span = tracing::info_span!("http.request",
+                otel.name = %format!("{} {}", req.method(), route),
+                http.request.method = %req.method(),
+                http.route = %route,
+                request_id = %request_id);
+            crate::telemetry::set_parent_from_http(&span, req.headers());
+            span
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(CompressionLayer::new().compress_when(predicate))
+        .layer(middleware::from_fn(red_metrics))
+        .layer(middleware::from_fn(problemify))
+        // Above CORS and Timeout: both need a response body with `Default`; the limit's has none.
+        .layer(RequestBodyLimitLayer::new(cfg.body_limit_bytes))
+        .layer(cors_layer(cfg))
+
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout))
+        .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+        .layer(Extension(auth));
+    kernel_routes.merge(modules).fallback(not_found).layer(stack)
+}
+
+/// A JSON body extractor whose rejections are problem+json naming what is wrong
+/// (400 malformed/invalid, 415 wrong content type, 413 too large).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                use axum::extract::rejection::JsonRejection as J;
+                let p = match &rejection {
+                    J::MissingJsonContentType(_) => Problem::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported-media-type",
+                        "Unsupported media type",
+                    )
+                    .detail("expected `Content-Type: application/json`"),
+                    J::JsonSyntaxError(_) => Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
+                        .detail(rejection.body_text()),
+                    J::JsonDataError(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "Invalid request body")
+                        .detail(rejection.body_text()),
+                    _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                        Problem::for_status(StatusCode::PAYLOAD_TOO_LARGE).detail(rejection.body_text())
+                    }
+                    _ => Problem::for_status(rejection.status()).detail(rejection.body_text()),
+                };
+                Err(p)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_labels() {
+        assert_eq!(module_of("/api/cache/stats"), "cache");
+        assert_eq!(module_of("/ws/auction/{id}"), "auction");
+        assert_eq!(module_of("/api/openapi.json"), "kernel");
+        assert_eq!(module_of("/livez"), "kernel");
+        assert_eq!(module_of("unmatched"), "kernel");
+    }
+}

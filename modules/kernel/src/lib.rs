@@ -1,0 +1,18 @@
+//! The Bulwark kernel: everything the five modules share.
+//!
+//! Only this crate talks to the backing services; modules receive them through
+//! [`module::Context`]. See docs/architecture.md for the code map and invariants.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod kv;
+pub mod module;
+pub mod problem;
+pub mod readiness;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use async_trait::async_trait;

@@ -1,0 +1,183 @@
+//! Telemetry (K3): tracing logs (JSON or pretty), OpenTelemetry traces over OTLP/HTTP, and
+//! Prometheus metrics through metrics-exporter-prometheus with real histogram buckets.
+//!
+//! Trace context travels as W3C `traceparent`: taken from HTTP requests (see [`crate::http`])
+//! and carried in bus message headers ([`inject_context`] / [`extract_context`]).
+
+use std::io::IsTerminal as _;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::bus::Headers;
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Histogram buckets for every `*_seconds` metric: 0.5 ms … 30 s.
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("telemetry.log_level: {0}")]
+    Filter(String),
+    #[error("telemetry.otlp_endpoint: {0}")]
+    Otlp(String),
+    #[error("metrics recorder: {0}")]
+    Metrics(String),
+}
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+static TRACER: OnceLock<Option<SdkTracerProvider>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
+    if let Some(h) = PROMETHEUS.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| TelemetryError::Metrics(e.to_string()))?
+        .install_recorder()
+        .or_else(|e| PROMETHEUS.get().cloned().ok_or_else(|| TelemetryError::Metrics(e.to_string())))?;
+    Ok(PROMETHEUS.get_or_init(|| handle).clone())
+}
+
+/// Install logging, tracing and metrics for the process. Safe to call more than once (tests
+/// start several applications in one process): later calls reuse what the first installed.
+pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
+    let handle = prometheus()?;
+    if TRACER.get().is_some() {
+        return Ok(handle);
+    }
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let provider = match &cfg.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.trace_sample_ratio))))
+                .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(cfg.service_name.clone()).build())
+                .build()
+        }
+        // No exporter: spans still get trace ids, so `traceparent` propagates through us.
+        None => SdkTracerProvider::builder().build(),
+    };
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("bulwark"));
+    let json = match cfg.log_format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let installed = if json {
+        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(false)).try_init()
+    } else {
+        registry.with(tracing_subscriber::fmt::layer()).try_init()
+    };
+    if installed.is_ok() {
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let _ = TRACER.set(Some(provider));
+    } else {
+        let _ = TRACER.set(None);
+    }
+    Ok(handle)
+}
+
+/// Flush and stop trace export (at exit).
+pub fn shutdown() {
+    if let Some(Some(provider)) = TRACER.get()
+        && let Err(error) = provider.shutdown()
+    {
+        tracing::warn!(message = "Trace exporter did not shut down cleanly.", %error);
+    }
+}
+
+/// `bulwark_build_info{version,modules} 1`.
+pub fn record_build_info(version: &str, modules: &[&str]) {
+    metrics::describe_gauge!("bulwark_build_info", "Build version and compiled-in modules (always 1).");
+    metrics::gauge!("bulwark_build_info", "version" => version.to_owned(), "modules" => modules.join(",")).set(1.0);
+}
+
+/// Process gauges read at scrape time (Linux `/proc`): resident memory and CPU seconds.
+pub fn record_process_metrics() {
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+        && let Some(rss_pages) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())
+    {
+        metrics::gauge!("bulwark_process_resident_memory_bytes").set(rss_pages * 4096.0);
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some(after) = stat.rsplit_once(')').map(|(_, r)| r)
+    {
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat; after the `)` they are 12th and 13th.
+        if let (Some(u), Some(s)) = (fields.get(11), fields.get(12))
+            && let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>())
+        {
+            metrics::gauge!("bulwark_process_cpu_seconds").set((u + s) / 100.0);
+        }
+    }
+}
+
+struct MapInjector<'a>(&'a mut Headers);
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct MapExtractor<'a>(&'a Headers);
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Inject the current span's W3C trace context (`traceparent`, `tracestate`) into `headers`.
+pub fn inject_context(headers: &mut Headers) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MapInjector(headers)));
+}
+
+/// The trace context carried in `headers`.
+pub fn extract_context(headers: &Headers) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&MapExtractor(headers)))
+}
+
+/// Make `span` a child of the trace carried in `headers` (a bus message's producer).
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &Headers) {
+    let _ = span.set_parent(extract_context(headers));
+}
+
+struct HttpExtractor<'a>(&'a axum::http::HeaderMap);
+impl Extractor for HttpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Make `span` a child of the trace in an HTTP request's `traceparent` header.
+pub fn set_parent_from_http(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers)));
+    let _ = span.set_parent(cx);
+}

@@ -1,0 +1,33 @@
+//! The `pipeline` module. Data-aware pipeline orchestrator (P1–P15): DAGs, logical dates, backfills, quality gates.
+//!
+//! This crate holds the module's entry point; its features arrive with the module's issue.
+
+use bulwark_kernel::config::{ConfigError, Settings};
+use bulwark_kernel::module::{Context, Module, ModuleError, ModuleParts, status_route};
+use serde::{Deserialize, Serialize};
+
+/// The `[pipeline]` config section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {}
+
+/// The module value the app registers.
+pub struct PipelineModule;
+
+#[async_trait::async_trait]
+impl Module for PipelineModule {
+    fn name(&self) -> &'static str {
+        "pipeline"
+    }
+
+    fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
+        let cfg: PipelineConfig = settings.section("pipeline")?;
+        serde_json::to_value(cfg).map_err(|e| ConfigError::new("pipeline", e.to_string()))
+    }
+
+    async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
+        let effective = self.check_config(&ctx.settings)?;
+        let (routes, openapi) = status_route(self.name(), effective);
+        Ok(ModuleParts { routes, openapi, ..ModuleParts::default() })
+    }
+}

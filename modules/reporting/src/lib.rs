@@ -1,0 +1,33 @@
+//! The `reporting` module. Reporting off the primary (R1–R6): CDC into a columnar store, pre-aggregated reports.
+//!
+//! This crate holds the module's entry point; its features arrive with the module's issue.
+
+use bulwark_kernel::config::{ConfigError, Settings};
+use bulwark_kernel::module::{Context, Module, ModuleError, ModuleParts, status_route};
+use serde::{Deserialize, Serialize};
+
+/// The `[reporting]` config section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportingConfig {}
+
+/// The module value the app registers.
+pub struct ReportingModule;
+
+#[async_trait::async_trait]
+impl Module for ReportingModule {
+    fn name(&self) -> &'static str {
+        "reporting"
+    }
+
+    fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
+        let cfg: ReportingConfig = settings.section("reporting")?;
+        serde_json::to_value(cfg).map_err(|e| ConfigError::new("reporting", e.to_string()))
+    }
+
+    async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
+        let effective = self.check_config(&ctx.settings)?;
+        let (routes, openapi) = status_route(self.name(), effective);
+        Ok(ModuleParts { routes, openapi, ..ModuleParts::default() })
+    }
+}
