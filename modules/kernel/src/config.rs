@@ -55,11 +55,19 @@ impl ConfigError {
             .unwrap_or_default();
         let message = match &err.kind {
             Kind::UnknownField(field, expected) => {
-                path.push(field.clone());
-                format!("unknown key; expected one of: {}", expected.join(", "))
+                if path.last() != Some(field) {
+                    path.push(field.clone());
+                }
+                if expected.is_empty() {
+                    "unknown key; this section accepts no keys yet".to_owned()
+                } else {
+                    format!("unknown key; expected one of: {}", expected.join(", "))
+                }
             }
             Kind::MissingField(field) => {
-                path.push(field.to_string());
+                if path.last().map(String::as_str) != Some(field.as_ref()) {
+                    path.push(field.to_string());
+                }
                 "missing required key".to_owned()
             }
             other => other.to_string(),
@@ -168,9 +176,9 @@ pub enum Mode {
     Production,
 }
 
-/// Everything the kernel reads. Module sections are read by their modules.
+/// Everything the kernel reads. Module sections are read by their modules. (Unknown top-level
+/// sections are refused by [`Settings::from_figment`]; every section below denies unknown keys.)
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct KernelConfig {
     /// `embedded` (default) or `production`.
     pub mode: Mode,
@@ -367,13 +375,7 @@ impl Settings {
                 ));
             }
         }
-        let mut kernel_only = Figment::new();
-        for section in KERNEL_SECTIONS {
-            if let Some(v) = top.get(*section) {
-                kernel_only = kernel_only.merge(figment::providers::Serialized::default(section, v));
-            }
-        }
-        let kernel: KernelConfig = kernel_only.extract().map_err(|e| ConfigError::from_figment(&[], e))?;
+        let kernel: KernelConfig = figment.extract().map_err(|e| ConfigError::from_figment(&[], e))?;
         let settings = Self { figment, kernel };
         settings.validate()?;
         Ok(settings)
