@@ -55,9 +55,7 @@ impl Application {
         let enabled: Vec<_> = compiled.into_iter().filter(|m| settings.module_enabled(m.name())).collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
-        for m in &enabled {
-            m.check_config(&settings)?;
-        }
+        commands::check(&settings)?;
 
         let db = db::connect(&k.database).await?;
         if k.database.migrate_on_start {
@@ -112,7 +110,10 @@ impl Application {
         }
         let readiness = Readiness::new(checks, shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
-        let kernel_http = http::KernelHttp { readiness: readiness.clone(), prometheus: prometheus.clone(), openapi };
+        let effective = commands::check(&settings)?;
+        let effective_config = Arc::new(serde_json::to_value(effective).context("render effective config")?);
+        let kernel_http =
+            http::KernelHttp { readiness: readiness.clone(), prometheus: prometheus.clone(), openapi, effective_config };
         let router = http::app(&k.server, kernel_http, auth, routes);
 
         let listener = tokio::net::TcpListener::bind(k.server.listen)

@@ -1,5 +1,6 @@
 //! The shared end-to-end test harness (zero2prod's `spawn_app`, grown up).
 //!
+//! * [`app`]: spawn the real application (`spawn_app()`, [`TestAppBuilder`]) with typed helpers;
 //! * [`services`]: fresh, isolated backing services per test — a new PostgreSQL database, a
 //!   unique Redis key prefix, a unique NATS stream/subject prefix — or embedded stand-ins.
 //!
@@ -8,4 +9,7 @@
 //! `BULWARK_TEST_REDIS_URL`, `BULWARK_TEST_NATS_URL`. With `BULWARK_TEST_REQUIRE_SERVICES=1`
 //! a missing URL fails the test instead of skipping the real-service half.
 
+pub mod app;
 pub mod services;
+
+pub use app::{Backend, TestApp, TestAppBuilder, spawn_app};

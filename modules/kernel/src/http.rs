@@ -4,7 +4,7 @@
 //! body limit, and problem+json for every error).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use tower::ServiceBuilder;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate};
 use tower_http::compression::CompressionLayer;
@@ -24,7 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
-use crate::auth::Authenticator;
+use crate::auth::{Auth, Authenticator, Role, require};
 use crate::config::ServerConfig;
 use crate::problem::{self, Problem};
 use crate::readiness::{Readiness, ReadinessReport};
@@ -36,13 +37,15 @@ pub struct KernelHttp {
     pub prometheus: PrometheusHandle,
     /// The merged OpenAPI document, rendered once.
     pub openapi: Arc<String>,
+    /// The effective configuration, secrets redacted (for `GET /api/admin/config`).
+    pub effective_config: Arc<serde_json::Value>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Bulwark", description = "One binary, five modules. Errors are RFC 9457 problem+json."),
-    paths(livez, readyz, openapi_json),
-    components(schemas(Problem, ReadinessReport)),
+    paths(livez, readyz, openapi_json, admin_config, issue_token),
+    components(schemas(Problem, ReadinessReport, TokenRequest, TokenResponse)),
     modifiers(&BearerAuth)
 )]
 struct KernelApi;
@@ -89,6 +92,62 @@ async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], k.openapi.as_str().to_owned())
 }
 
+/// The effective configuration of this process, secrets redacted.
+#[utoipa::path(get, path = "/api/admin/config", tag = "kernel", security(("bearer" = [])), responses(
+    (status = 200, description = "Effective configuration"),
+    (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+    (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json")
+))]
+async fn admin_config(_auth: Auth<require::Admin>, State(k): State<KernelHttp>) -> impl IntoResponse {
+    Json(k.effective_config.as_ref().clone())
+}
+
+/// Mint a token (HS256 deployments only).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Subject (user name).
+    pub sub: String,
+    pub role: Role,
+    /// Lifetime such as `1h` (default) or `15m`; at most 30 days.
+    #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>)]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    pub token: String,
+    /// Lifetime in seconds.
+    pub expires_in: u64,
+}
+
+/// Mint a token for someone else (role admin). Refused when tokens come from a JWKS provider.
+#[utoipa::path(post, path = "/api/admin/tokens", tag = "kernel", security(("bearer" = [])),
+    request_body = TokenRequest,
+    responses(
+        (status = 200, description = "Token minted", body = TokenResponse),
+        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json")
+))]
+async fn issue_token(
+    _auth: Auth<require::Admin>,
+    Extension(authn): Extension<Arc<Authenticator>>,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<Json<TokenResponse>, Problem> {
+    let ttl = req.ttl.unwrap_or(Duration::from_secs(3600));
+    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86400) {
+        return Err(Problem::bad_request("`ttl` must be between 1s and 30 days").extension("field", "ttl".into()));
+    }
+    if req.sub.trim().is_empty() {
+        return Err(Problem::bad_request("`sub` must not be empty").extension("field", "sub".into()));
+    }
+    let token = authn.issue(&req.sub, req.role, ttl).map_err(|e| Problem::conflict(e.to_string()))?;
+    Ok(Json(TokenResponse { token, expires_in: ttl.as_secs() }))
+}
+
 /// Prometheus text exposition.
 pub async fn metrics_handler(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
     crate::telemetry::record_process_metrics();
@@ -108,7 +167,11 @@ async fn not_found(req: Request) -> Problem {
 fn module_of(route: &str) -> &str {
     let mut parts = route.trim_start_matches('/').split('/');
     match (parts.next(), parts.next()) {
-        (Some("api" | "ws"), Some(m)) if !m.is_empty() && !m.starts_with('{') && m != "openapi.json" => m,
+        (Some("api" | "ws"), Some(m))
+            if !m.is_empty() && !m.starts_with('{') && m != "openapi.json" && m != "admin" =>
+        {
+            m
+        }
         _ => "kernel",
     }
 }
@@ -193,6 +256,8 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(openapi_json))
+        .route("/api/admin/config", get(admin_config))
+        .route("/api/admin/tokens", axum::routing::post(issue_token))
         .with_state(kernel.clone());
     if cfg.metrics_listen.is_none() {
         kernel_routes = kernel_routes.merge(metrics_router(kernel.prometheus.clone()));

@@ -1,0 +1,146 @@
+//! Spawn the real application for one test: in process on port 0 (fast, most tests) or as the
+//! built binary (kill -9, signals, cold start).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulwark::Application;
+use bulwark_kernel::auth::{Authenticator, Role};
+use bulwark_kernel::config::{Figment, Serialized, Settings};
+use bulwark_kernel::module::ProcessRole;
+use bulwark_kernel::shutdown::Shutdown;
+use serde::Serialize;
+
+use crate::services::{TestDatabase, figment_defaults, nats_url, redis_url, unique};
+
+/// The HS256 secret test applications use, so tests can mint tokens.
+pub const TEST_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+/// Which backing services the application uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file, embedded bus, in-process store.
+    Embedded,
+    /// Fresh PostgreSQL database, NATS with a unique prefix, Redis with a unique key prefix.
+    Real,
+}
+
+/// Builder for a test application.
+pub struct TestAppBuilder {
+    backend: Backend,
+    role: ProcessRole,
+    figment: Figment,
+}
+
+impl TestAppBuilder {
+    pub fn new(backend: Backend) -> Self {
+        let figment = figment_defaults()
+            .merge(Serialized::default("server.listen", "127.0.0.1:0"))
+            .merge(Serialized::default("auth.hs256_secret", TEST_SECRET))
+            .merge(Serialized::default("drain.grace", "0s"))
+            .merge(Serialized::default("drain.timeout", "5s"))
+            .merge(Serialized::default("telemetry.log_level", "warn"));
+        Self { backend, role: ProcessRole::All, figment }
+    }
+
+    /// Override a config key (`"server.body_limit_bytes"`, 1024).
+    pub fn set<T: Serialize>(mut self, key: &str, value: T) -> Self {
+        self.figment = self.figment.merge(Serialized::default(key, value));
+        self
+    }
+
+    pub fn role(mut self, role: ProcessRole) -> Self {
+        self.role = role;
+        self
+    }
+
+    /// Build and start. `Ok(None)` when the real services are not configured (and not required).
+    pub async fn spawn(self) -> anyhow::Result<Option<TestApp>> {
+        let data_dir = tempfile::tempdir()?;
+        let mut figment = self.figment.merge(Serialized::default("data_dir", data_dir.path().display().to_string()));
+        let db = match self.backend {
+            Backend::Embedded => TestDatabase::sqlite()?,
+            Backend::Real => {
+                let (Some(db), Some(redis), Some(nats)) = (TestDatabase::postgres().await?, redis_url(), nats_url()) else {
+                    return Ok(None);
+                };
+                let prefix = unique("t");
+                figment = figment
+                    .merge(Serialized::default("redis.url", redis))
+                    .merge(Serialized::default("redis.key_prefix", format!("{prefix}:")))
+                    .merge(Serialized::default("bus.url", nats))
+                    .merge(Serialized::default("bus.prefix", prefix));
+                db
+            }
+        };
+        figment = figment.merge(Serialized::default("database.url", db.url.clone()));
+        let settings = Settings::from_figment(figment)?;
+        let app = Application::build(settings.clone(), self.role).await?;
+        let addr = app.local_addr();
+        let shutdown = app.shutdown_handle();
+        let handle = tokio::spawn(app.run_until_stopped());
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Some(TestApp { addr, client, shutdown, settings, handle: Some(handle), db, _data_dir: data_dir }))
+    }
+}
+
+/// A running application.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub shutdown: Shutdown,
+    pub settings: Settings,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub db: TestDatabase,
+    _data_dir: tempfile::TempDir,
+}
+
+/// An embedded-mode application with test defaults.
+pub async fn spawn_app() -> TestApp {
+    TestAppBuilder::new(Backend::Embedded).spawn().await.expect("spawn app").expect("embedded always spawns")
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A valid token for `role`.
+    pub fn token(&self, role: Role) -> String {
+        Authenticator::hs256(TEST_SECRET.as_bytes(), self.settings.kernel.auth.clone())
+            .issue(&format!("test-{}", role.as_str()), role, Duration::from_secs(600))
+            .expect("issue token")
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Begin the drain and wait for the process to stop.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        if let Some(h) = self.handle.take() {
+            h.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// The `bulwark` binary built for the tests (debug profile, all features).
+pub fn binary_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/bulwark")
+}
