@@ -197,10 +197,8 @@ async fn draining_fails_readiness_but_keeps_serving_during_grace() {
     let app = TestAppBuilder::new(Backend::Embedded).set("drain.grace", "2s").spawn().await.expect("spawn").expect("app");
     assert_eq!(app.get("/readyz", None).await.status(), 200);
     app.shutdown.trigger();
-    let res = app.get("/readyz", None).await;
-    assert_eq!(res.status(), 503);
-    let body: Value = res.json().await.expect("json");
-    assert_eq!(body["status"], "draining");
+    let body = problem(app.get("/readyz", None).await, 503, "not-ready").await;
+    assert_eq!(body["state"], "draining");
     assert_eq!(app.get("/livez", None).await.status(), 200);
     assert_eq!(app.get("/api/cache/status", Some(&app.token(Role::Viewer))).await.status(), 200);
     app.stop().await.expect("clean stop");

@@ -78,12 +78,26 @@ async fn livez() -> impl IntoResponse {
 /// Readiness: every configured dependency answers and the process is not draining.
 #[utoipa::path(get, path = "/readyz", tag = "kernel", responses(
     (status = 200, description = "Ready", body = ReadinessReport),
-    (status = 503, description = "Not ready or draining", body = ReadinessReport)
+    (status = 503, description = "Not ready or draining: a problem with `state` and `checks`", body = Problem, content_type = "application/problem+json")
 ))]
 async fn readyz(State(k): State<KernelHttp>) -> impl IntoResponse {
     let report = k.readiness.report().await;
-    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(report))
+    if report.is_ready() {
+        return Json(report).into_response();
+    }
+    // Errors are problem+json everywhere, probes included; the report rides along.
+    let failing: Vec<&str> =
+        report.checks.iter().filter(|(_, v)| v.as_str() != "ok").map(|(k, _)| k.as_str()).collect();
+    let detail = if report.status == "draining" {
+        "draining: shutting down".to_owned()
+    } else {
+        format!("unavailable: {}", failing.join(", "))
+    };
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+        .detail(detail)
+        .extension("state", report.status.into())
+        .extension("checks", serde_json::to_value(&report.checks).unwrap_or_default())
+        .into_response()
 }
 
 /// The OpenAPI document of this build (kernel and every compiled-in module).

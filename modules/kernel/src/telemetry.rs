@@ -39,6 +39,12 @@ static TRACER: OnceLock<Option<SdkTracerProvider>> = OnceLock::new();
 
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(h) = PROMETHEUS.get() {
+        return Ok(h.clone());
+    }
+    // Two applications starting at once in one process (tests) must not race the install.
+    let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(h) = PROMETHEUS.get() {
         return Ok(h.clone());
     }

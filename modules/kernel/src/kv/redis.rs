@@ -17,13 +17,15 @@ use fred::clients::{SubscriberClient, WithOptions};
 use fred::prelude::*;
 use fred::types::InfoKind;
 use futures::stream::{self, BoxStream, StreamExt};
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::{Mutex, Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{KvError, KvStore, LockGuard, check_name, count_error, ttl_millis};
 use crate::config::RedisConfig;
 
 const STORE: &str = "redis";
+/// Pause between SUBSCRIBE retries while connected.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
 /// `SET key owner NX PX lease` and, only when it succeeded, `INCR key:fence` — atomically, so
 /// a token is never handed out without the lock nor the lock without a token. 0 = not acquired.
@@ -73,6 +75,8 @@ struct Inner {
     client: WithOptions<Client>,
     subscriber: SubscriberClient,
     wanted: Wanted,
+    /// Wakes `keep_subscribed` after a SUBSCRIBE failed.
+    retry: Arc<Notify>,
     prefix: String,
     timeout: Duration,
 }
@@ -136,7 +140,8 @@ impl RedisStore {
         drop(subscriber.connect());
 
         let wanted: Wanted = Arc::default();
-        tokio::spawn(resubscribe_on_reconnect(subscriber.clone(), reconnects, wanted.clone(), timeout));
+        let retry = Arc::new(Notify::new());
+        tokio::spawn(keep_subscribed(subscriber.clone(), reconnects, wanted.clone(), retry.clone(), timeout));
 
         // Give a reachable server a moment so the first commands do not fail spuriously, but
         // return as soon as a connection attempt fails: Redis being down must not block start-up.
@@ -150,6 +155,7 @@ impl RedisStore {
                 client: fast,
                 subscriber,
                 wanted,
+                retry,
                 prefix: cfg.key_prefix.clone(),
                 timeout,
             }),
@@ -228,29 +234,49 @@ async fn wait_first_attempt<C: ClientLike + EventInterface>(
     }
 }
 
-/// Re-issue SUBSCRIBE for every wanted channel whenever the subscriber (re)connects, including
-/// channels whose first SUBSCRIBE failed because Redis was down. (fred's
-/// `manage_subscriptions` would only restore channels whose SUBSCRIBE once succeeded.)
-async fn resubscribe_on_reconnect(
+/// Re-issue SUBSCRIBE for every wanted channel whenever the subscriber (re)connects, and when a
+/// SUBSCRIBE failed (`retry`), until it takes. This covers channels whose first SUBSCRIBE never
+/// succeeded, which fred's `manage_subscriptions` would not restore.
+async fn keep_subscribed(
     subscriber: SubscriberClient,
     mut reconnects: broadcast::Receiver<Server>,
     wanted: Wanted,
+    retry: Arc<Notify>,
     timeout: Duration,
 ) {
     loop {
-        match reconnects.recv().await {
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-            // The client quit.
-            Err(broadcast::error::RecvError::Closed) => return,
+        tokio::select! {
+            event = reconnects.recv() => {
+                // Closed: the client quit.
+                if let Err(broadcast::error::RecvError::Closed) = event {
+                    return;
+                }
+            }
+            () = retry.notified() => {}
         }
-        let wanted = wanted.lock().await;
-        let channels: Vec<String> = wanted.keys().cloned().collect();
-        if channels.is_empty() {
-            continue;
-        }
-        // Not fail-fast: this fires while the connection is still being set up.
-        if let Err(error) = timed(timeout, subscriber.subscribe(channels)).await {
-            tracing::warn!(error = %error, "redis resubscribe failed; retrying on the next reconnect");
+        loop {
+            let result = {
+                // Held across SUBSCRIBE so a concurrent last-unsubscribe cannot be undone by a stale list.
+                let wanted = wanted.lock().await;
+                let channels: Vec<String> = wanted.keys().cloned().collect();
+                if channels.is_empty() {
+                    break;
+                }
+                // Not fail-fast: a reconnect event fires while the connection is still being set up.
+                timed(timeout, subscriber.subscribe(channels)).await
+            };
+            match result {
+                Ok(()) => break,
+                // Disconnected: the next reconnect event brings us back here.
+                Err(error) if !subscriber.is_connected() => {
+                    tracing::warn!(error = %error, "redis resubscribe failed; retrying on reconnect");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "redis resubscribe failed; retrying");
+                    tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                }
+            }
         }
     }
 }
@@ -468,9 +494,11 @@ impl KvStore for RedisStore {
                     });
                     match timed(inner.timeout, fast.subscribe(full.clone())).await {
                         Ok(()) => {}
-                        // Redis is down: the channel stays wanted and is subscribed on reconnect.
+                        // Redis is down or slow: the channel stays wanted and `keep_subscribed`
+                        // subscribes it as soon as it can.
                         Err(KvError::Unavailable(reason)) => {
-                            tracing::warn!(%reason, "redis subscribe deferred until reconnect");
+                            tracing::warn!(%reason, "redis subscribe deferred");
+                            inner.retry.notify_one();
                         }
                         Err(other) => {
                             wanted.remove(&full);
