@@ -31,6 +31,8 @@ pub struct TestAppBuilder {
     backend: Backend,
     role: ProcessRole,
     figment: Figment,
+    /// Applied last, over what the backend chose.
+    overrides: Vec<Figment>,
 }
 
 impl TestAppBuilder {
@@ -41,12 +43,12 @@ impl TestAppBuilder {
             .merge(Serialized::default("drain.grace", "0s"))
             .merge(Serialized::default("drain.timeout", "5s"))
             .merge(Serialized::default("telemetry.log_level", "warn"));
-        Self { backend, role: ProcessRole::All, figment }
+        Self { backend, role: ProcessRole::All, figment, overrides: Vec::new() }
     }
 
     /// Override a config key (`"server.body_limit_bytes"`, 1024).
     pub fn set<T: Serialize>(mut self, key: &str, value: T) -> Self {
-        self.figment = self.figment.merge(Serialized::default(key, value));
+        self.overrides.push(Figment::from(Serialized::default(key, value)));
         self
     }
 
@@ -75,6 +77,9 @@ impl TestAppBuilder {
             }
         };
         figment = figment.merge(Serialized::default("database.url", db.url.clone()));
+        for o in self.overrides {
+            figment = figment.merge(o);
+        }
         let settings = Settings::from_figment(figment)?;
         let app = Application::build(settings.clone(), self.role).await?;
         let addr = app.local_addr();

@@ -1,0 +1,123 @@
+//! Private server processes for tests that stop and restart a dependency (so they never
+//! disturb the shared services other tests use), and the built `bulwark` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Send SIGTERM.
+    pub fn term(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+    /// Wait for exit up to `timeout`; the exit code if it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A private Redis on `port`; `None` when redis-server is not installed (and not required).
+pub fn start_redis(port: u16) -> Option<Proc> {
+    if !have("redis-server") {
+        assert!(!crate::services::require_services(), "redis-server not installed");
+        return None;
+    }
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server");
+    assert!(wait_port(port, Duration::from_secs(10)), "redis-server did not listen");
+    Some(Proc { child })
+}
+
+/// A private NATS with JetStream storing under `dir`; `None` when nats-server is missing.
+pub fn start_nats(port: u16, dir: &Path) -> Option<Proc> {
+    if !have("nats-server") {
+        assert!(!crate::services::require_services(), "nats-server not installed");
+        return None;
+    }
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nats-server");
+    assert!(wait_port(port, Duration::from_secs(10)), "nats-server did not listen");
+    Some(Proc { child })
+}
+
+/// The `bulwark` binary (debug, all features). `scripts/test` builds it before the tests.
+pub fn bulwark_binary() -> PathBuf {
+    let path = crate::app::binary_path();
+    assert!(path.exists(), "{} missing: run `cargo build -p bulwark` first", path.display());
+    path
+}
+
+/// Start `bulwark serve` in `dir` with extra environment; stdout/stderr to `dir/log`.
+pub fn spawn_bulwark(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
+    let log = std::fs::File::create(dir.join("log")).expect("log file");
+    let log2 = log.try_clone().expect("log file");
+    let mut cmd = Command::new(bulwark_binary());
+    cmd.arg("serve")
+        .current_dir(dir)
+        .env("BULWARK__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("BULWARK__TELEMETRY__LOG_FORMAT", "json")
+        .stdout(log)
+        .stderr(log2);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc { child: cmd.spawn().expect("spawn bulwark") }
+}
