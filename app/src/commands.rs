@@ -118,7 +118,8 @@ pub fn check(settings: &Settings) -> Result<toml::Table, ConfigError> {
     let compiled = crate::modules::compiled();
     for section in bulwark_kernel::config::MODULE_SECTIONS {
         if settings.has_section(section) && !compiled.iter().any(|m| m.name() == *section) {
-            tracing::warn!(message = "Config section for a module not compiled into this binary; ignored.", section);
+            // Printed, not logged: `config check` runs before logging is set up.
+            eprintln!("warning: config section `{section}` is for a module not compiled into this binary; ignored");
         }
     }
     for m in compiled.iter().filter(|m| settings.module_enabled(m.name())) {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bulwark_kernel::auth::Authenticator;
 use bulwark_kernel::config::Settings;
-use bulwark_kernel::module::{Context, ModuleParts, ProcessRole, Worker};
+use bulwark_kernel::module::{Context, Module, ModuleParts, ProcessRole, Worker};
 use bulwark_kernel::readiness::{FnCheck, Readiness, ReadinessCheck};
 use bulwark_kernel::shutdown::Shutdown;
 use bulwark_kernel::{bus, db, http, kv, telemetry};
@@ -48,14 +48,21 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, start modules and bind the listener(s). Port 0 picks a free port.
     pub async fn build(settings: Settings, role: ProcessRole) -> anyhow::Result<Self> {
+        Self::build_with(settings, role, Vec::new()).await
+    }
+
+    /// [`Application::build`] plus extra modules (the test harness plugs in modules that
+    /// exercise kernel mechanisms this way).
+    pub async fn build_with(settings: Settings, role: ProcessRole, extra: Vec<Arc<dyn Module>>) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let k = &settings.kernel;
         let prometheus = telemetry::init(&k.telemetry)?;
         let compiled = modules::compiled();
-        let enabled: Vec<_> = compiled.into_iter().filter(|m| settings.module_enabled(m.name())).collect();
+        let enabled: Vec<_> =
+            compiled.into_iter().filter(|m| settings.module_enabled(m.name())).chain(extra).collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
-        commands::check(&settings)?;
+        let effective = commands::check(&settings)?;
 
         let db = db::connect(&k.database).await?;
         if k.database.migrate_on_start {
@@ -63,6 +70,15 @@ impl Application {
         }
         let db_read = db::connect_read(&k.database, &db).await?;
         let bus = bus::from_config(&k.bus, db.clone()).await.context("bus")?;
+        // Every consumer's dead letters land here (`dlq.<stream>.<durable>`), kept 14 days.
+        bus.ensure_stream(&bus::StreamSpec {
+            name: "DEAD_LETTERS".into(),
+            subjects: vec!["dlq.>".into()],
+            duplicate_window: k.bus.duplicate_window,
+            max_age: Some(std::time::Duration::from_secs(14 * 86400)),
+        })
+        .await
+        .context("declare the DEAD_LETTERS stream")?;
         let kv = kv::from_config(&k.redis).await.context("redis")?;
         let auth = Arc::new(Authenticator::from_config(k).await?);
         let shutdown = Shutdown::new();
@@ -103,14 +119,13 @@ impl Application {
                 m.start(&ctx).await.with_context(|| format!("start module `{}`", m.name()))?;
             if role.serves_http() {
                 routes = routes.merge(r);
+                openapi.merge(o);
             }
-            openapi.merge(o);
             workers.extend(w.into_iter().filter(|w| role.runs(w.kind)));
             checks.extend(readiness);
         }
         let readiness = Readiness::new(checks, shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
-        let effective = commands::check(&settings)?;
         let effective_config = Arc::new(serde_json::to_value(effective).context("render effective config")?);
         let kernel_http =
             http::KernelHttp { readiness: readiness.clone(), prometheus: prometheus.clone(), openapi, effective_config };
@@ -198,7 +213,6 @@ impl Application {
         };
         let finished = shutdown.drain(drain.grace, drain.timeout, server_done).await;
         tracing::info!(message = "Stopped.", drained_cleanly = finished);
-        telemetry::shutdown();
         Ok(())
     }
 }

@@ -41,9 +41,12 @@ fn main() {
 async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
     match cli.command {
         Command::Serve { role } => {
+            // Config errors exit 2 before anything connects; `build` reuses the result.
             commands::check(&settings)?;
             let app = bulwark::Application::build(settings, role).await?;
             app.run_until_stopped().await?;
+            // Flush traces last: the process-wide exporter outlives any one application.
+            bulwark_kernel::telemetry::shutdown();
             Ok(())
         }
         Command::Migrate { action } => commands::migrate(&settings, action.unwrap_or(MigrateAction::Up)).await,

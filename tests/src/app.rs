@@ -31,6 +31,7 @@ pub struct TestAppBuilder {
     backend: Backend,
     role: ProcessRole,
     figment: Figment,
+    modules: Vec<std::sync::Arc<dyn bulwark_kernel::module::Module>>,
     /// Applied last, over what the backend chose.
     overrides: Vec<Figment>,
 }
@@ -43,12 +44,18 @@ impl TestAppBuilder {
             .merge(Serialized::default("drain.grace", "0s"))
             .merge(Serialized::default("drain.timeout", "5s"))
             .merge(Serialized::default("telemetry.log_level", "warn"));
-        Self { backend, role: ProcessRole::All, figment, overrides: Vec::new() }
+        Self { backend, role: ProcessRole::All, figment, modules: Vec::new(), overrides: Vec::new() }
     }
 
     /// Override a config key (`"server.body_limit_bytes"`, 1024).
     pub fn set<T: Serialize>(mut self, key: &str, value: T) -> Self {
         self.overrides.push(Figment::from(Serialized::default(key, value)));
+        self
+    }
+
+    /// Add a test module (routes, workers) next to the compiled-in ones.
+    pub fn module(mut self, m: std::sync::Arc<dyn bulwark_kernel::module::Module>) -> Self {
+        self.modules.push(m);
         self
     }
 
@@ -81,7 +88,7 @@ impl TestAppBuilder {
             figment = figment.merge(o);
         }
         let settings = Settings::from_figment(figment)?;
-        let app = Application::build(settings.clone(), self.role).await?;
+        let app = Application::build_with(settings.clone(), self.role, self.modules).await?;
         let addr = app.local_addr();
         let shutdown = app.shutdown_handle();
         let handle = tokio::spawn(app.run_until_stopped());
@@ -127,7 +134,7 @@ impl TestApp {
     }
 
     /// Begin the drain and wait for the process to stop.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.shutdown.trigger();
         if let Some(h) = self.handle.take() {
             h.await??;

@@ -10,6 +10,7 @@
 //! a missing URL fails the test instead of skipping the real-service half.
 
 pub mod app;
+pub mod probe;
 pub mod procs;
 pub mod services;
 

@@ -194,7 +194,7 @@ async fn cors_allows_configured_origins_only() {
 #[tokio::test]
 async fn draining_fails_readiness_but_keeps_serving_during_grace() {
     // K7: readiness 503 at once; liveness and requests keep working during drain.grace.
-    let app = TestAppBuilder::new(Backend::Embedded).set("drain.grace", "2s").spawn().await.expect("spawn").expect("app");
+    let mut app = TestAppBuilder::new(Backend::Embedded).set("drain.grace", "2s").spawn().await.expect("spawn").expect("app");
     assert_eq!(app.get("/readyz", None).await.status(), 200);
     app.shutdown.trigger();
     let body = problem(app.get("/readyz", None).await, 503, "not-ready").await;

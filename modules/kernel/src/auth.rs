@@ -342,8 +342,8 @@ impl Jwks {
         if let Some(k) = self.keys.read().await.get(kid) {
             return Ok(k.clone());
         }
-        // Unknown kid: the provider may have rotated. Refetch, at most every 10 s.
-        let stale = self.last_fetch.read().await.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+        // Unknown kid: the provider may have rotated. Refetch, at most once a second.
+        let stale = self.last_fetch.read().await.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
         if stale {
             self.refresh().await?;
         }

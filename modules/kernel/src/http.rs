@@ -290,7 +290,9 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
                 request_id = %request_id);
             crate::telemetry::set_parent_from_http(&span, req.headers());
             span
-        }))
+        })
+        // 5xx are counted by the RED metrics; a log line each would flood during an outage.
+        .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CompressionLayer::new().compress_when(predicate))
         .layer(middleware::from_fn(red_metrics))

@@ -14,5 +14,6 @@ pub mod problem;
 pub mod readiness;
 pub mod shutdown;
 pub mod telemetry;
+pub mod ws;
 
 pub use async_trait::async_trait;

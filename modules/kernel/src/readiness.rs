@@ -16,7 +16,7 @@ use crate::shutdown::Shutdown;
 /// One dependency's health.
 #[async_trait]
 pub trait ReadinessCheck: Send + Sync {
-    /// Dependency name as shown in `/readyz` and metrics (`database`, `redis`, `bus`).
+    /// Dependency name as shown in `/readyz` and metrics (`database`, `bus:nats`, `kv:redis`, ...).
     fn name(&self) -> &str;
     async fn check(&self) -> Result<(), String>;
 }

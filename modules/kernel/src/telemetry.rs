@@ -119,24 +119,17 @@ pub fn record_build_info(version: &str, modules: &[&str]) {
     metrics::gauge!("bulwark_build_info", "version" => version.to_owned(), "modules" => modules.join(",")).set(1.0);
 }
 
-/// Process gauges read at scrape time (Linux `/proc`): resident memory and CPU seconds.
+/// Standard process metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// open fds, threads), read at scrape time by metrics-process.
 pub fn record_process_metrics() {
-    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
-        && let Some(rss_pages) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())
-    {
-        metrics::gauge!("bulwark_process_resident_memory_bytes").set(rss_pages * 4096.0);
-    }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
-        && let Some(after) = stat.rsplit_once(')').map(|(_, r)| r)
-    {
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat; after the `)` they are 12th and 13th.
-        if let (Some(u), Some(s)) = (fields.get(11), fields.get(12))
-            && let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>())
-        {
-            metrics::gauge!("bulwark_process_cpu_seconds").set((u + s) / 100.0);
-        }
-    }
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR
+        .get_or_init(|| {
+            let c = metrics_process::Collector::default();
+            c.describe();
+            c
+        })
+        .collect();
 }
 
 struct MapInjector<'a>(&'a mut Headers);

@@ -1,0 +1,108 @@
+//! WebSockets that take part in the drain (K7) and cannot eat unbounded memory.
+//!
+//! axum's graceful shutdown does not see upgraded connections, so [`serve`] runs each socket on
+//! the [`Shutdown`] tracker. The socket is split: the handler reads `inbound` and writes
+//! through `outbound`, a bounded queue drained by a writer task. When the drain reaches its
+//! closing phase the writer sends close code 1012 (service restart: reconnect elsewhere).
+//! A handler whose client cannot keep up sees `try_send` fail and decides (resync or close).
+
+use std::future::Future;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures::stream::{SplitStream, StreamExt as _};
+use futures::SinkExt as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::{CLOSE_SERVICE_RESTART, Shutdown};
+
+/// Limits of one socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketLimits {
+    /// Messages queued for a client before `try_send` fails.
+    pub send_queue: usize,
+    /// Largest accepted frame and message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for SocketLimits {
+    fn default() -> Self {
+        Self { send_queue: 64, max_message_bytes: 16 * 1024 }
+    }
+}
+
+/// What a socket handler works with.
+pub struct TrackedSocket {
+    /// Frames from the client.
+    pub inbound: SplitStream<WebSocket>,
+    /// Frames to the client (bounded). Dropping every sender closes the socket normally.
+    pub outbound: mpsc::Sender<Message>,
+    /// Fires when the process starts closing; the handler should return soon after.
+    pub closing: CancellationToken,
+}
+
+/// A close frame with a code and reason.
+pub fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+}
+
+/// Upgrade `ws` and run `handler` on a tracked socket labelled `module` in metrics.
+pub fn serve<F, Fut>(ws: WebSocketUpgrade, shutdown: &Shutdown, module: &'static str, limits: SocketLimits, handler: F) -> Response
+where
+    F: FnOnce(TrackedSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    ws.max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
+        .on_upgrade(move |socket| async move {
+            if shutdown.closing_token().is_cancelled() {
+                let (mut sink, _) = socket.split();
+                let _ = sink.send(close(CLOSE_SERVICE_RESTART, "server restarting")).await;
+                return;
+            }
+            let gauge = metrics::gauge!("bulwark_websocket_connections", "module" => module);
+            gauge.increment(1.0);
+            let closing = shutdown.closing_token();
+            let (mut sink, inbound) = socket.split();
+            let (tx, mut rx) = mpsc::channel::<Message>(limits.send_queue.max(1));
+            let writer_closing = closing.clone();
+            let writer = shutdown.spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        msg = rx.recv() => match msg {
+                            Some(m) => {
+                                let is_close = matches!(m, Message::Close(_));
+                                if sink.send(m).await.is_err() || is_close {
+                                    break;
+                                }
+                            }
+                            None => {
+                                // The handler returned; if that was because of the drain, say so.
+                                let frame = if writer_closing.is_cancelled() {
+                                    close(CLOSE_SERVICE_RESTART, "server restarting")
+                                } else {
+                                    Message::Close(None)
+                                };
+                                let _ = sink.send(frame).await;
+                                break;
+                            }
+                        },
+                        _ = writer_closing.cancelled() => {
+                            metrics::counter!("bulwark_websocket_closed_for_restart_total", "module" => module).increment(1);
+                            let _ = sink.send(close(CLOSE_SERVICE_RESTART, "server restarting")).await;
+                            break;
+                        }
+                    }
+                }
+                let _ = sink.close().await;
+            });
+            shutdown.spawn(async move {
+                handler(TrackedSocket { inbound, outbound: tx, closing }).await;
+                let _ = writer.await;
+                gauge.decrement(1.0);
+            });
+        })
+}
