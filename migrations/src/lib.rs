@@ -72,6 +72,8 @@ impl<M: MigratorTrait> MigrationSet for Set<M> {
 
 /// The migration sets compiled into this build, kernel first.
 pub fn sets() -> Vec<Box<dyn MigrationSet>> {
+    // `mut` is unused in a build without modules.
+    #[allow(unused_mut)]
     let mut sets: Vec<Box<dyn MigrationSet>> =
         vec![Box::new(Set::<kernel::Migrator>("kernel", PhantomData))];
     #[cfg(feature = "cache")]

@@ -134,19 +134,21 @@ impl RedisStore {
 
         // Listen before connecting so no event of the first attempt is missed.
         let (client_errors, subscriber_errors) = (client.error_rx(), subscriber.error_rx());
-        let reconnects = subscriber.reconnect_rx();
+        let mut reconnects = subscriber.reconnect_rx();
         // Detached on purpose: the tasks run until `quit` (see `Drop for Inner`).
         drop(client.connect());
         drop(subscriber.connect());
-
-        let wanted: Wanted = Arc::default();
-        let retry = Arc::new(Notify::new());
-        tokio::spawn(keep_subscribed(subscriber.clone(), reconnects, wanted.clone(), retry.clone(), timeout));
 
         // Give a reachable server a moment so the first commands do not fail spuriously, but
         // return as soon as a connection attempt fails: Redis being down must not block start-up.
         wait_first_attempt(&client, client_errors, timeout).await;
         wait_first_attempt(&subscriber, subscriber_errors, timeout).await;
+        // Nothing is subscribed yet, so the first connection's event needs no resubscribe; a
+        // redundant SUBSCRIBE racing the caller's first ones is only a risk.
+        while reconnects.try_recv().is_ok() {}
+        let wanted: Wanted = Arc::default();
+        let retry = Arc::new(Notify::new());
+        tokio::spawn(keep_subscribed(subscriber.clone(), reconnects, wanted.clone(), retry.clone(), timeout));
 
         let fast = client.with_options(&Options { fail_fast: true, timeout: Some(timeout), ..Options::default() });
         Ok(Self {
