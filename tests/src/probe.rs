@@ -81,7 +81,13 @@ impl Module for ProbeModule {
             })
             .await?;
         let consumer = ctx.bus.consumer(&consumer_spec()).await?;
-        let routes = axum::Router::new().route("/ws/probe/echo", get(echo)).with_state(ctx.shutdown.clone());
+        let routes = axum::Router::new()
+            .route("/ws/probe/echo", get(echo))
+            .route("/api/probe/slow", get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "too late"
+            }))
+            .with_state(ctx.shutdown.clone());
         let (closing, deadline) = (ctx.shutdown.closing_token(), ctx.shutdown.deadline_token());
         let state = self.state.clone();
         // Takes messages until closing; a message in hand at the drain deadline is nak'd so

@@ -225,3 +225,25 @@ async fn real_services_are_ready() {
     assert_eq!(body["checks"]["bus:nats"], "ok");
     assert_eq!(body["checks"]["kv:redis"], "ok");
 }
+
+#[tokio::test]
+async fn slow_requests_time_out_with_408_problem() {
+    let app = TestAppBuilder::new(Backend::Embedded)
+        .module(std::sync::Arc::new(bulwark_tests::probe::ProbeModule { state: Default::default() }))
+        .set("server.request_timeout", "200ms")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    problem(app.get("/api/probe/slow", None).await, 408, "timeout").await;
+}
+
+#[tokio::test]
+async fn responses_are_compressed_when_accepted() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/api/openapi.json")).header("accept-encoding", "gzip").send().await.expect("req");
+    assert_eq!(res.headers().get("content-encoding").and_then(|v| v.to_str().ok()), Some("gzip"));
+    let off = TestAppBuilder::new(Backend::Embedded).set("server.compression", false).spawn().await.expect("spawn").expect("app");
+    let res = off.client.get(off.url("/api/openapi.json")).header("accept-encoding", "gzip").send().await.expect("req");
+    assert!(res.headers().get("content-encoding").is_none(), "compression can be switched off");
+}
