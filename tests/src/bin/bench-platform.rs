@@ -265,6 +265,8 @@ fn main() -> anyhow::Result<()> {
     let bin = std::env::var_os("BULWARK_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| self_exe.with_file_name("bulwark"));
+    // Servers run in scratch directories: the path must not be relative.
+    let bin = std::fs::canonicalize(&bin).with_context(|| format!("{} (build it first)", bin.display()))?;
     println!("bulwark binary: {}", bin.display());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
