@@ -16,11 +16,10 @@ use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tower::ServiceBuilder;
-use tower_http::compression::predicate::{DefaultPredicate, Predicate};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
@@ -72,7 +71,7 @@ pub fn kernel_openapi(version: &str) -> utoipa::openapi::OpenApi {
 /// Liveness: the process answers. Never checks dependencies.
 #[utoipa::path(get, path = "/livez", tag = "kernel", responses((status = 200, description = "The process is alive")))]
 async fn livez() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
+    ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#)
 }
 
 /// Readiness: every configured dependency answers and the process is not draining.
@@ -190,26 +189,53 @@ fn module_of(route: &str) -> &str {
     }
 }
 
+type RedHandles = (metrics::Counter, metrics::Histogram);
+
+/// Metric handles per (route, method, status), built once: registering labels costs
+/// allocations and hashing that a hot endpoint should not pay per request.
+fn red_handles(route: &str, method: &'static str, status: u16) -> RedHandles {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+    type Cache = RwLock<HashMap<String, HashMap<(&'static str, u16), RedHandles>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Ok(map) = cache.read()
+        && let Some(h) = map.get(route).and_then(|m| m.get(&(method, status)))
+    {
+        return h.clone();
+    }
+    let module = module_of(route).to_owned();
+    let handles = (
+        metrics::counter!("bulwark_http_requests_total",
+            "module" => module.clone(), "route" => route.to_owned(), "method" => method, "status" => status.to_string()),
+        metrics::histogram!("bulwark_http_request_duration_seconds",
+            "module" => module, "route" => route.to_owned(), "method" => method),
+    );
+    if let Ok(mut map) = cache.write() {
+        map.entry(route.to_owned()).or_default().insert((method, status), handles.clone());
+    }
+    handles
+}
+
 /// RED metrics labelled with the matched route template, never the raw path.
 async fn red_metrics(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
-    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = match *req.method() {
-        Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::HEAD | Method::OPTIONS => {
-            req.method().as_str().to_owned()
-        }
-        _ => "other".to_owned(),
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     };
     let started = Instant::now();
     let res = next.run(req).await;
-    let module = module_of(&route).to_owned();
-    let status = res.status().as_u16().to_string();
-    metrics::counter!("bulwark_http_requests_total",
-        "module" => module.clone(), "route" => route.clone(), "method" => method.clone(), "status" => status)
-    .increment(1);
-    metrics::histogram!("bulwark_http_request_duration_seconds",
-        "module" => module, "route" => route, "method" => method)
-    .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
+    let (requests, duration) = red_handles(route, method, res.status().as_u16());
+    requests.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     res
 }
 
@@ -250,9 +276,6 @@ async fn problemify(req: Request, next: Next) -> Response {
 
 fn cors_layer(cfg: &ServerConfig) -> CorsLayer {
     let origins = &cfg.cors_allowed_origins;
-    if origins.is_empty() {
-        return CorsLayer::new();
-    }
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
@@ -276,35 +299,73 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
     if cfg.metrics_listen.is_none() {
         kernel_routes = kernel_routes.merge(metrics_router(kernel.prometheus.clone()));
     }
-    let compress = cfg.compression;
-    let predicate = DefaultPredicate::new().and(move |_: StatusCode, _: axum::http::Version, _: &axum::http::HeaderMap, _: &axum::http::Extensions| compress);
-    let stack = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
-            let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
-            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let span = tracing::info_span!("http.request",
-                otel.name = %format!("{} {}", req.method(), route),
-                http.request.method = %req.method(),
-                http.route = %route,
-                request_id = %request_id);
-            crate::telemetry::set_parent_from_http(&span, req.headers());
-            span
-        })
-        // 5xx are counted by the RED metrics; a log line each would flood during an outage.
-        .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(CompressionLayer::new().compress_when(predicate))
-        .layer(middleware::from_fn(red_metrics))
-        .layer(middleware::from_fn(problemify))
-        // Above CORS and Timeout: both need a response body with `Default`; the limit's has none.
-        .layer(RequestBodyLimitLayer::new(cfg.body_limit_bytes))
-        .layer(cors_layer(cfg))
+    // Layers are added inside-out; optional ones (CORS, compression) are left out entirely
+    // when not configured rather than run as no-ops on every request.
+    let mut router = kernel_routes.merge(modules).fallback(not_found).layer(
+        ServiceBuilder::new()
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout))
+            .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+            .layer(Extension(auth)),
+    );
+    if !cfg.cors_allowed_origins.is_empty() {
+        router = router.layer(cors_layer(cfg));
+    }
+    router = router.layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn(red_metrics))
+            .layer(middleware::from_fn(problemify))
+            // Outside CORS and Timeout: both need a response body with `Default`; the limit's has none.
+            .layer(RequestBodyLimitLayer::new(cfg.body_limit_bytes)),
+    );
+    if cfg.compression {
+        router = router.layer(CompressionLayer::new());
+    }
+    router.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(FastRequestId::default()))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request<Body>| {
+                        if !tracing::enabled!(tracing::Level::INFO) {
+                            return tracing::Span::none();
+                        }
+                        let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or_default();
+                        let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let span = tracing::info_span!("http.request",
+                            otel.name = %format!("{} {}", req.method(), route),
+                            http.request.method = %req.method(),
+                            http.route = %route,
+                            request_id = %request_id);
+                        crate::telemetry::set_parent_from_http(&span, req.headers());
+                        span
+                    })
+                    // 5xx are counted by the RED metrics; a log line each would flood during an outage.
+                    .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+            )
+            .layer(PropagateRequestIdLayer::x_request_id()),
+    )
+}
 
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout))
-        .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
-        .layer(Extension(auth));
-    kernel_routes.merge(modules).fallback(not_found).layer(stack)
+/// Request ids without a syscall per request: a random per-process prefix and a counter
+/// (UUIDv4 would read the OS random source every time).
+#[derive(Clone)]
+struct FastRequestId {
+    prefix: Arc<str>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for FastRequestId {
+    fn default() -> Self {
+        let prefix: u64 = rand::random();
+        Self { prefix: format!("{prefix:016x}").into(), next: Arc::default() }
+    }
+}
+
+impl tower_http::request_id::MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<tower_http::request_id::RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok().map(tower_http::request_id::RequestId::new)
+    }
 }
 
 /// A JSON body extractor whose rejections are problem+json naming what is wrong
