@@ -113,18 +113,25 @@ impl CliError {
 
 /// Validate the config: the kernel's part and every enabled module's section.
 pub fn check(settings: &Settings) -> Result<toml::Table, ConfigError> {
-    let kernel = toml::Table::try_from(&settings.kernel).map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
+    let kernel = toml::Table::try_from(&settings.kernel)
+        .map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
     let mut out = kernel;
     let compiled = crate::modules::compiled();
     for section in bulwark_kernel::config::MODULE_SECTIONS {
         if settings.has_section(section) && !compiled.iter().any(|m| m.name() == *section) {
             // Printed, not logged: `config check` runs before logging is set up.
-            eprintln!("warning: config section `{section}` is for a module not compiled into this binary; ignored");
+            eprintln!(
+                "warning: config section `{section}` is for a module not compiled into this binary; ignored"
+            );
         }
     }
-    for m in compiled.iter().filter(|m| settings.module_enabled(m.name())) {
+    for m in compiled
+        .iter()
+        .filter(|m| settings.module_enabled(m.name()))
+    {
         let value = m.check_config(settings)?;
-        let table = toml::Value::try_from(value).map_err(|e| ConfigError::new(m.name(), e.to_string()))?;
+        let table =
+            toml::Value::try_from(value).map_err(|e| ConfigError::new(m.name(), e.to_string()))?;
         out.insert(m.name().to_owned(), table);
     }
     Ok(out)
@@ -137,15 +144,24 @@ pub async fn config_check(settings: &Settings) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn token_issue(settings: &Settings, sub: &str, role: Role, ttl: Duration) -> Result<(), CliError> {
-    let auth = Authenticator::from_config(&settings.kernel).await.context("auth")?;
+pub async fn token_issue(
+    settings: &Settings,
+    sub: &str,
+    role: Role,
+    ttl: Duration,
+) -> Result<(), CliError> {
+    let auth = Authenticator::from_config(&settings.kernel)
+        .await
+        .context("auth")?;
     let token = auth.issue(sub, role, ttl).context("issue token")?;
     println!("{token}");
     Ok(())
 }
 
 pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), CliError> {
-    let db = bulwark_kernel::db::connect(&settings.kernel.database).await.context("database")?;
+    let db = bulwark_kernel::db::connect(&settings.kernel.database)
+        .await
+        .context("database")?;
     match action {
         MigrateAction::Up => {
             crate::migrate_up(&db).await?;
@@ -155,14 +171,23 @@ pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), C
             let set = bulwark_migrations::sets()
                 .into_iter()
                 .find(|s| s.module() == args.module)
-                .ok_or_else(|| anyhow::anyhow!("--module: no migrations for `{}` in this build", args.module))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--module: no migrations for `{}` in this build",
+                        args.module
+                    )
+                })?;
             set.down(&db, args.steps).await.context("roll back")?;
             println!("rolled back {} migration(s) of {}", args.steps, args.module);
         }
         MigrateAction::Status => {
             for set in bulwark_migrations::sets() {
                 for (name, applied) in set.status(&db).await.context("status")? {
-                    println!("{:<12} {:<8} {name}", set.module(), if applied { "applied" } else { "pending" });
+                    println!(
+                        "{:<12} {:<8} {name}",
+                        set.module(),
+                        if applied { "applied" } else { "pending" }
+                    );
                 }
             }
         }

@@ -19,14 +19,20 @@ use sea_orm::DatabaseConnection;
 /// Version line: the crate version and the compiled-in modules.
 pub fn version_line() -> String {
     let modules = modules::compiled_names();
-    let listed = if modules.is_empty() { "none".to_owned() } else { modules.join(", ") };
+    let listed = if modules.is_empty() {
+        "none".to_owned()
+    } else {
+        modules.join(", ")
+    };
     format!("{} (modules: {listed})", env!("CARGO_PKG_VERSION"))
 }
 
 /// Apply every compiled-in migration set, kernel first.
 pub async fn migrate_up(db: &DatabaseConnection) -> anyhow::Result<()> {
     for set in bulwark_migrations::sets() {
-        set.up(db).await.with_context(|| format!("migrations of `{}`", set.module()))?;
+        set.up(db)
+            .await
+            .with_context(|| format!("migrations of `{}`", set.module()))?;
     }
     Ok(())
 }
@@ -53,13 +59,20 @@ impl Application {
 
     /// [`Application::build`] plus extra modules (the test harness plugs in modules that
     /// exercise kernel mechanisms this way).
-    pub async fn build_with(settings: Settings, role: ProcessRole, extra: Vec<Arc<dyn Module>>) -> anyhow::Result<Self> {
+    pub async fn build_with(
+        settings: Settings,
+        role: ProcessRole,
+        extra: Vec<Arc<dyn Module>>,
+    ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let k = &settings.kernel;
         let prometheus = telemetry::init(&k.telemetry)?;
         let compiled = modules::compiled();
-        let enabled: Vec<_> =
-            compiled.into_iter().filter(|m| settings.module_enabled(m.name())).chain(extra).collect();
+        let enabled: Vec<_> = compiled
+            .into_iter()
+            .filter(|m| settings.module_enabled(m.name()))
+            .chain(extra)
+            .collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
         let effective = commands::check(&settings)?;
@@ -101,22 +114,35 @@ impl Application {
             async move { db::ping(&d).await.map_err(|e| e.to_string()) }
         })));
         let b = bus.clone();
-        checks.push(Arc::new(FnCheck::new(format!("bus:{}", bus.kind()), move || {
-            let b = b.clone();
-            async move { b.health().await.map_err(|e| e.to_string()) }
-        })));
+        checks.push(Arc::new(FnCheck::new(
+            format!("bus:{}", bus.kind()),
+            move || {
+                let b = b.clone();
+                async move { b.health().await.map_err(|e| e.to_string()) }
+            },
+        )));
         let s = kv.clone();
-        checks.push(Arc::new(FnCheck::new(format!("kv:{}", kv.kind()), move || {
-            let s = s.clone();
-            async move { s.health().await.map_err(|e| e.to_string()) }
-        })));
+        checks.push(Arc::new(FnCheck::new(
+            format!("kv:{}", kv.kind()),
+            move || {
+                let s = s.clone();
+                async move { s.health().await.map_err(|e| e.to_string()) }
+            },
+        )));
 
         let mut routes = axum::Router::new();
         let mut openapi = http::kernel_openapi(env!("CARGO_PKG_VERSION"));
         let mut workers = Vec::new();
         for m in &enabled {
-            let ModuleParts { routes: r, openapi: o, workers: w, readiness } =
-                m.start(&ctx).await.with_context(|| format!("start module `{}`", m.name()))?;
+            let ModuleParts {
+                routes: r,
+                openapi: o,
+                workers: w,
+                readiness,
+            } = m
+                .start(&ctx)
+                .await
+                .with_context(|| format!("start module `{}`", m.name()))?;
             if role.serves_http() {
                 routes = routes.merge(r);
                 openapi.merge(o);
@@ -126,9 +152,14 @@ impl Application {
         }
         let readiness = Readiness::new(checks, shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
-        let effective_config = Arc::new(serde_json::to_value(effective).context("render effective config")?);
-        let kernel_http =
-            http::KernelHttp { readiness: readiness.clone(), prometheus: prometheus.clone(), openapi, effective_config };
+        let effective_config =
+            Arc::new(serde_json::to_value(effective).context("render effective config")?);
+        let kernel_http = http::KernelHttp {
+            readiness: readiness.clone(),
+            prometheus: prometheus.clone(),
+            openapi,
+            effective_config,
+        };
         let router = http::app(&k.server, kernel_http, auth, routes);
 
         let listener = tokio::net::TcpListener::bind(k.server.listen)
@@ -145,7 +176,8 @@ impl Application {
             ),
             None => (None, None),
         };
-        metrics::histogram!("bulwark_startup_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("bulwark_startup_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(Self {
             listener,
             metrics_listener,
@@ -161,13 +193,17 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| self.settings.kernel.server.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.kernel.server.listen)
     }
     pub fn port(&self) -> u16 {
         self.local_addr().port()
     }
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
     /// A handle to begin the drain (what SIGTERM does).
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -176,8 +212,18 @@ impl Application {
 
     /// Serve until a signal (or [`Shutdown::trigger`]) and the drain complete.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, metrics_listener, router, metrics_router, workers, readiness, shutdown, settings, role, modules } =
-            self;
+        let Self {
+            listener,
+            metrics_listener,
+            router,
+            metrics_router,
+            workers,
+            readiness,
+            shutdown,
+            settings,
+            role,
+            modules,
+        } = self;
         let addr = listener.local_addr()?;
         for w in workers {
             tracing::info!(message = "Starting worker.", worker = %w.name);
@@ -188,11 +234,15 @@ impl Application {
         if let (Some(l), Some(r)) = (metrics_listener, metrics_router) {
             let stop = shutdown.deadline_token();
             tokio::spawn(async move {
-                let _ = axum::serve(l, r).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                let _ = axum::serve(l, r)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
             });
         }
         let server = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(async move { closing.cancelled().await }).await
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { closing.cancelled().await })
+                .await
         });
         tracing::info!(
             message = "Bulwark is ready.",
@@ -207,11 +257,15 @@ impl Application {
         let server_done = async move {
             match server.await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(message = "HTTP server ended with an error.", %error),
+                Ok(Err(error)) => {
+                    tracing::warn!(message = "HTTP server ended with an error.", %error)
+                }
                 Err(error) => tracing::warn!(message = "HTTP server task failed.", %error),
             }
         };
-        let finished = shutdown.drain(drain.grace, drain.timeout, server_done).await;
+        let finished = shutdown
+            .drain(drain.grace, drain.timeout, server_done)
+            .await;
         tracing::info!(message = "Stopped.", drained_cleanly = finished);
         Ok(())
     }

@@ -14,7 +14,10 @@ fn main() {
         }
     }
     let matches = cmd.get_matches();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -27,7 +30,10 @@ fn main() {
         if let Some((name, sub)) = matches.subcommand()
             && let Some(m) = modules.iter().find(|m| m.name() == name)
         {
-            return m.run_command(&settings, sub).await.map_err(|e| CliError::Other(e.into()));
+            return m
+                .run_command(&settings, sub)
+                .await
+                .map_err(|e| CliError::Other(e.into()));
         }
         let cli = Cli::from_arg_matches(&matches).map_err(|e| CliError::Other(e.into()))?;
         run(cli, settings).await
@@ -49,10 +55,14 @@ async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             bulwark_kernel::telemetry::shutdown();
             Ok(())
         }
-        Command::Migrate { action } => commands::migrate(&settings, action.unwrap_or(MigrateAction::Up)).await,
-        Command::Config { action: ConfigAction::Check } => commands::config_check(&settings).await,
-        Command::Token { action: TokenAction::Issue { sub, role, ttl } } => {
-            commands::token_issue(&settings, &sub, role, ttl).await
+        Command::Migrate { action } => {
+            commands::migrate(&settings, action.unwrap_or(MigrateAction::Up)).await
         }
+        Command::Config {
+            action: ConfigAction::Check,
+        } => commands::config_check(&settings).await,
+        Command::Token {
+            action: TokenAction::Issue { sub, role, ttl },
+        } => commands::token_issue(&settings, &sub, role, ttl).await,
     }
 }

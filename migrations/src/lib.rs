@@ -11,9 +11,9 @@
 
 use std::marker::PhantomData;
 
-use async_trait::async_trait;
 #[doc(hidden)]
 pub use async_trait as __async_trait;
+use async_trait::async_trait;
 pub use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseConnection;
 
@@ -57,8 +57,11 @@ impl<M: MigratorTrait> MigrationSet for Set<M> {
         M::down(db, Some(steps)).await
     }
     async fn status(&self, db: &DatabaseConnection) -> Result<Vec<(String, bool)>, DbErr> {
-        let applied: Vec<String> =
-            M::get_applied_migrations(db).await?.iter().map(|m| m.name().to_owned()).collect();
+        let applied: Vec<String> = M::get_applied_migrations(db)
+            .await?
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect();
         Ok(M::migrations()
             .iter()
             .map(|m| {
@@ -81,11 +84,17 @@ pub fn sets() -> Vec<Box<dyn MigrationSet>> {
     #[cfg(feature = "auction")]
     sets.push(Box::new(Set::<auction::Migrator>("auction", PhantomData)));
     #[cfg(feature = "annotation")]
-    sets.push(Box::new(Set::<annotation::Migrator>("annotation", PhantomData)));
+    sets.push(Box::new(Set::<annotation::Migrator>(
+        "annotation",
+        PhantomData,
+    )));
     #[cfg(feature = "pipeline")]
     sets.push(Box::new(Set::<pipeline::Migrator>("pipeline", PhantomData)));
     #[cfg(feature = "reporting")]
-    sets.push(Box::new(Set::<reporting::Migrator>("reporting", PhantomData)));
+    sets.push(Box::new(Set::<reporting::Migrator>(
+        "reporting",
+        PhantomData,
+    )));
     sets
 }
 

@@ -44,12 +44,19 @@ impl TestAppBuilder {
             .merge(Serialized::default("drain.grace", "0s"))
             .merge(Serialized::default("drain.timeout", "5s"))
             .merge(Serialized::default("telemetry.log_level", "warn"));
-        Self { backend, role: ProcessRole::All, figment, modules: Vec::new(), overrides: Vec::new() }
+        Self {
+            backend,
+            role: ProcessRole::All,
+            figment,
+            modules: Vec::new(),
+            overrides: Vec::new(),
+        }
     }
 
     /// Override a config key (`"server.body_limit_bytes"`, 1024).
     pub fn set<T: Serialize>(mut self, key: &str, value: T) -> Self {
-        self.overrides.push(Figment::from(Serialized::default(key, value)));
+        self.overrides
+            .push(Figment::from(Serialized::default(key, value)));
         self
     }
 
@@ -67,17 +74,25 @@ impl TestAppBuilder {
     /// Build and start. `Ok(None)` when the real services are not configured (and not required).
     pub async fn spawn(self) -> anyhow::Result<Option<TestApp>> {
         let data_dir = tempfile::tempdir()?;
-        let mut figment = self.figment.merge(Serialized::default("data_dir", data_dir.path().display().to_string()));
+        let mut figment = self.figment.merge(Serialized::default(
+            "data_dir",
+            data_dir.path().display().to_string(),
+        ));
         let db = match self.backend {
             Backend::Embedded => TestDatabase::sqlite()?,
             Backend::Real => {
-                let (Some(db), Some(redis), Some(nats)) = (TestDatabase::postgres().await?, redis_url(), nats_url()) else {
+                let (Some(db), Some(redis), Some(nats)) =
+                    (TestDatabase::postgres().await?, redis_url(), nats_url())
+                else {
                     return Ok(None);
                 };
                 let prefix = unique("t");
                 figment = figment
                     .merge(Serialized::default("redis.url", redis))
-                    .merge(Serialized::default("redis.key_prefix", format!("{prefix}:")))
+                    .merge(Serialized::default(
+                        "redis.key_prefix",
+                        format!("{prefix}:"),
+                    ))
                     .merge(Serialized::default("bus.url", nats))
                     .merge(Serialized::default("bus.prefix", prefix));
                 db
@@ -92,8 +107,18 @@ impl TestAppBuilder {
         let addr = app.local_addr();
         let shutdown = app.shutdown_handle();
         let handle = tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Some(TestApp { addr, client, shutdown, settings, handle: Some(handle), db, _data_dir: data_dir }))
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Some(TestApp {
+            addr,
+            client,
+            shutdown,
+            settings,
+            handle: Some(handle),
+            db,
+            _data_dir: data_dir,
+        }))
     }
 }
 
@@ -110,7 +135,11 @@ pub struct TestApp {
 
 /// An embedded-mode application with test defaults.
 pub async fn spawn_app() -> TestApp {
-    TestAppBuilder::new(Backend::Embedded).spawn().await.expect("spawn app").expect("embedded always spawns")
+    TestAppBuilder::new(Backend::Embedded)
+        .spawn()
+        .await
+        .expect("spawn app")
+        .expect("embedded always spawns")
 }
 
 impl TestApp {
@@ -121,7 +150,11 @@ impl TestApp {
     /// A valid token for `role`.
     pub fn token(&self, role: Role) -> String {
         Authenticator::hs256(TEST_SECRET.as_bytes(), self.settings.kernel.auth.clone())
-            .issue(&format!("test-{}", role.as_str()), role, Duration::from_secs(600))
+            .issue(
+                &format!("test-{}", role.as_str()),
+                role,
+                Duration::from_secs(600),
+            )
             .expect("issue token")
     }
 

@@ -42,23 +42,33 @@ pub fn consumer_spec() -> ConsumerSpec {
     }
 }
 
-async fn echo(_auth: Auth<require::Viewer>, State(shutdown): State<Shutdown>, upgrade: WebSocketUpgrade) -> axum::response::Response {
-    ws::serve(upgrade, &shutdown, "probe", SocketLimits::default(), |mut s| async move {
-        loop {
-            tokio::select! {
-                _ = s.closing.cancelled() => break,
-                frame = s.inbound.next() => match frame {
-                    Some(Ok(Message::Text(t))) => {
-                        if s.outbound.send(Message::Text(t)).await.is_err() {
-                            break;
+async fn echo(
+    _auth: Auth<require::Viewer>,
+    State(shutdown): State<Shutdown>,
+    upgrade: WebSocketUpgrade,
+) -> axum::response::Response {
+    ws::serve(
+        upgrade,
+        &shutdown,
+        "probe",
+        SocketLimits::default(),
+        |mut s| async move {
+            loop {
+                tokio::select! {
+                    _ = s.closing.cancelled() => break,
+                    frame = s.inbound.next() => match frame {
+                        Some(Ok(Message::Text(t))) => {
+                            if s.outbound.send(Message::Text(t)).await.is_err() {
+                                break;
+                            }
                         }
+                        Some(Ok(_)) => {}
+                        _ => break,
                     }
-                    Some(Ok(_)) => {}
-                    _ => break,
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[async_trait::async_trait]
@@ -83,10 +93,13 @@ impl Module for ProbeModule {
         let consumer = ctx.bus.consumer(&consumer_spec()).await?;
         let routes = axum::Router::new()
             .route("/ws/probe/echo", get(echo))
-            .route("/api/probe/slow", get(|| async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                "too late"
-            }))
+            .route(
+                "/api/probe/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "too late"
+                }),
+            )
             .with_state(ctx.shutdown.clone());
         let (closing, deadline) = (ctx.shutdown.closing_token(), ctx.shutdown.deadline_token());
         let state = self.state.clone();
@@ -109,7 +122,11 @@ impl Module for ProbeModule {
         };
         Ok(ModuleParts {
             routes,
-            workers: vec![Worker { name: "probe-worker".into(), kind: WorkerKind::Worker, run: Box::pin(run) }],
+            workers: vec![Worker {
+                name: "probe-worker".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(run),
+            }],
             ..ModuleParts::default()
         })
     }

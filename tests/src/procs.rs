@@ -21,7 +21,9 @@ impl Proc {
     }
     /// Send SIGTERM.
     pub fn term(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
     /// Wait for exit up to `timeout`; the exit code if it exited.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
@@ -52,7 +54,11 @@ pub fn free_port() -> u16 {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn wait_port(port: u16, timeout: Duration) -> bool {
@@ -69,22 +75,40 @@ fn wait_port(port: u16, timeout: Duration) -> bool {
 /// A private Redis on `port`; `None` when redis-server is not installed (and not required).
 pub fn start_redis(port: u16) -> Option<Proc> {
     if !have("redis-server") {
-        assert!(!crate::services::require_services(), "redis-server not installed");
+        assert!(
+            !crate::services::require_services(),
+            "redis-server not installed"
+        );
         return None;
     }
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn redis-server");
-    assert!(wait_port(port, Duration::from_secs(10)), "redis-server did not listen");
+    assert!(
+        wait_port(port, Duration::from_secs(10)),
+        "redis-server did not listen"
+    );
     Some(Proc { child })
 }
 
 /// A private NATS with JetStream storing under `dir`; `None` when nats-server is missing.
 pub fn start_nats(port: u16, dir: &Path) -> Option<Proc> {
     if !have("nats-server") {
-        assert!(!crate::services::require_services(), "nats-server not installed");
+        assert!(
+            !crate::services::require_services(),
+            "nats-server not installed"
+        );
         return None;
     }
     let child = Command::new("nats-server")
@@ -94,14 +118,21 @@ pub fn start_nats(port: u16, dir: &Path) -> Option<Proc> {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn nats-server");
-    assert!(wait_port(port, Duration::from_secs(10)), "nats-server did not listen");
+    assert!(
+        wait_port(port, Duration::from_secs(10)),
+        "nats-server did not listen"
+    );
     Some(Proc { child })
 }
 
 /// The `bulwark` binary (debug, all features). `scripts/test` builds it before the tests.
 pub fn bulwark_binary() -> PathBuf {
     let path = crate::app::binary_path();
-    assert!(path.exists(), "{} missing: run `cargo build -p bulwark` first", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build -p bulwark` first",
+        path.display()
+    );
     path
 }
 
@@ -119,5 +150,7 @@ pub fn spawn_bulwark(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Proc { child: cmd.spawn().expect("spawn bulwark") }
+    Proc {
+        child: cmd.spawn().expect("spawn bulwark"),
+    }
 }

@@ -14,7 +14,10 @@ fn service_url(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            assert!(!require_services(), "{var} is not set but BULWARK_TEST_REQUIRE_SERVICES=1");
+            assert!(
+                !require_services(),
+                "{var} is not set but BULWARK_TEST_REQUIRE_SERVICES=1"
+            );
             eprintln!("note: {var} not set; the real-service half of this test is skipped");
             None
         }
@@ -54,20 +57,36 @@ impl TestDatabase {
     pub fn sqlite() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}/bulwark.db", dir.path().display());
-        Ok(Self { url, _dir: Some(dir) })
+        Ok(Self {
+            url,
+            _dir: Some(dir),
+        })
     }
 
     /// A fresh PostgreSQL database on the test server; `None` when no server is configured.
     pub async fn postgres() -> anyhow::Result<Option<Self>> {
-        let Some(admin) = postgres_admin_url() else { return Ok(None) };
+        let Some(admin) = postgres_admin_url() else {
+            return Ok(None);
+        };
         let name = unique("bulwark_t_");
-        let conn = Database::connect(admin.clone()).await.context("connect to the test PostgreSQL")?;
-        conn.execute(Statement::from_string(conn.get_database_backend(), format!("CREATE DATABASE {name}")))
+        let conn = Database::connect(admin.clone())
             .await
-            .context("create the test database")?;
+            .context("connect to the test PostgreSQL")?;
+        conn.execute(Statement::from_string(
+            conn.get_database_backend(),
+            format!("CREATE DATABASE {name}"),
+        ))
+        .await
+        .context("create the test database")?;
         conn.close().await.ok();
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin);
-        Ok(Some(Self { url: format!("{base}/{name}"), _dir: None }))
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or(admin);
+        Ok(Some(Self {
+            url: format!("{base}/{name}"),
+            _dir: None,
+        }))
     }
 
     /// Connect with the kernel's pool settings and apply every compiled-in migration.
@@ -75,7 +94,9 @@ impl TestDatabase {
         let cfg = default_settings().kernel.database;
         let db = bulwark_kernel::db::connect_url(&self.url, &cfg).await?;
         for set in bulwark_migrations::sets() {
-            set.up(&db).await.with_context(|| format!("migrate {}", set.module()))?;
+            set.up(&db)
+                .await
+                .with_context(|| format!("migrate {}", set.module()))?;
         }
         Ok(db)
     }

@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn websocket_needs_a_token_at_upgrade() {
     let app = TestAppBuilder::new(Backend::Embedded)
-        .module(Arc::new(ProbeModule { state: Arc::default() }))
+        .module(Arc::new(ProbeModule {
+            state: Arc::default(),
+        }))
         .spawn()
         .await
         .expect("spawn")
@@ -35,7 +37,9 @@ async fn websocket_needs_a_token_at_upgrade() {
 #[tokio::test]
 async fn websockets_are_closed_with_1012_on_drain() {
     let app = TestAppBuilder::new(Backend::Embedded)
-        .module(Arc::new(ProbeModule { state: Arc::default() }))
+        .module(Arc::new(ProbeModule {
+            state: Arc::default(),
+        }))
         .spawn()
         .await
         .expect("spawn")
@@ -44,18 +48,30 @@ async fn websockets_are_closed_with_1012_on_drain() {
     let mut clients = Vec::new();
     for _ in 0..5 {
         let url = format!("ws://{}/ws/probe/echo?access_token={token}", app.addr);
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
         ws.send(Message::text("hello")).await.expect("send");
         let echoed = ws.next().await.expect("frame").expect("ok");
         assert_eq!(echoed, Message::text("hello"));
         clients.push(ws);
     }
-    let metrics = app.get("/metrics", None).await.text().await.expect("metrics");
-    assert!(metrics.contains(r#"bulwark_websocket_connections{module="probe"} 5"#), "{metrics}");
+    let metrics = app
+        .get("/metrics", None)
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.contains(r#"bulwark_websocket_connections{module="probe"} 5"#),
+        "{metrics}"
+    );
     let mut app = app;
     let stopping = tokio::spawn(async move { app.stop().await });
     for mut ws in clients {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("close in time");
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("close in time");
         match frame {
             Some(Ok(Message::Close(Some(cf)))) => assert_eq!(u16::from(cf.code), 1012),
             other => panic!("expected close 1012, got {other:?}"),
@@ -68,7 +84,9 @@ async fn websockets_are_closed_with_1012_on_drain() {
 async fn unfinished_bus_work_is_nakd_at_the_drain_deadline() {
     let state = Arc::new(ProbeState::default());
     let mut app = TestAppBuilder::new(Backend::Embedded)
-        .module(Arc::new(ProbeModule { state: state.clone() }))
+        .module(Arc::new(ProbeModule {
+            state: state.clone(),
+        }))
         .set("drain.timeout", "300ms")
         .spawn()
         .await
@@ -76,12 +94,19 @@ async fn unfinished_bus_work_is_nakd_at_the_drain_deadline() {
         .expect("app");
     let db = app.db.connect_migrated().await.expect("db");
     let bus = bulwark_kernel::bus::embedded::EmbeddedBus::new(db, &app.settings.kernel.bus);
-    bus.publish(SUBJECT, Some("job-1"), Default::default(), "work".into()).await.expect("publish");
-    tokio::time::timeout(Duration::from_secs(10), state.started.notified()).await.expect("the worker took the job");
+    bus.publish(SUBJECT, Some("job-1"), Default::default(), "work".into())
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(10), state.started.notified())
+        .await
+        .expect("the worker took the job");
     app.stop().await.expect("stop");
     // ack_wait is 30 s: getting it back within 3 s proves the nak.
     let consumer = bus.consumer(&consumer_spec()).await.expect("consumer");
-    let again = consumer.fetch(1, Duration::from_secs(3)).await.expect("fetch");
+    let again = consumer
+        .fetch(1, Duration::from_secs(3))
+        .await
+        .expect("fetch");
     assert_eq!(again.len(), 1, "the unfinished job is available again");
     assert_eq!(again[0].delivered, 2);
     assert_eq!(again[0].message_id.as_deref(), Some("job-1"));

@@ -12,12 +12,21 @@ const PROBLEM: &str = "application/problem+json";
 
 async fn problem(res: reqwest::Response, status: u16, type_suffix: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status");
-    let ct = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     assert!(ct.starts_with(PROBLEM), "content-type {ct}");
     let body: Value = res.json().await.expect("problem body is JSON");
     assert_eq!(body["status"], status);
     let t = body["type"].as_str().expect("type");
-    assert_eq!(t, format!("urn:bulwark:problem:{type_suffix}"), "problem type in {body}");
+    assert_eq!(
+        t,
+        format!("urn:bulwark:problem:{type_suffix}"),
+        "problem type in {body}"
+    );
     body
 }
 
@@ -39,33 +48,75 @@ async fn probes_answer() {
 async fn unknown_route_is_problem_404() {
     let app = spawn_app().await;
     let body = problem(app.get("/no/such/route", None).await, 404, "not-found").await;
-    assert!(body["detail"].as_str().unwrap_or("").contains("/no/such/route"));
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/no/such/route")
+    );
 }
 
 #[tokio::test]
 async fn wrong_method_is_problem_405() {
     let app = spawn_app().await;
-    let res = app.client.delete(app.url("/livez")).send().await.expect("request");
+    let res = app
+        .client
+        .delete(app.url("/livez"))
+        .send()
+        .await
+        .expect("request");
     assert!(res.headers().get("allow").is_some(), "Allow header kept");
     problem(res, 405, "method-not-allowed").await;
 }
 
 #[tokio::test]
 async fn auth_rejects_missing_malformed_wrongly_signed_and_expired_tokens() {
-    let app = TestAppBuilder::new(Backend::Embedded).set("auth.leeway", "0s").spawn().await.expect("spawn").expect("app");
+    let app = TestAppBuilder::new(Backend::Embedded)
+        .set("auth.leeway", "0s")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
     // K8: missing
-    let body = problem(app.get("/api/cache/status", None).await, 401, "unauthorized").await;
+    let body = problem(
+        app.get("/api/cache/status", None).await,
+        401,
+        "unauthorized",
+    )
+    .await;
     assert!(body["detail"].as_str().unwrap_or("").contains("missing"));
     // malformed
-    problem(app.get("/api/cache/status", Some("not.a.jwt")).await, 401, "invalid-token").await;
-    let res = app.client.get(app.url("/api/cache/status")).header("authorization", "Basic Zm9vOmJhcg==").send().await.expect("req");
+    problem(
+        app.get("/api/cache/status", Some("not.a.jwt")).await,
+        401,
+        "invalid-token",
+    )
+    .await;
+    let res = app
+        .client
+        .get(app.url("/api/cache/status"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .send()
+        .await
+        .expect("req");
     problem(res, 401, "invalid-token").await;
     // wrongly signed
-    let other = bulwark_kernel::auth::Authenticator::hs256(&[1u8; 40], app.settings.kernel.auth.clone());
-    let forged = other.issue("mallory", Role::Admin, Duration::from_secs(60)).expect("issue");
-    problem(app.get("/api/cache/status", Some(&forged)).await, 401, "invalid-token").await;
+    let other =
+        bulwark_kernel::auth::Authenticator::hs256(&[1u8; 40], app.settings.kernel.auth.clone());
+    let forged = other
+        .issue("mallory", Role::Admin, Duration::from_secs(60))
+        .expect("issue");
+    problem(
+        app.get("/api/cache/status", Some(&forged)).await,
+        401,
+        "invalid-token",
+    )
+    .await;
     // expired
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
     let claims = serde_json::json!({"sub": "old", "role": "admin", "iss": "bulwark", "aud": "bulwark", "iat": now - 600, "exp": now - 300});
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -73,27 +124,50 @@ async fn auth_rejects_missing_malformed_wrongly_signed_and_expired_tokens() {
         &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .expect("encode");
-    problem(app.get("/api/cache/status", Some(&expired)).await, 401, "token-expired").await;
+    problem(
+        app.get("/api/cache/status", Some(&expired)).await,
+        401,
+        "token-expired",
+    )
+    .await;
     // a token without a role
-    let claims = serde_json::json!({"sub": "x", "iss": "bulwark", "aud": "bulwark", "exp": now + 300});
+    let claims =
+        serde_json::json!({"sub": "x", "iss": "bulwark", "aud": "bulwark", "exp": now + 300});
     let roleless = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .expect("encode");
-    problem(app.get("/api/cache/status", Some(&roleless)).await, 401, "invalid-token").await;
+    problem(
+        app.get("/api/cache/status", Some(&roleless)).await,
+        401,
+        "invalid-token",
+    )
+    .await;
     // valid
-    assert_eq!(app.get("/api/cache/status", Some(&app.token(Role::Viewer))).await.status(), 200);
+    assert_eq!(
+        app.get("/api/cache/status", Some(&app.token(Role::Viewer)))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn wrong_role_is_403() {
     let app = spawn_app().await;
     for role in [Role::Viewer, Role::Bidder, Role::Annotator] {
-        problem(app.get("/api/admin/config", Some(&app.token(role))).await, 403, "forbidden").await;
+        problem(
+            app.get("/api/admin/config", Some(&app.token(role))).await,
+            403,
+            "forbidden",
+        )
+        .await;
     }
-    let res = app.get("/api/admin/config", Some(&app.token(Role::Admin))).await;
+    let res = app
+        .get("/api/admin/config", Some(&app.token(Role::Admin)))
+        .await;
     assert_eq!(res.status(), 200);
     let cfg: Value = res.json().await.expect("json");
     // Secrets are redacted in the effective config.
@@ -107,63 +181,164 @@ async fn every_module_route_requires_auth() {
     for m in ["cache", "auction", "annotation", "pipeline", "reporting"] {
         let res = app.get(&format!("/api/{m}/status"), None).await;
         assert_eq!(res.status(), 401, "{m}");
-        let res = app.get(&format!("/api/{m}/status"), Some(&app.token(Role::Viewer))).await;
+        let res = app
+            .get(&format!("/api/{m}/status"), Some(&app.token(Role::Viewer)))
+            .await;
         assert_eq!(res.status(), 200, "{m}");
     }
 }
 
 #[tokio::test]
 async fn json_endpoint_rejects_bad_bodies_with_named_problems() {
-    let app = TestAppBuilder::new(Backend::Embedded).set("server.body_limit_bytes", 1024).spawn().await.expect("spawn").expect("app");
+    let app = TestAppBuilder::new(Backend::Embedded)
+        .set("server.body_limit_bytes", 1024)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
     let admin = app.token(Role::Admin);
     let post = |body: Vec<u8>, ct: &'static str| {
-        app.client.post(app.url("/api/admin/tokens")).bearer_auth(&admin).header("content-type", ct).body(body).send()
+        app.client
+            .post(app.url("/api/admin/tokens"))
+            .bearer_auth(&admin)
+            .header("content-type", ct)
+            .body(body)
+            .send()
     };
     // Not JSON content type → 415.
-    problem(post(b"sub=a".to_vec(), "application/x-www-form-urlencoded").await.expect("req"), 415, "unsupported-media-type").await;
+    problem(
+        post(b"sub=a".to_vec(), "application/x-www-form-urlencoded")
+            .await
+            .expect("req"),
+        415,
+        "unsupported-media-type",
+    )
+    .await;
     // Malformed JSON → 400 naming it.
-    let body = problem(post(b"{\"sub\": ".to_vec(), "application/json").await.expect("req"), 400, "malformed-json").await;
-    assert!(body["detail"].as_str().unwrap_or("").to_lowercase().contains("eof"), "{body}");
+    let body = problem(
+        post(b"{\"sub\": ".to_vec(), "application/json")
+            .await
+            .expect("req"),
+        400,
+        "malformed-json",
+    )
+    .await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("eof"),
+        "{body}"
+    );
     // Wrong field value → 400 naming the field.
-    let body = problem(post(br#"{"sub":"a","role":"wizard"}"#.to_vec(), "application/json").await.expect("req"), 400, "invalid-body").await;
-    assert!(body["detail"].as_str().unwrap_or("").contains("role"), "{body}");
+    let body = problem(
+        post(
+            br#"{"sub":"a","role":"wizard"}"#.to_vec(),
+            "application/json",
+        )
+        .await
+        .expect("req"),
+        400,
+        "invalid-body",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("role"),
+        "{body}"
+    );
     // Unknown field → 400 naming it.
-    let body = problem(post(br#"{"sub":"a","role":"viewer","admin":true}"#.to_vec(), "application/json").await.expect("req"), 400, "invalid-body").await;
-    assert!(body["detail"].as_str().unwrap_or("").contains("admin"), "{body}");
+    let body = problem(
+        post(
+            br#"{"sub":"a","role":"viewer","admin":true}"#.to_vec(),
+            "application/json",
+        )
+        .await
+        .expect("req"),
+        400,
+        "invalid-body",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("admin"),
+        "{body}"
+    );
     // Oversized → 413.
     let big = format!(r#"{{"sub":"{}","role":"viewer"}}"#, "x".repeat(4096));
-    problem(post(big.into_bytes(), "application/json").await.expect("req"), 413, "payload-too-large").await;
+    problem(
+        post(big.into_bytes(), "application/json")
+            .await
+            .expect("req"),
+        413,
+        "payload-too-large",
+    )
+    .await;
     // And a good one works, and the minted token is valid.
-    let res = post(br#"{"sub":"bob","role":"bidder","ttl":"5m"}"#.to_vec(), "application/json").await.expect("req");
+    let res = post(
+        br#"{"sub":"bob","role":"bidder","ttl":"5m"}"#.to_vec(),
+        "application/json",
+    )
+    .await
+    .expect("req");
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.expect("json");
     assert_eq!(body["expires_in"], 300);
     let token = body["token"].as_str().expect("token");
-    assert_eq!(app.get("/api/auction/status", Some(token)).await.status(), 200);
+    assert_eq!(
+        app.get("/api/auction/status", Some(token)).await.status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn metrics_use_route_templates_and_build_info() {
     let app = spawn_app().await;
     app.get("/livez", None).await;
-    app.get("/api/cache/status", Some(&app.token(Role::Viewer))).await;
+    app.get("/api/cache/status", Some(&app.token(Role::Viewer)))
+        .await;
     app.get("/secret-raw-path-123", None).await;
     let text = app.get("/metrics", None).await.text().await.expect("text");
     assert!(text.contains("bulwark_build_info{"), "build info");
-    assert!(text.contains(r#"route="/api/cache/status""#), "route template label");
+    assert!(
+        text.contains(r#"route="/api/cache/status""#),
+        "route template label"
+    );
     assert!(text.contains(r#"module="cache""#), "module label");
-    assert!(text.contains(r#"route="unmatched""#), "unmatched routes share one label");
-    assert!(!text.contains("secret-raw-path-123"), "raw paths never become labels");
-    assert!(text.contains("bulwark_http_request_duration_seconds_bucket{"), "a real histogram, not a summary");
+    assert!(
+        text.contains(r#"route="unmatched""#),
+        "unmatched routes share one label"
+    );
+    assert!(
+        !text.contains("secret-raw-path-123"),
+        "raw paths never become labels"
+    );
+    assert!(
+        text.contains("bulwark_http_request_duration_seconds_bucket{"),
+        "a real histogram, not a summary"
+    );
 }
 
 #[tokio::test]
 async fn openapi_lists_kernel_and_module_paths() {
     let app = spawn_app().await;
-    let doc: Value = app.get("/api/openapi.json", None).await.json().await.expect("json");
+    let doc: Value = app
+        .get("/api/openapi.json", None)
+        .await
+        .json()
+        .await
+        .expect("json");
     assert!(doc["openapi"].as_str().unwrap_or("").starts_with("3."));
-    for path in ["/livez", "/readyz", "/api/admin/tokens", "/api/cache/status", "/api/reporting/status"] {
-        assert!(doc["paths"].get(path).is_some(), "{path} missing from OpenAPI");
+    for path in [
+        "/livez",
+        "/readyz",
+        "/api/admin/tokens",
+        "/api/cache/status",
+        "/api/reporting/status",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from OpenAPI"
+        );
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
@@ -173,8 +348,19 @@ async fn request_id_is_set_and_propagated() {
     let app = spawn_app().await;
     let res = app.get("/livez", None).await;
     assert!(res.headers().get("x-request-id").is_some());
-    let res = app.client.get(app.url("/livez")).header("x-request-id", "abc-123").send().await.expect("req");
-    assert_eq!(res.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("abc-123"));
+    let res = app
+        .client
+        .get(app.url("/livez"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        res.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("abc-123")
+    );
 }
 
 #[tokio::test]
@@ -185,22 +371,49 @@ async fn cors_allows_configured_origins_only() {
         .await
         .expect("spawn")
         .expect("app");
-    let res = app.client.get(app.url("/livez")).header("origin", "https://ui.example").send().await.expect("req");
-    assert_eq!(res.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://ui.example"));
-    let res = app.client.get(app.url("/livez")).header("origin", "https://evil.example").send().await.expect("req");
+    let res = app
+        .client
+        .get(app.url("/livez"))
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://ui.example")
+    );
+    let res = app
+        .client
+        .get(app.url("/livez"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("req");
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test]
 async fn draining_fails_readiness_but_keeps_serving_during_grace() {
     // K7: readiness 503 at once; liveness and requests keep working during drain.grace.
-    let mut app = TestAppBuilder::new(Backend::Embedded).set("drain.grace", "2s").spawn().await.expect("spawn").expect("app");
+    let mut app = TestAppBuilder::new(Backend::Embedded)
+        .set("drain.grace", "2s")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
     assert_eq!(app.get("/readyz", None).await.status(), 200);
     app.shutdown.trigger();
     let body = problem(app.get("/readyz", None).await, 503, "not-ready").await;
     assert_eq!(body["state"], "draining");
     assert_eq!(app.get("/livez", None).await.status(), 200);
-    assert_eq!(app.get("/api/cache/status", Some(&app.token(Role::Viewer))).await.status(), 200);
+    assert_eq!(
+        app.get("/api/cache/status", Some(&app.token(Role::Viewer)))
+            .await
+            .status(),
+        200
+    );
     app.stop().await.expect("clean stop");
 }
 
@@ -219,7 +432,13 @@ async fn separate_metrics_port() {
 #[tokio::test]
 async fn real_services_are_ready() {
     // The same probes against PostgreSQL, NATS and Redis.
-    let Some(app) = TestAppBuilder::new(Backend::Real).spawn().await.expect("spawn") else { return };
+    let Some(app) = TestAppBuilder::new(Backend::Real)
+        .spawn()
+        .await
+        .expect("spawn")
+    else {
+        return;
+    };
     let body: Value = app.get("/readyz", None).await.json().await.expect("json");
     assert_eq!(body["status"], "ready", "{body}");
     assert_eq!(body["checks"]["bus:nats"], "ok");
@@ -229,7 +448,9 @@ async fn real_services_are_ready() {
 #[tokio::test]
 async fn slow_requests_time_out_with_408_problem() {
     let app = TestAppBuilder::new(Backend::Embedded)
-        .module(std::sync::Arc::new(bulwark_tests::probe::ProbeModule { state: Default::default() }))
+        .module(std::sync::Arc::new(bulwark_tests::probe::ProbeModule {
+            state: Default::default(),
+        }))
         .set("server.request_timeout", "200ms")
         .spawn()
         .await
@@ -241,9 +462,34 @@ async fn slow_requests_time_out_with_408_problem() {
 #[tokio::test]
 async fn responses_are_compressed_when_accepted() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/api/openapi.json")).header("accept-encoding", "gzip").send().await.expect("req");
-    assert_eq!(res.headers().get("content-encoding").and_then(|v| v.to_str().ok()), Some("gzip"));
-    let off = TestAppBuilder::new(Backend::Embedded).set("server.compression", false).spawn().await.expect("spawn").expect("app");
-    let res = off.client.get(off.url("/api/openapi.json")).header("accept-encoding", "gzip").send().await.expect("req");
-    assert!(res.headers().get("content-encoding").is_none(), "compression can be switched off");
+    let res = app
+        .client
+        .get(app.url("/api/openapi.json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        res.headers()
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("gzip")
+    );
+    let off = TestAppBuilder::new(Backend::Embedded)
+        .set("server.compression", false)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let res = off
+        .client
+        .get(off.url("/api/openapi.json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("req");
+    assert!(
+        res.headers().get("content-encoding").is_none(),
+        "compression can be switched off"
+    );
 }

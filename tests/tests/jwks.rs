@@ -31,16 +31,26 @@ fn jwk(kid: &str, x: &str, y: &str) -> serde_json::Value {
 }
 
 fn es256(kid: &str, pem: &str, role: &str) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
     let claims = serde_json::json!({"sub": "idp-user", "role": [role], "iss": "bulwark", "aud": "bulwark", "exp": now + 300});
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_pem(pem.as_bytes()).expect("pem")).expect("sign")
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_ec_pem(pem.as_bytes()).expect("pem"),
+    )
+    .expect("sign")
 }
 
 #[tokio::test]
 async fn es256_tokens_verify_against_a_rotating_jwks() {
-    let keys = Arc::new(RwLock::new(serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]})));
+    let keys = Arc::new(RwLock::new(
+        serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]}),
+    ));
     let fetches = Arc::new(AtomicUsize::new(0));
     let (k, f) = (keys.clone(), fetches.clone());
     let idp = axum::Router::new().route(
@@ -53,7 +63,9 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let idp_addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, idp).await });
 
@@ -63,14 +75,22 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
         .await
         .expect("spawn")
         .expect("app");
-    assert_eq!(fetches.load(Ordering::SeqCst), 1, "keys fetched once at start");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "keys fetched once at start"
+    );
 
     // A token signed by the provider's key works; the key is cached.
     let t1 = es256("k1", K1_PEM, "viewer");
     for _ in 0..3 {
         assert_eq!(app.get("/api/cache/status", Some(&t1)).await.status(), 200);
     }
-    assert_eq!(fetches.load(Ordering::SeqCst), 1, "cached, not refetched per request");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "cached, not refetched per request"
+    );
 
     // Roles come from an array claim too; wrong role is 403.
     assert_eq!(app.get("/api/admin/config", Some(&t1)).await.status(), 403);
@@ -80,13 +100,17 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
     assert_eq!(app.get("/api/admin/config", Some(&t2)).await.status(), 401);
 
     // The provider rotates: k2 published. An unknown kid triggers a (rate-limited) refetch.
-    *keys.write().await = serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y), jwk("k2", K2_X, K2_Y)]});
+    *keys.write().await =
+        serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y), jwk("k2", K2_X, K2_Y)]});
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(app.get("/api/admin/config", Some(&t2)).await.status(), 200);
 
     // A token claiming k1 but signed with k2's private key: bad signature.
     let forged = es256("k1", K2_PEM, "admin");
-    assert_eq!(app.get("/api/admin/config", Some(&forged)).await.status(), 401);
+    assert_eq!(
+        app.get("/api/admin/config", Some(&forged)).await.status(),
+        401
+    );
 
     // HS256 tokens are not accepted when a JWKS is configured (no algorithm confusion).
     let hs = app.token(bulwark_kernel::auth::Role::Admin);

@@ -22,7 +22,9 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
@@ -44,20 +46,36 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
 
     // The same propagator puts the context into bus headers.
     let mut http_headers = axum::http::HeaderMap::new();
-    http_headers.insert("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01").parse().expect("header"));
+    http_headers.insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("header"),
+    );
     let span = tracing::info_span!("publish");
     bulwark_kernel::telemetry::set_parent_from_http(&span, &http_headers);
     let mut headers = bulwark_kernel::bus::Headers::new();
     span.in_scope(|| bulwark_kernel::telemetry::inject_context(&mut headers));
-    assert!(headers.get("traceparent").is_some_and(|t| t.contains(TRACE_ID)), "bus headers carry the trace: {headers:?}");
+    assert!(
+        headers
+            .get("traceparent")
+            .is_some_and(|t| t.contains(TRACE_ID)),
+        "bus headers carry the trace: {headers:?}"
+    );
 
     app.stop().await.expect("stop");
-    tokio::task::spawn_blocking(bulwark_kernel::telemetry::shutdown).await.expect("flush");
-    let id = (0..16).map(|i| u8::from_str_radix(&TRACE_ID[i * 2..i * 2 + 2], 16).expect("hex")).collect::<Vec<u8>>();
+    tokio::task::spawn_blocking(bulwark_kernel::telemetry::shutdown)
+        .await
+        .expect("flush");
+    let id = (0..16)
+        .map(|i| u8::from_str_radix(&TRACE_ID[i * 2..i * 2 + 2], 16).expect("hex"))
+        .collect::<Vec<u8>>();
     let bodies = received.lock().expect("lock").clone();
     assert!(!bodies.is_empty(), "the collector received no export");
     assert!(
-        bodies.iter().any(|b| b.windows(16).any(|w| w == id.as_slice())),
+        bodies
+            .iter()
+            .any(|b| b.windows(16).any(|w| w == id.as_slice())),
         "no exported span carries the caller's trace id"
     );
 }

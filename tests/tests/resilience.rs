@@ -23,8 +23,12 @@ async fn readiness(app: &bulwark_tests::TestApp) -> (u16, Value) {
 async fn redis_and_nats_lost_and_regained() {
     let (redis_port, nats_port) = (free_port(), free_port());
     let nats_dir = tempfile::tempdir().expect("tempdir");
-    let Some(mut redis) = start_redis(redis_port) else { return };
-    let Some(mut nats) = start_nats(nats_port, nats_dir.path()) else { return };
+    let Some(mut redis) = start_redis(redis_port) else {
+        return;
+    };
+    let Some(mut nats) = start_nats(nats_port, nats_dir.path()) else {
+        return;
+    };
     let prefix = unique("res");
     let Some(app) = TestAppBuilder::new(Backend::Real)
         .set("redis.url", format!("redis://127.0.0.1:{redis_port}/0"))
@@ -43,7 +47,11 @@ async fn redis_and_nats_lost_and_regained() {
     // Publish and get acknowledgements before the outage.
     let mut cfg = app.settings.kernel.bus.clone();
     cfg.url = Some(SecretUrl::new(format!("nats://127.0.0.1:{nats_port}")));
-    let bus: Arc<dyn Bus> = Arc::new(bulwark_kernel::bus::nats::NatsBus::connect(&cfg).await.expect("connect"));
+    let bus: Arc<dyn Bus> = Arc::new(
+        bulwark_kernel::bus::nats::NatsBus::connect(&cfg)
+            .await
+            .expect("connect"),
+    );
     bus.ensure_stream(&StreamSpec {
         name: "RESILIENCE".into(),
         subjects: vec!["res.>".into()],
@@ -53,7 +61,15 @@ async fn redis_and_nats_lost_and_regained() {
     .await
     .expect("stream");
     for i in 0..20 {
-        let ack = bus.publish("res.msg", Some(&format!("m{i}")), Default::default(), format!("{i}").into()).await.expect("publish");
+        let ack = bus
+            .publish(
+                "res.msg",
+                Some(&format!("m{i}")),
+                Default::default(),
+                format!("{i}").into(),
+            )
+            .await
+            .expect("publish");
         assert!(!ack.duplicate);
     }
 
@@ -65,14 +81,34 @@ async fn redis_and_nats_lost_and_regained() {
     })
     .await;
     assert!(down.is_some(), "readiness never reported the NATS outage");
-    assert_eq!(app.get("/livez", None).await.status(), 200, "liveness is process-only");
-    let metrics = app.get("/metrics", None).await.text().await.expect("metrics");
-    assert!(metrics.contains(r#"bulwark_dependency_up{dependency="bus:nats"} 0"#), "dependency metric shows the outage");
+    assert_eq!(
+        app.get("/livez", None).await.status(),
+        200,
+        "liveness is process-only"
+    );
+    let metrics = app
+        .get("/metrics", None)
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.contains(r#"bulwark_dependency_up{dependency="bus:nats"} 0"#),
+        "dependency metric shows the outage"
+    );
 
     // NATS returns on the same port and store: recovery on its own, nothing acknowledged lost.
-    let Some(_nats2) = start_nats(nats_port, nats_dir.path()) else { return };
-    let up = eventually(Duration::from_secs(30), || async { (readiness(&app).await.0 == 200).then_some(()) }).await;
-    assert!(up.is_some(), "readiness did not recover after NATS returned");
+    let Some(_nats2) = start_nats(nats_port, nats_dir.path()) else {
+        return;
+    };
+    let up = eventually(Duration::from_secs(30), || async {
+        (readiness(&app).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "readiness did not recover after NATS returned"
+    );
     let consumer = bus
         .consumer(&ConsumerSpec {
             stream: "RESILIENCE".into(),
@@ -86,7 +122,10 @@ async fn redis_and_nats_lost_and_regained() {
         .expect("consumer after recovery");
     let mut seen = Vec::new();
     while seen.len() < 20 {
-        let batch = consumer.fetch(20, Duration::from_secs(5)).await.expect("fetch");
+        let batch = consumer
+            .fetch(20, Duration::from_secs(5))
+            .await
+            .expect("fetch");
         if batch.is_empty() {
             break;
         }
@@ -96,7 +135,10 @@ async fn redis_and_nats_lost_and_regained() {
         }
     }
     let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
-    assert_eq!(seen, expected, "every acknowledged message survives the outage, in order");
+    assert_eq!(
+        seen, expected,
+        "every acknowledged message survives the outage, in order"
+    );
 
     // Redis goes away and returns.
     redis.kill9();
@@ -106,7 +148,15 @@ async fn redis_and_nats_lost_and_regained() {
     })
     .await;
     assert!(down.is_some(), "readiness never reported the Redis outage");
-    let Some(_redis2) = start_redis(redis_port) else { return };
-    let up = eventually(Duration::from_secs(30), || async { (readiness(&app).await.0 == 200).then_some(()) }).await;
-    assert!(up.is_some(), "readiness did not recover after Redis returned");
+    let Some(_redis2) = start_redis(redis_port) else {
+        return;
+    };
+    let up = eventually(Duration::from_secs(30), || async {
+        (readiness(&app).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "readiness did not recover after Redis returned"
+    );
 }

@@ -27,7 +27,18 @@ use crate::config::{AuthConfig, KernelConfig, Mode};
 use crate::problem::Problem;
 
 /// Roles carried in the token's role claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, including administration.
@@ -97,7 +108,10 @@ pub enum AuthError {
     #[error("cannot mint tokens: {0}")]
     CannotIssue(String),
     #[error("JWT secret file {path}: {source}")]
-    SecretFile { path: String, source: std::io::Error },
+    SecretFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl From<AuthError> for Problem {
@@ -105,10 +119,12 @@ impl From<AuthError> for Problem {
         match err {
             AuthError::KeysUnavailable(_) => Problem::unavailable(err.to_string()),
             AuthError::Expired => {
-                Problem::new(StatusCode::UNAUTHORIZED, "token-expired", "Token expired").detail(err.to_string())
+                Problem::new(StatusCode::UNAUTHORIZED, "token-expired", "Token expired")
+                    .detail(err.to_string())
             }
             AuthError::Missing => Problem::unauthorized(err.to_string()),
-            _ => Problem::new(StatusCode::UNAUTHORIZED, "invalid-token", "Invalid token").detail(err.to_string()),
+            _ => Problem::new(StatusCode::UNAUTHORIZED, "invalid-token", "Invalid token")
+                .detail(err.to_string()),
         }
     }
 }
@@ -125,7 +141,10 @@ struct MintClaims<'a> {
 }
 
 enum Keys {
-    Hs256 { decoding: DecodingKey, encoding: EncodingKey },
+    Hs256 {
+        decoding: DecodingKey,
+        encoding: EncodingKey,
+    },
     Jwks(Arc<Jwks>),
 }
 
@@ -141,12 +160,17 @@ impl std::fmt::Debug for Authenticator {
             Keys::Hs256 { .. } => "hs256",
             Keys::Jwks(_) => "jwks",
         };
-        f.debug_struct("Authenticator").field("keys", &kind).finish_non_exhaustive()
+        f.debug_struct("Authenticator")
+            .field("keys", &kind)
+            .finish_non_exhaustive()
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Authenticator {
@@ -159,12 +183,21 @@ impl Authenticator {
                 tracing::warn!(message = "JWKS fetch failed at start; will retry.", %error);
             }
             jwks.clone().spawn_refresher();
-            return Ok(Self { keys: Keys::Jwks(jwks), cfg: cfg.auth.clone() });
+            return Ok(Self {
+                keys: Keys::Jwks(jwks),
+                cfg: cfg.auth.clone(),
+            });
         }
         let secret = match &cfg.auth.hs256_secret {
             Some(s) => s.expose().to_owned(),
-            None if cfg.mode == Mode::Embedded => load_or_generate_secret(&secret_path(&cfg.data_dir))?,
-            None => return Err(AuthError::KeysUnavailable("auth.hs256_secret or auth.jwks_url is required".into())),
+            None if cfg.mode == Mode::Embedded => {
+                load_or_generate_secret(&secret_path(&cfg.data_dir))?
+            }
+            None => {
+                return Err(AuthError::KeysUnavailable(
+                    "auth.hs256_secret or auth.jwks_url is required".into(),
+                ));
+            }
         };
         Ok(Self::hs256(secret.as_bytes(), cfg.auth.clone()))
     }
@@ -172,7 +205,10 @@ impl Authenticator {
     /// HS256 with an explicit secret.
     pub fn hs256(secret: &[u8], cfg: AuthConfig) -> Self {
         Self {
-            keys: Keys::Hs256 { decoding: DecodingKey::from_secret(secret), encoding: EncodingKey::from_secret(secret) },
+            keys: Keys::Hs256 {
+                decoding: DecodingKey::from_secret(secret),
+                encoding: EncodingKey::from_secret(secret),
+            },
             cfg,
         }
     }
@@ -180,14 +216,19 @@ impl Authenticator {
     /// Mint an HS256 token for `subject` with `role`, valid for `ttl`.
     pub fn issue(&self, subject: &str, role: Role, ttl: Duration) -> Result<String, AuthError> {
         let Keys::Hs256 { encoding, .. } = &self.keys else {
-            return Err(AuthError::CannotIssue("tokens come from the identity provider when auth.jwks_url is set".into()));
+            return Err(AuthError::CannotIssue(
+                "tokens come from the identity provider when auth.jwks_url is set".into(),
+            ));
         };
         if subject.is_empty() {
             return Err(AuthError::CannotIssue("subject must not be empty".into()));
         }
         let iat = now_secs();
         let mut extra = serde_json::Map::new();
-        extra.insert(self.cfg.role_claim.clone(), serde_json::Value::String(role.as_str().to_owned()));
+        extra.insert(
+            self.cfg.role_claim.clone(),
+            serde_json::Value::String(role.as_str().to_owned()),
+        );
         let claims = MintClaims {
             sub: subject,
             iss: &self.cfg.issuer,
@@ -211,36 +252,56 @@ impl Authenticator {
 
     /// Verify a bearer token and return who it names.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         let (key, alg) = match &self.keys {
             Keys::Hs256 { decoding, .. } => {
                 if header.alg != Algorithm::HS256 {
-                    return Err(AuthError::Invalid(format!("algorithm {:?} not accepted", header.alg)));
+                    return Err(AuthError::Invalid(format!(
+                        "algorithm {:?} not accepted",
+                        header.alg
+                    )));
                 }
                 (decoding.clone(), Algorithm::HS256)
             }
             Keys::Jwks(jwks) => {
-                let kid = header.kid.as_deref().ok_or_else(|| AuthError::Invalid("token has no `kid`".into()))?;
+                let kid = header
+                    .kid
+                    .as_deref()
+                    .ok_or_else(|| AuthError::Invalid("token has no `kid`".into()))?;
                 let (key, alg) = jwks.key(kid).await?;
                 if header.alg != alg {
-                    return Err(AuthError::Invalid(format!("algorithm {:?} does not match key {kid}", header.alg)));
+                    return Err(AuthError::Invalid(format!(
+                        "algorithm {:?} does not match key {kid}",
+                        header.alg
+                    )));
                 }
                 (key, alg)
             }
         };
-        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &self.validation(alg))
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                jsonwebtoken::errors::ErrorKind::InvalidToken | jsonwebtoken::errors::ErrorKind::Base64(_) => {
-                    AuthError::Malformed(e.to_string())
-                }
-                _ => AuthError::Invalid(e.to_string()),
-            })?;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key,
+            &self.validation(alg),
+        )
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            jsonwebtoken::errors::ErrorKind::InvalidToken
+            | jsonwebtoken::errors::ErrorKind::Base64(_) => AuthError::Malformed(e.to_string()),
+            _ => AuthError::Invalid(e.to_string()),
+        })?;
         let claims = data.claims;
-        let subject = claims.get("sub").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let subject = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let roles: Vec<Role> = match claims.get(&self.cfg.role_claim) {
             Some(serde_json::Value::String(s)) => Role::parse(s).into_iter().collect(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().and_then(Role::parse)).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().and_then(Role::parse))
+                .collect(),
             _ => Vec::new(),
         };
         if roles.is_empty() {
@@ -256,11 +317,17 @@ pub fn secret_path(data_dir: &Path) -> PathBuf {
 }
 
 fn load_or_generate_secret(path: &Path) -> Result<String, AuthError> {
-    let err = |source| AuthError::SecretFile { path: path.display().to_string(), source };
+    let err = |source| AuthError::SecretFile {
+        path: path.display().to_string(),
+        source,
+    };
     match std::fs::read_to_string(path) {
         Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned()),
         Ok(_) => {
-            return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, "secret shorter than 32 characters")));
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "secret shorter than 32 characters",
+            )));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
@@ -303,8 +370,17 @@ struct Jwks {
 
 impl Jwks {
     fn new(url: String, refresh_every: Duration) -> Arc<Self> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
-        Arc::new(Self { url, refresh_every, client, keys: RwLock::default(), last_fetch: RwLock::default() })
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Arc::new(Self {
+            url,
+            refresh_every,
+            client,
+            keys: RwLock::default(),
+            last_fetch: RwLock::default(),
+        })
     }
 
     async fn refresh(&self) -> Result<(), AuthError> {
@@ -321,7 +397,9 @@ impl Jwks {
             .map_err(|e| AuthError::KeysUnavailable(format!("JWKS is not valid JSON: {e}")))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
             let alg = match &jwk.algorithm {
                 jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
                 jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
@@ -343,7 +421,11 @@ impl Jwks {
             return Ok(k.clone());
         }
         // Unknown kid: the provider may have rotated. Refetch, at most once a second.
-        let stale = self.last_fetch.read().await.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+        let stale = self
+            .last_fetch
+            .read()
+            .await
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
         if stale {
             self.refresh().await?;
         }
@@ -413,7 +495,9 @@ impl<R: RoleRequirement> std::ops::Deref for Auth<R> {
 /// (browsers cannot set headers there) the `access_token` query parameter.
 fn bearer_token(parts: &Parts) -> Result<String, AuthError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?;
+        let value = value
+            .to_str()
+            .map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -427,7 +511,9 @@ fn bearer_token(parts: &Parts) -> Result<String, AuthError> {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if is_upgrade
         && let Some(query) = parts.uri.query()
-        && let Some(token) = query.split('&').find_map(|kv| kv.strip_prefix("access_token="))
+        && let Some(token) = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("access_token="))
     {
         return Ok(token.to_owned());
     }
@@ -448,7 +534,10 @@ impl<S: Send + Sync, R: RoleRequirement> FromRequestParts<S> for Auth<R> {
         if let Some(role) = R::ROLE
             && !identity.has(role)
         {
-            return Err(Problem::forbidden(format!("role `{}` required", role.as_str())));
+            return Err(Problem::forbidden(format!(
+                "role `{}` required",
+                role.as_str()
+            )));
         }
         Ok(Auth(identity, PhantomData))
     }
@@ -481,7 +570,9 @@ mod tests {
     #[tokio::test]
     async fn issue_and_verify() {
         let a = Authenticator::hs256(&[7u8; 32], cfg());
-        let t = a.issue("alice", Role::Bidder, Duration::from_secs(60)).expect("issue");
+        let t = a
+            .issue("alice", Role::Bidder, Duration::from_secs(60))
+            .expect("issue");
         let id = a.verify(&t).await.expect("verify");
         assert_eq!(id.subject, "alice");
         assert_eq!(id.roles, vec![Role::Bidder]);
@@ -491,9 +582,14 @@ mod tests {
     async fn wrong_secret_and_garbage_are_rejected() {
         let a = Authenticator::hs256(&[7u8; 32], cfg());
         let b = Authenticator::hs256(&[8u8; 32], cfg());
-        let t = b.issue("mallory", Role::Admin, Duration::from_secs(60)).expect("issue");
+        let t = b
+            .issue("mallory", Role::Admin, Duration::from_secs(60))
+            .expect("issue");
         assert!(matches!(a.verify(&t).await, Err(AuthError::Invalid(_))));
-        assert!(matches!(a.verify("not-a-jwt").await, Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            a.verify("not-a-jwt").await,
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     #[test]

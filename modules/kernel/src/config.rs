@@ -21,8 +21,18 @@ use serde::{Deserialize, Serialize, Serializer};
 pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 
 /// Sections owned by the kernel.
-pub const KERNEL_SECTIONS: &[&str] =
-    &["mode", "data_dir", "server", "telemetry", "database", "bus", "redis", "auth", "drain", "modules"];
+pub const KERNEL_SECTIONS: &[&str] = &[
+    "mode",
+    "data_dir",
+    "server",
+    "telemetry",
+    "database",
+    "bus",
+    "redis",
+    "auth",
+    "drain",
+    "modules",
+];
 
 /// Sections owned by modules (whether or not they are compiled into this binary).
 pub const MODULE_SECTIONS: &[&str] = &["cache", "auction", "annotation", "pipeline", "reporting"];
@@ -38,7 +48,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: key.into(), message: message.into() }
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     fn from_figment(prefix: &[&str], err: figment::Error) -> Self {
@@ -72,7 +85,10 @@ impl ConfigError {
             }
             other => other.to_string(),
         };
-        Self { key: path.join("."), message: format!("{message}{source}") }
+        Self {
+            key: path.join("."),
+            message: format!("{message}{source}"),
+        }
     }
 }
 
@@ -124,7 +140,9 @@ impl SecretUrl {
 
 fn redact_url(url: &str) -> String {
     // scheme://user:password@host... -> scheme://user:[redacted]@host...
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
@@ -339,7 +357,9 @@ pub struct Settings {
 
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings").field("kernel", &self.kernel).finish_non_exhaustive()
+        f.debug_struct("Settings")
+            .field("kernel", &self.kernel)
+            .finish_non_exhaustive()
     }
 }
 
@@ -351,7 +371,10 @@ impl Settings {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = &file {
             if !path.exists() {
-                return Err(ConfigError::new("--config", format!("file {} does not exist", path.display())));
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -361,10 +384,12 @@ impl Settings {
 
     /// Build from an explicit figment (tests layer their own values this way).
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let top: BTreeMap<String, figment::value::Value> =
-            figment.extract().map_err(|e| ConfigError::from_figment(&[], e))?;
+        let top: BTreeMap<String, figment::value::Value> = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(&[], e))?;
         for key in top.keys() {
-            if !KERNEL_SECTIONS.contains(&key.as_str()) && !MODULE_SECTIONS.contains(&key.as_str()) {
+            if !KERNEL_SECTIONS.contains(&key.as_str()) && !MODULE_SECTIONS.contains(&key.as_str())
+            {
                 return Err(ConfigError::new(
                     key.clone(),
                     format!(
@@ -375,7 +400,9 @@ impl Settings {
                 ));
             }
         }
-        let kernel: KernelConfig = figment.extract().map_err(|e| ConfigError::from_figment(&[], e))?;
+        let kernel: KernelConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(&[], e))?;
         let settings = Self { figment, kernel };
         settings.validate()?;
         Ok(settings)
@@ -384,13 +411,24 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kernel;
         if !(0.0..=1.0).contains(&k.telemetry.trace_sample_ratio) {
-            return Err(ConfigError::new("telemetry.trace_sample_ratio", "must be between 0.0 and 1.0"));
+            return Err(ConfigError::new(
+                "telemetry.trace_sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
         }
         let db = k.database.url.expose();
-        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-            return Err(ConfigError::new("database.url", "must start with sqlite:, postgres:// or postgresql://"));
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
         }
-        if k.database.max_connections == 0 || k.database.min_connections > k.database.max_connections {
+        if k.database.max_connections == 0
+            || k.database.min_connections > k.database.max_connections
+        {
             return Err(ConfigError::new(
                 "database.max_connections",
                 "must be at least 1 and at least database.min_connections",
@@ -399,16 +437,25 @@ impl Settings {
         if let Some(url) = &k.bus.url
             && !(url.expose().starts_with("nats://") || url.expose().starts_with("tls://"))
         {
-            return Err(ConfigError::new("bus.url", "must start with nats:// or tls://"));
+            return Err(ConfigError::new(
+                "bus.url",
+                "must start with nats:// or tls://",
+            ));
         }
         if let Some(url) = &k.redis.url
             && !url.expose().starts_with("redis")
             && !url.expose().starts_with("rediss")
         {
-            return Err(ConfigError::new("redis.url", "must be a redis://, rediss://, redis-sentinel:// or redis-cluster:// URL"));
+            return Err(ConfigError::new(
+                "redis.url",
+                "must be a redis://, rediss://, redis-sentinel:// or redis-cluster:// URL",
+            ));
         }
         if k.server.body_limit_bytes == 0 {
-            return Err(ConfigError::new("server.body_limit_bytes", "must be greater than 0"));
+            return Err(ConfigError::new(
+                "server.body_limit_bytes",
+                "must be greater than 0",
+            ));
         }
         if k.mode == Mode::Production {
             if k.auth.hs256_secret.is_none() && k.auth.jwks_url.is_none() {
@@ -418,25 +465,40 @@ impl Settings {
                 ));
             }
             if k.bus.url.is_none() {
-                return Err(ConfigError::new("bus.url", "production mode needs a NATS URL"));
+                return Err(ConfigError::new(
+                    "bus.url",
+                    "production mode needs a NATS URL",
+                ));
             }
             if k.redis.url.is_none() {
-                return Err(ConfigError::new("redis.url", "production mode needs a Redis URL"));
+                return Err(ConfigError::new(
+                    "redis.url",
+                    "production mode needs a Redis URL",
+                ));
             }
             if db.starts_with("sqlite:") {
-                return Err(ConfigError::new("database.url", "production mode needs PostgreSQL"));
+                return Err(ConfigError::new(
+                    "database.url",
+                    "production mode needs PostgreSQL",
+                ));
             }
         }
         if let Some(s) = &k.auth.hs256_secret
             && s.expose().len() < 32
         {
-            return Err(ConfigError::new("auth.hs256_secret", "must be at least 32 characters"));
+            return Err(ConfigError::new(
+                "auth.hs256_secret",
+                "must be at least 32 characters",
+            ));
         }
         for name in &k.modules.enabled {
             if name != "*" && !MODULE_SECTIONS.contains(&name.as_str()) {
                 return Err(ConfigError::new(
                     "modules.enabled",
-                    format!("unknown module `{name}`; expected `*` or some of: {}", MODULE_SECTIONS.join(", ")),
+                    format!(
+                        "unknown module `{name}`; expected `*` or some of: {}",
+                        MODULE_SECTIONS.join(", ")
+                    ),
                 ));
             }
         }
@@ -451,7 +513,8 @@ impl Settings {
         } else {
             Figment::new()
         };
-        sub.extract().map_err(|e| ConfigError::from_figment(&[name], e))
+        sub.extract()
+            .map_err(|e| ConfigError::from_figment(&[name], e))
     }
 
     /// Whether a section is present at all.
@@ -461,7 +524,11 @@ impl Settings {
 
     /// Is this compiled-in module enabled by `modules.enabled`?
     pub fn module_enabled(&self, name: &str) -> bool {
-        self.kernel.modules.enabled.iter().any(|m| m == "*" || m == name)
+        self.kernel
+            .modules
+            .enabled
+            .iter()
+            .any(|m| m == "*" || m == name)
     }
 }
 
@@ -471,35 +538,40 @@ mod tests {
 
     #[test]
     fn defaults_load() {
-        let s = Settings::from_figment(Figment::from(Toml::string(DEFAULT_TOML))).expect("defaults are valid");
+        let s = Settings::from_figment(Figment::from(Toml::string(DEFAULT_TOML)))
+            .expect("defaults are valid");
         assert_eq!(s.kernel.mode, Mode::Embedded);
         assert_eq!(s.kernel.server.request_timeout, Duration::from_secs(30));
     }
 
     #[test]
     fn unknown_kernel_key_is_named() {
-        let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("server.listn", "x"));
+        let f = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("server.listn", "x"));
         let err = Settings::from_figment(f).expect_err("unknown key");
         assert_eq!(err.key, "server.listn");
     }
 
     #[test]
     fn unknown_section_is_named() {
-        let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("serverr.listen", "x"));
+        let f = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("serverr.listen", "x"));
         let err = Settings::from_figment(f).expect_err("unknown section");
         assert_eq!(err.key, "serverr");
     }
 
     #[test]
     fn bad_duration_is_named() {
-        let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("drain.grace", "soon"));
+        let f = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("drain.grace", "soon"));
         let err = Settings::from_figment(f).expect_err("bad duration");
         assert_eq!(err.key, "drain.grace");
     }
 
     #[test]
     fn production_requires_services_and_secret() {
-        let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("mode", "production"));
+        let f = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("mode", "production"));
         let err = Settings::from_figment(f).expect_err("production needs a secret");
         assert_eq!(err.key, "auth.hs256_secret");
     }
@@ -510,7 +582,13 @@ mod tests {
         assert_eq!(url.redacted(), "postgres://app:[redacted]@db:5432/bulwark");
         assert!(!format!("{url:?}").contains("hunter2"));
         let s = Secret::new("topsecret");
-        assert_eq!(serde_json::to_string(&s).expect("serialize"), "\"[redacted]\"");
-        assert_eq!(SecretUrl::new("sqlite://data/x.db").redacted(), "sqlite://data/x.db");
+        assert_eq!(
+            serde_json::to_string(&s).expect("serialize"),
+            "\"[redacted]\""
+        );
+        assert_eq!(
+            SecretUrl::new("sqlite://data/x.db").redacted(),
+            "sqlite://data/x.db"
+        );
     }
 }

@@ -4,16 +4,25 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+};
 
 use crate::config::DatabaseConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database unreachable after {waited:?} ({url}): {source}")]
-    Unreachable { url: String, waited: Duration, source: DbErr },
+    Unreachable {
+        url: String,
+        waited: Duration,
+        source: DbErr,
+    },
     #[error("cannot create the database directory {path}: {source}")]
-    Directory { path: String, source: std::io::Error },
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Db(#[from] DbErr),
 }
@@ -24,8 +33,10 @@ pub async fn connect_url(url: &str, cfg: &DatabaseConfig) -> Result<DatabaseConn
         && let Some(dir) = Path::new(&path).parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| DbError::Directory { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DbError::Directory {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.max_connections(cfg.max_connections)
@@ -50,7 +61,11 @@ pub async fn connect_url(url: &str, cfg: &DatabaseConfig) -> Result<DatabaseConn
             Err(err) => {
                 let waited = started.elapsed();
                 if waited + delay > cfg.connect_timeout {
-                    return Err(DbError::Unreachable { url: crate::config::SecretUrl::new(url).redacted(), waited, source: err });
+                    return Err(DbError::Unreachable {
+                        url: crate::config::SecretUrl::new(url).redacted(),
+                        waited,
+                        source: err,
+                    });
                 }
                 tracing::warn!(message = "Database unreachable; retrying.", error = %err, retry_in = ?delay);
                 tokio::time::sleep(delay).await;
@@ -66,7 +81,10 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<DatabaseConnection, DbError
 }
 
 /// Connect the read-only connection (the replica when `database.read_url` is set).
-pub async fn connect_read(cfg: &DatabaseConfig, primary: &DatabaseConnection) -> Result<DatabaseConnection, DbError> {
+pub async fn connect_read(
+    cfg: &DatabaseConfig,
+    primary: &DatabaseConnection,
+) -> Result<DatabaseConnection, DbError> {
     match &cfg.read_url {
         Some(url) => connect_url(url.expose(), cfg).await,
         None => Ok(primary.clone()),
@@ -76,14 +94,22 @@ pub async fn connect_read(cfg: &DatabaseConfig, primary: &DatabaseConnection) ->
 /// `SELECT 1` for readiness.
 pub async fn ping(db: &DatabaseConnection) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
-    db.execute(Statement::from_string(backend, "SELECT 1")).await.map(|_| ())
+    db.execute(Statement::from_string(backend, "SELECT 1"))
+        .await
+        .map(|_| ())
 }
 
 /// The file path of a `sqlite:` URL, if it is one with a file.
 pub fn sqlite_path(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next().unwrap_or(rest);
-    if path.is_empty() || path == ":memory:" { None } else { Some(path.to_owned()) }
+    if path.is_empty() || path == ":memory:" {
+        None
+    } else {
+        Some(path.to_owned())
+    }
 }
 
 /// Is this connection SQLite?
@@ -97,8 +123,14 @@ mod tests {
 
     #[test]
     fn sqlite_paths() {
-        assert_eq!(sqlite_path("sqlite://data/bulwark.db").as_deref(), Some("data/bulwark.db"));
-        assert_eq!(sqlite_path("sqlite://data/b.db?mode=rwc").as_deref(), Some("data/b.db"));
+        assert_eq!(
+            sqlite_path("sqlite://data/bulwark.db").as_deref(),
+            Some("data/bulwark.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite://data/b.db?mode=rwc").as_deref(),
+            Some("data/b.db")
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://x/y"), None);
     }

@@ -56,7 +56,12 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }
@@ -71,7 +76,10 @@ pub fn kernel_openapi(version: &str) -> utoipa::openapi::OpenApi {
 /// Liveness: the process answers. Never checks dependencies.
 #[utoipa::path(get, path = "/livez", tag = "kernel", responses((status = 200, description = "The process is alive")))]
 async fn livez() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#)
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
 }
 
 /// Readiness: every configured dependency answers and the process is not draining.
@@ -85,8 +93,12 @@ async fn readyz(State(k): State<KernelHttp>) -> impl IntoResponse {
         return Json(report).into_response();
     }
     // Errors are problem+json everywhere, probes included; the report rides along.
-    let failing: Vec<&str> =
-        report.checks.iter().filter(|(_, v)| v.as_str() != "ok").map(|(k, _)| k.as_str()).collect();
+    let failing: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|(_, v)| v.as_str() != "ok")
+        .map(|(k, _)| k.as_str())
+        .collect();
     let detail = if report.status == "draining" {
         "draining: shutting down".to_owned()
     } else {
@@ -95,14 +107,20 @@ async fn readyz(State(k): State<KernelHttp>) -> impl IntoResponse {
     Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
         .detail(detail)
         .extension("state", report.status.into())
-        .extension("checks", serde_json::to_value(&report.checks).unwrap_or_default())
+        .extension(
+            "checks",
+            serde_json::to_value(&report.checks).unwrap_or_default(),
+        )
         .into_response()
 }
 
 /// The OpenAPI document of this build (kernel and every compiled-in module).
 #[utoipa::path(get, path = "/api/openapi.json", tag = "kernel", responses((status = 200, description = "OpenAPI 3.1 document")))]
 async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], k.openapi.as_str().to_owned())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        k.openapi.as_str().to_owned(),
+    )
 }
 
 /// The effective configuration of this process, secrets redacted.
@@ -111,7 +129,10 @@ async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
     (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json")
 ))]
-async fn admin_config(_auth: Auth<require::Admin>, State(k): State<KernelHttp>) -> impl IntoResponse {
+async fn admin_config(
+    _auth: Auth<require::Admin>,
+    State(k): State<KernelHttp>,
+) -> impl IntoResponse {
     Json(k.effective_config.as_ref().clone())
 }
 
@@ -152,28 +173,49 @@ async fn issue_token(
 ) -> Result<Json<TokenResponse>, Problem> {
     let ttl = req.ttl.unwrap_or(Duration::from_secs(3600));
     if ttl.is_zero() || ttl > Duration::from_secs(30 * 86400) {
-        return Err(Problem::bad_request("`ttl` must be between 1s and 30 days").extension("field", "ttl".into()));
+        return Err(Problem::bad_request("`ttl` must be between 1s and 30 days")
+            .extension("field", "ttl".into()));
     }
     if req.sub.trim().is_empty() {
-        return Err(Problem::bad_request("`sub` must not be empty").extension("field", "sub".into()));
+        return Err(
+            Problem::bad_request("`sub` must not be empty").extension("field", "sub".into())
+        );
     }
-    let token = authn.issue(&req.sub, req.role, ttl).map_err(|e| Problem::conflict(e.to_string()))?;
-    Ok(Json(TokenResponse { token, expires_in: ttl.as_secs() }))
+    let token = authn
+        .issue(&req.sub, req.role, ttl)
+        .map_err(|e| Problem::conflict(e.to_string()))?;
+    Ok(Json(TokenResponse {
+        token,
+        expires_in: ttl.as_secs(),
+    }))
 }
 
 /// Prometheus text exposition.
 pub async fn metrics_handler(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
     crate::telemetry::record_process_metrics();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
 }
 
 /// A router serving only `/metrics` (for `server.metrics_listen`).
 pub fn metrics_router(handle: PrometheusHandle) -> Router {
-    Router::new().route("/metrics", get(metrics_handler)).with_state(handle).fallback(not_found)
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(handle)
+        .fallback(not_found)
 }
 
 async fn not_found(req: Request) -> Problem {
-    Problem::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+    Problem::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// The module label of a route template: `/api/<module>/...`, `/ws/<module>/...`, else `kernel`.
@@ -212,7 +254,9 @@ fn red_handles(route: &str, method: &'static str, status: u16) -> RedHandles {
             "module" => module, "route" => route.to_owned(), "method" => method),
     );
     if let Ok(mut map) = cache.write() {
-        map.entry(route.to_owned()).or_default().insert((method, status), handles.clone());
+        map.entry(route.to_owned())
+            .or_default()
+            .insert((method, status), handles.clone());
     }
     handles
 }
@@ -232,7 +276,10 @@ async fn red_metrics(req: Request, next: Next) -> Response {
     };
     let started = Instant::now();
     let res = next.run(req).await;
-    let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
+    let route = route
+        .as_ref()
+        .map(MatchedPath::as_str)
+        .unwrap_or("unmatched");
     let (requests, duration) = red_handles(route, method, res.status().as_u16());
     requests.increment(1);
     duration.record(started.elapsed().as_secs_f64());
@@ -247,14 +294,21 @@ async fn problemify(req: Request, next: Next) -> Response {
     if status.as_u16() < 400 {
         return res;
     }
-    let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if ct.starts_with(problem::CONTENT_TYPE) {
         return res;
     }
     let is_text = ct.starts_with("text/plain");
     let (parts, body) = res.into_parts();
     let detail = if is_text {
-        axum::body::to_bytes(body, 4096).await.ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+        axum::body::to_bytes(body, 4096)
+            .await
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     } else {
         None
     };
@@ -283,12 +337,27 @@ fn cors_layer(cfg: &ServerConfig) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "x-request-id".parse().unwrap_or(header::ACCEPT)])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            "x-request-id".parse().unwrap_or(header::ACCEPT),
+        ])
 }
 
 /// Assemble the whole HTTP application: kernel endpoints, module routes, middleware.
-pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, modules: Router) -> Router {
+pub fn app(
+    cfg: &ServerConfig,
+    kernel: KernelHttp,
+    auth: Arc<Authenticator>,
+    modules: Router,
+) -> Router {
     let mut kernel_routes = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -303,7 +372,10 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
     // when not configured rather than run as no-ops on every request.
     let mut router = kernel_routes.merge(modules).fallback(not_found).layer(
         ServiceBuilder::new()
-            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                cfg.request_timeout,
+            ))
             .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
             .layer(Extension(auth)),
     );
@@ -329,8 +401,16 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
                         if !tracing::enabled!(tracing::Level::INFO) {
                             return tracing::Span::none();
                         }
-                        let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or_default();
-                        let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let route = req
+                            .extensions()
+                            .get::<MatchedPath>()
+                            .map(|m| m.as_str())
+                            .unwrap_or_default();
+                        let request_id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
                         let span = tracing::info_span!("http.request",
                             otel.name = %format!("{} {}", req.method(), route),
                             http.request.method = %req.method(),
@@ -340,7 +420,9 @@ pub fn app(cfg: &ServerConfig, kernel: KernelHttp, auth: Arc<Authenticator>, mod
                         span
                     })
                     // 5xx are counted by the RED metrics; a log line each would flood during an outage.
-                    .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+                    .on_failure(
+                        tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                    ),
             )
             .layer(PropagateRequestIdLayer::x_request_id()),
     )
@@ -357,14 +439,22 @@ struct FastRequestId {
 impl Default for FastRequestId {
     fn default() -> Self {
         let prefix: u64 = rand::random();
-        Self { prefix: format!("{prefix:016x}").into(), next: Arc::default() }
+        Self {
+            prefix: format!("{prefix:016x}").into(),
+            next: Arc::default(),
+        }
     }
 }
 
 impl tower_http::request_id::MakeRequestId for FastRequestId {
-    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<tower_http::request_id::RequestId> {
+    fn make_request_id<B>(
+        &mut self,
+        _req: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok().map(tower_http::request_id::RequestId::new)
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
     }
 }
 
@@ -387,12 +477,19 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
                         "Unsupported media type",
                     )
                     .detail("expected `Content-Type: application/json`"),
-                    J::JsonSyntaxError(_) => Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
-                        .detail(rejection.body_text()),
-                    J::JsonDataError(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "Invalid request body")
-                        .detail(rejection.body_text()),
+                    J::JsonSyntaxError(_) => {
+                        Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
+                            .detail(rejection.body_text())
+                    }
+                    J::JsonDataError(_) => Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-body",
+                        "Invalid request body",
+                    )
+                    .detail(rejection.body_text()),
                     _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                        Problem::for_status(StatusCode::PAYLOAD_TOO_LARGE).detail(rejection.body_text())
+                        Problem::for_status(StatusCode::PAYLOAD_TOO_LARGE)
+                            .detail(rejection.body_text())
                     }
                     _ => Problem::for_status(rejection.status()).detail(rejection.body_text()),
                 };

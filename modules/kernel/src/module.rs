@@ -137,9 +137,16 @@ pub trait Module: Send + Sync {
     }
 
     /// Run the module's subcommand with its parsed arguments.
-    async fn run_command(&self, settings: &Settings, args: &clap::ArgMatches) -> Result<(), ModuleError> {
+    async fn run_command(
+        &self,
+        settings: &Settings,
+        args: &clap::ArgMatches,
+    ) -> Result<(), ModuleError> {
         let _ = (settings, args);
-        Err(ModuleError::Other(format!("module `{}` has no commands", self.name())))
+        Err(ModuleError::Other(format!(
+            "module `{}` has no commands",
+            self.name()
+        )))
     }
 
     /// Start: declare streams, build routes and workers. Called once per process.
@@ -149,7 +156,10 @@ pub trait Module: Send + Sync {
 /// The `GET /api/<module>/status` route every module offers (role viewer): what is compiled
 /// in and running, with the module's effective config. Gives each module a real, authenticated
 /// surface before its own issue fills it in.
-pub fn status_route(name: &'static str, effective_config: serde_json::Value) -> (axum::Router, utoipa::openapi::OpenApi) {
+pub fn status_route(
+    name: &'static str,
+    effective_config: serde_json::Value,
+) -> (axum::Router, utoipa::openapi::OpenApi) {
     use axum::routing::get;
     use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem, PathsBuilder};
     use utoipa::openapi::response::ResponseBuilder;
@@ -160,10 +170,12 @@ pub fn status_route(name: &'static str, effective_config: serde_json::Value) -> 
     let body = serde_json::json!({"module": name, "running": true, "config": effective_config});
     let router = axum::Router::new().route(
         &path,
-        get(move |_auth: crate::auth::Auth<crate::auth::require::Viewer>| {
-            let body = body.clone();
-            async move { axum::Json(body) }
-        }),
+        get(
+            move |_auth: crate::auth::Auth<crate::auth::require::Viewer>| {
+                let body = body.clone();
+                async move { axum::Json(body) }
+            },
+        ),
     );
     let op = OperationBuilder::new()
         .tag(name)
@@ -173,11 +185,24 @@ pub fn status_route(name: &'static str, effective_config: serde_json::Value) -> 
             "200",
             ResponseBuilder::new()
                 .description("Module status and effective config")
-                .content("application/json", Content::new(Some(ObjectBuilder::new().build())))
+                .content(
+                    "application/json",
+                    Content::new(Some(ObjectBuilder::new().build())),
+                )
                 .build(),
         )
-        .response("401", ResponseBuilder::new().description("Missing or invalid token").build())
-        .response("403", ResponseBuilder::new().description("Role viewer or above required").build())
+        .response(
+            "401",
+            ResponseBuilder::new()
+                .description("Missing or invalid token")
+                .build(),
+        )
+        .response(
+            "403",
+            ResponseBuilder::new()
+                .description("Role viewer or above required")
+                .build(),
+        )
         .build();
     let doc = utoipa::openapi::OpenApiBuilder::new()
         .paths(PathsBuilder::new().path(path, PathItem::new(HttpMethod::Get, op)))

@@ -44,7 +44,9 @@ impl Problem {
     }
 
     pub fn extension(mut self, key: &str, value: serde_json::Value) -> Self {
-        self.extensions.get_or_insert_with(Default::default).insert(key.to_owned(), value);
+        self.extensions
+            .get_or_insert_with(Default::default)
+            .insert(key.to_owned(), value);
         self
     }
 
@@ -52,7 +54,12 @@ impl Problem {
         Self::new(StatusCode::BAD_REQUEST, "bad-request", "Bad request").detail(detail)
     }
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Authentication required").detail(detail)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authentication required",
+        )
+        .detail(detail)
     }
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden").detail(detail)
@@ -64,10 +71,20 @@ impl Problem {
         Self::new(StatusCode::CONFLICT, "conflict", "Conflict").detail(detail)
     }
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable").detail(detail)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+        )
+        .detail(detail)
     }
     pub fn internal(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error").detail(detail)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+        )
+        .detail(detail)
     }
 
     /// The generic problem for a bare status code (used when a layer produced an error
@@ -78,7 +95,9 @@ impl Problem {
             StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
             StatusCode::REQUEST_TIMEOUT => ("timeout", "Request timed out"),
             StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "Request body too large"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "Unsupported media type"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ("unsupported-media-type", "Unsupported media type")
+            }
             StatusCode::UNPROCESSABLE_ENTITY => ("unprocessable", "Unprocessable request"),
             StatusCode::TOO_MANY_REQUESTS => ("rate-limited", "Too many requests"),
             StatusCode::UNAUTHORIZED => ("unauthorized", "Authentication required"),
@@ -96,9 +115,11 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
         let mut res = (status, body).into_response();
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         if status == StatusCode::UNAUTHORIZED {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         res
     }
@@ -106,6 +127,12 @@ impl IntoResponse for Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.title, self.status, self.detail.as_deref().unwrap_or(""))
+        write!(
+            f,
+            "{} ({}): {}",
+            self.title,
+            self.status,
+            self.detail.as_deref().unwrap_or("")
+        )
     }
 }

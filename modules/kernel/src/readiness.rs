@@ -33,7 +33,10 @@ where
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     pub fn new(name: impl Into<String>, f: F) -> Self {
-        Self { name: name.into(), f }
+        Self {
+            name: name.into(),
+            f,
+        }
     }
 }
 
@@ -77,7 +80,12 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(checks: Vec<Arc<dyn ReadinessCheck>>, shutdown: Shutdown) -> Self {
-        Self { checks: Arc::new(checks), shutdown, last: Arc::default(), timeout: Duration::from_secs(2) }
+        Self {
+            checks: Arc::new(checks),
+            shutdown,
+            last: Arc::default(),
+            timeout: Duration::from_secs(2),
+        }
     }
 
     /// Run every check (concurrently, each bounded by a timeout).
@@ -110,14 +118,24 @@ impl Readiness {
 
     fn record(&self, name: &str, result: &Result<(), String>) {
         let ok = result.is_ok();
-        metrics::gauge!("bulwark_dependency_up", "dependency" => name.to_owned()).set(if ok { 1.0 } else { 0.0 });
-        let previous = self.last.lock().ok().and_then(|mut last| last.insert(name.to_owned(), ok));
+        metrics::gauge!("bulwark_dependency_up", "dependency" => name.to_owned()).set(if ok {
+            1.0
+        } else {
+            0.0
+        });
+        let previous = self
+            .last
+            .lock()
+            .ok()
+            .and_then(|mut last| last.insert(name.to_owned(), ok));
         match (previous, result) {
             (Some(true) | None, Err(error)) => {
                 metrics::counter!("bulwark_dependency_failures_total", "dependency" => name.to_owned()).increment(1);
                 tracing::error!(message = "Dependency unavailable.", dependency = name, error = %error);
             }
-            (Some(false), Ok(())) => tracing::info!(message = "Dependency recovered.", dependency = name),
+            (Some(false), Ok(())) => {
+                tracing::info!(message = "Dependency recovered.", dependency = name)
+            }
             _ => {}
         }
     }

@@ -110,12 +110,21 @@ impl Shutdown {
             _ = tokio::time::sleep(grace) => {}
             _ = self.closing.cancelled() => {}
         }
-        tracing::info!(message = "Closing: no new connections; sockets told to reconnect.", tracked = self.tracker.len());
+        tracing::info!(
+            message = "Closing: no new connections; sockets told to reconnect.",
+            tracked = self.tracker.len()
+        );
         self.closing.cancel();
         self.tracker.close();
-        let finished = tokio::time::timeout(timeout, futures::future::join(self.tracker.wait(), also)).await.is_ok();
+        let finished =
+            tokio::time::timeout(timeout, futures::future::join(self.tracker.wait(), also))
+                .await
+                .is_ok();
         if !finished {
-            tracing::warn!(message = "Drain timeout: abandoning unfinished work.", remaining = self.tracker.len());
+            tracing::warn!(
+                message = "Drain timeout: abandoning unfinished work.",
+                remaining = self.tracker.len()
+            );
         }
         self.deadline.cancel();
         // Give abandoned handlers a moment to nak.
@@ -141,7 +150,10 @@ mod tests {
         });
         s.trigger();
         assert!(s.is_draining());
-        assert!(s.drain(Duration::from_millis(10), Duration::from_secs(5), async {}).await);
+        assert!(
+            s.drain(Duration::from_millis(10), Duration::from_secs(5), async {})
+                .await
+        );
         assert!(done.load(std::sync::atomic::Ordering::SeqCst));
     }
 
@@ -151,6 +163,10 @@ mod tests {
         let deadline = s.deadline_token();
         s.spawn(async move { deadline.cancelled().await });
         s.trigger();
-        assert!(!s.drain(Duration::from_millis(1), Duration::from_millis(50), async {}).await);
+        assert!(
+            !s.drain(Duration::from_millis(1), Duration::from_millis(50), async {
+            })
+            .await
+        );
     }
 }

@@ -21,8 +21,9 @@ use crate::bus::Headers;
 use crate::config::{LogFormat, TelemetryConfig};
 
 /// Histogram buckets for every `*_seconds` metric: 0.5 ms … 30 s.
-pub const SECONDS_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -52,7 +53,12 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
         .map_err(|e| TelemetryError::Metrics(e.to_string()))?
         .install_recorder()
-        .or_else(|e| PROMETHEUS.get().cloned().ok_or_else(|| TelemetryError::Metrics(e.to_string())))?;
+        .or_else(|e| {
+            PROMETHEUS
+                .get()
+                .cloned()
+                .ok_or_else(|| TelemetryError::Metrics(e.to_string()))
+        })?;
     Ok(PROMETHEUS.get_or_init(|| handle).clone())
 }
 
@@ -63,7 +69,9 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
     if TRACER.get().is_some() {
         return Ok(handle);
     }
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
         .map_err(|e| TelemetryError::Filter(e.to_string()))?;
@@ -76,8 +84,14 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
                 .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
             SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.trace_sample_ratio))))
-                .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(cfg.service_name.clone()).build())
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    cfg.trace_sample_ratio,
+                ))))
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(cfg.service_name.clone())
+                        .build(),
+                )
                 .build()
         }
         // No exporter: spans still get trace ids, so `traceparent` propagates through us.
@@ -91,7 +105,14 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
     };
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = if json {
-        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(false)).try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false),
+            )
+            .try_init()
     } else {
         registry.with(tracing_subscriber::fmt::layer()).try_init()
     };
@@ -115,7 +136,10 @@ pub fn shutdown() {
 
 /// `bulwark_build_info{version,modules} 1`.
 pub fn record_build_info(version: &str, modules: &[&str]) {
-    metrics::describe_gauge!("bulwark_build_info", "Build version and compiled-in modules (always 1).");
+    metrics::describe_gauge!(
+        "bulwark_build_info",
+        "Build version and compiled-in modules (always 1)."
+    );
     metrics::gauge!("bulwark_build_info", "version" => version.to_owned(), "modules" => modules.join(",")).set(1.0);
 }
 
@@ -152,7 +176,9 @@ impl Extractor for MapExtractor<'_> {
 /// Inject the current span's W3C trace context (`traceparent`, `tracestate`) into `headers`.
 pub fn inject_context(headers: &mut Headers) {
     let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MapInjector(headers)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MapInjector(headers))
+    });
 }
 
 /// The trace context carried in `headers`.

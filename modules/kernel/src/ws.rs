@@ -10,8 +10,8 @@ use std::future::Future;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use futures::stream::{SplitStream, StreamExt as _};
 use futures::SinkExt as _;
+use futures::stream::{SplitStream, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,10 @@ pub struct SocketLimits {
 
 impl Default for SocketLimits {
     fn default() -> Self {
-        Self { send_queue: 64, max_message_bytes: 16 * 1024 }
+        Self {
+            send_queue: 64,
+            max_message_bytes: 16 * 1024,
+        }
     }
 }
 
@@ -44,11 +47,20 @@ pub struct TrackedSocket {
 
 /// A close frame with a code and reason.
 pub fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
 }
 
 /// Upgrade `ws` and run `handler` on a tracked socket labelled `module` in metrics.
-pub fn serve<F, Fut>(ws: WebSocketUpgrade, shutdown: &Shutdown, module: &'static str, limits: SocketLimits, handler: F) -> Response
+pub fn serve<F, Fut>(
+    ws: WebSocketUpgrade,
+    shutdown: &Shutdown,
+    module: &'static str,
+    limits: SocketLimits,
+    handler: F,
+) -> Response
 where
     F: FnOnce(TrackedSocket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,

@@ -28,6 +28,10 @@ impl Module for PipelineModule {
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
         let effective = self.check_config(&ctx.settings)?;
         let (routes, openapi) = status_route(self.name(), effective);
-        Ok(ModuleParts { routes, openapi, ..ModuleParts::default() })
+        Ok(ModuleParts {
+            routes,
+            openapi,
+            ..ModuleParts::default()
+        })
     }
 }

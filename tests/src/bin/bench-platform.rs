@@ -16,12 +16,20 @@ use anyhow::Context as _;
 use bulwark_kernel::bus::{Bus, ConsumerSpec, StreamSpec};
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -44,7 +52,11 @@ impl Drop for Server {
     }
 }
 
-async fn wait_ready(client: &reqwest::Client, url: &str, deadline: Duration) -> anyhow::Result<Duration> {
+async fn wait_ready(
+    client: &reqwest::Client,
+    url: &str,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         if let Ok(r) = client.get(url).send().await
@@ -84,9 +96,18 @@ async fn cold_start(bin: &PathBuf) -> anyhow::Result<()> {
             let port = free_port()?;
             let spawned = Instant::now();
             let server = spawn_bulwark(bin, dir.path(), port)?;
-            wait_ready(&client, &format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(20)).await?;
+            wait_ready(
+                &client,
+                &format!("http://127.0.0.1:{port}/readyz"),
+                Duration::from_secs(20),
+            )
+            .await?;
             let t = spawned.elapsed();
-            if round == 0 { first.push(t) } else { warm.push(t) }
+            if round == 0 {
+                first.push(t)
+            } else {
+                warm.push(t)
+            }
             if round == 1 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 rss.extend(rss_kib(server.0.id()));
@@ -98,10 +119,19 @@ async fn cold_start(bin: &PathBuf) -> anyhow::Result<()> {
     warm.sort();
     rss.sort();
     println!("cold start to ready (spawn → /readyz 200), embedded defaults, 5 runs:");
-    println!("  first start (creates db, runs migrations, generates secret): median {}", ms(percentile(&first, 0.5)));
-    println!("  restart on an existing data dir:                              median {}   (goal < 300 ms)", ms(percentile(&warm, 0.5)));
+    println!(
+        "  first start (creates db, runs migrations, generates secret): median {}",
+        ms(percentile(&first, 0.5))
+    );
+    println!(
+        "  restart on an existing data dir:                              median {}   (goal < 300 ms)",
+        ms(percentile(&warm, 0.5))
+    );
     if let Some(r) = rss.get(rss.len() / 2) {
-        println!("idle RSS 1 s after ready: median {:.1} MiB   (goal < 40 MiB)", *r as f64 / 1024.0);
+        println!(
+            "idle RSS 1 s after ready: median {:.1} MiB   (goal < 40 MiB)",
+            *r as f64 / 1024.0
+        );
     }
     Ok(())
 }
@@ -113,8 +143,11 @@ async fn load(url: &str, conns: usize, secs: u64) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
-        let (count, errors, stop, url) = (count.clone(), errors.clone(), stop.clone(), url.to_owned());
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()?;
+        let (count, errors, stop, url) =
+            (count.clone(), errors.clone(), stop.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match client.get(&url).send().await {
@@ -152,7 +185,12 @@ async fn livez_vs_hello(bin: &PathBuf, self_exe: &PathBuf) -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let server = spawn_bulwark(bin, dir.path(), port)?;
-    wait_ready(&client, &format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(20)).await?;
+    wait_ready(
+        &client,
+        &format!("http://127.0.0.1:{port}/readyz"),
+        Duration::from_secs(20),
+    )
+    .await?;
     let hello_port = free_port()?;
     let hello = Server(
         Command::new(self_exe)
@@ -160,7 +198,12 @@ async fn livez_vs_hello(bin: &PathBuf, self_exe: &PathBuf) -> anyhow::Result<()>
             .stdout(Stdio::null())
             .spawn()?,
     );
-    wait_ready(&client, &format!("http://127.0.0.1:{hello_port}/"), Duration::from_secs(10)).await?;
+    wait_ready(
+        &client,
+        &format!("http://127.0.0.1:{hello_port}/"),
+        Duration::from_secs(10),
+    )
+    .await?;
     let (conns, secs, rounds) = (64, 4, 3);
     // Interleaved rounds, medians: the machine's speed drifts over a run.
     let (mut b, mut h) = (Vec::new(), Vec::new());
@@ -171,7 +214,9 @@ async fn livez_vs_hello(bin: &PathBuf, self_exe: &PathBuf) -> anyhow::Result<()>
     b.sort_by(f64::total_cmp);
     h.sort_by(f64::total_cmp);
     let (bulwark, baseline) = (b[rounds / 2], h[rounds / 2]);
-    println!("/livez over loopback, {conns} keep-alive connections, {rounds} interleaved rounds of {secs} s, medians (load generator shares the 2 cores):");
+    println!(
+        "/livez over loopback, {conns} keep-alive connections, {rounds} interleaved rounds of {secs} s, medians (load generator shares the 2 cores):"
+    );
     println!("  bulwark /livez (full middleware stack): {bulwark:>9.0} req/s");
     println!("  bare axum hello-world (baseline):       {baseline:>9.0} req/s");
     println!("  ratio: {:.2}x   (goal ≥ 0.8x)", bulwark / baseline);
@@ -191,7 +236,13 @@ async fn bus_round_trips(name: &str, bus: Arc<dyn Bus>, n: usize) -> anyhow::Res
     let mut acks = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        bus.publish("bench.ack", Some(&format!("ack-{i}-{}", uuid::Uuid::new_v4())), Default::default(), bytes::Bytes::from_static(b"x")).await?;
+        bus.publish(
+            "bench.ack",
+            Some(&format!("ack-{i}-{}", uuid::Uuid::new_v4())),
+            Default::default(),
+            bytes::Bytes::from_static(b"x"),
+        )
+        .await?;
         acks.push(t.elapsed());
     }
     let consumer = bus
@@ -207,7 +258,13 @@ async fn bus_round_trips(name: &str, bus: Arc<dyn Bus>, n: usize) -> anyhow::Res
     let mut rts = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        bus.publish("bench.rt", Some(&format!("rt-{i}-{}", uuid::Uuid::new_v4())), Default::default(), bytes::Bytes::from_static(b"x")).await?;
+        bus.publish(
+            "bench.rt",
+            Some(&format!("rt-{i}-{}", uuid::Uuid::new_v4())),
+            Default::default(),
+            bytes::Bytes::from_static(b"x"),
+        )
+        .await?;
         loop {
             let got = consumer.fetch(1, Duration::from_secs(5)).await?;
             if let Some(d) = got.into_iter().next() {
@@ -235,11 +292,17 @@ async fn bus_bench() -> anyhow::Result<()> {
     let defaults = bulwark_tests::services::default_settings().kernel;
     let db = bulwark_tests::services::TestDatabase::sqlite()?;
     let conn = db.connect_migrated().await?;
-    let embedded: Arc<dyn Bus> = Arc::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(conn, &defaults.bus));
+    let embedded: Arc<dyn Bus> = Arc::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(
+        conn,
+        &defaults.bus,
+    ));
     bus_round_trips("embedded (SQLite)", embedded, n).await?;
     if let Some(pg) = bulwark_tests::services::TestDatabase::postgres().await? {
         let conn = pg.connect_migrated().await?;
-        let embedded: Arc<dyn Bus> = Arc::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(conn, &defaults.bus));
+        let embedded: Arc<dyn Bus> = Arc::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(
+            conn,
+            &defaults.bus,
+        ));
         bus_round_trips("embedded (PostgreSQL)", embedded, n).await?;
     }
     if let Some(url) = bulwark_tests::services::nats_url() {
@@ -253,7 +316,9 @@ async fn bus_bench() -> anyhow::Result<()> {
 }
 
 fn hello_server(port: u16) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -273,9 +338,12 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| self_exe.with_file_name("bulwark"));
     // Servers run in scratch directories: the path must not be relative.
-    let bin = std::fs::canonicalize(&bin).with_context(|| format!("{} (build it first)", bin.display()))?;
+    let bin = std::fs::canonicalize(&bin)
+        .with_context(|| format!("{} (build it first)", bin.display()))?;
     println!("bulwark binary: {}", bin.display());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         cold_start(&bin).await?;
         livez_vs_hello(&bin, &self_exe).await?;

@@ -143,7 +143,15 @@ impl Delivery {
         delivered: u32,
         acker: Box<dyn Acker>,
     ) -> Self {
-        Self { subject, headers, payload, message_id, sequence, delivered, acker }
+        Self {
+            subject,
+            headers,
+            payload,
+            message_id,
+            sequence,
+            delivered,
+            acker,
+        }
     }
     /// Processing succeeded: never deliver again.
     pub async fn ack(self) -> Result<(), BusError> {
@@ -188,7 +196,12 @@ pub trait Bus: Send + Sync {
     /// Create (idempotently) and bind a durable consumer.
     async fn consumer(&self, spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BusError>;
     /// Ephemeral fan-out to every current subscriber of `subject` (at most once).
-    async fn broadcast(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<(), BusError>;
+    async fn broadcast(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError>;
     /// Subscribe to ephemeral messages; `subject` may contain wildcards.
     async fn subscribe(&self, subject: &str) -> Result<BoxStream<'static, Message>, BusError>;
     /// Is the bus reachable right now?
@@ -213,11 +226,56 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 /// Validate a subject a caller wants to publish to (no wildcards, no empty tokens).
 pub fn validate_subject(subject: &str) -> Result<(), BusError> {
     if subject.is_empty()
-        || subject.split('.').any(|t| t.is_empty() || t == "*" || t == ">" || t.contains(char::is_whitespace))
+        || subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">" || t.contains(char::is_whitespace))
     {
         return Err(BusError::Invalid(format!("invalid subject `{subject}`")));
     }
     Ok(())
+}
+
+
+/// Validate a subscription or stream subject pattern: like [`validate_subject`], but `*` may
+/// stand for a token and `>` for the last one.
+pub(crate) fn validate_pattern(pattern: &str) -> Result<(), BusError> {
+    let tokens: Vec<&str> = pattern.split('.').collect();
+    let bad = pattern.is_empty()
+        || tokens.iter().enumerate().any(|(i, t)| {
+            t.is_empty()
+                || t.contains(char::is_whitespace)
+                || (*t == ">" && i + 1 != tokens.len())
+                || (t.len() > 1 && (t.contains('*') || t.contains('>')))
+        });
+    if bad {
+        return Err(BusError::Invalid(format!(
+            "invalid subject pattern `{pattern}`"
+        )));
+    }
+    Ok(())
+}
+
+/// Validate a stream or durable name (one token: no dots, wildcards or whitespace).
+pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), BusError> {
+    if name.is_empty()
+        || name.contains(['.', '*', '>', '/', '\\'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(BusError::Invalid(format!("invalid {what} name `{name}`")));
+    }
+    Ok(())
+}
+
+/// The bus the configuration asks for: NATS JetStream when `bus.url` is set, else the
+/// embedded bus in `db`.
+pub async fn from_config(
+    cfg: &crate::config::BusConfig,
+    db: sea_orm::DatabaseConnection,
+) -> Result<std::sync::Arc<dyn Bus>, BusError> {
+    Ok(match &cfg.url {
+        Some(_) => std::sync::Arc::new(nats::NatsBus::connect(cfg).await?),
+        None => std::sync::Arc::new(embedded::EmbeddedBus::new(db, cfg)),
+    })
 }
 
 #[cfg(test)]
@@ -241,41 +299,4 @@ mod tests {
         assert!(validate_subject("auction.*").is_err());
         assert!(validate_subject("").is_err());
     }
-}
-
-/// Validate a subscription or stream subject pattern: like [`validate_subject`], but `*` may
-/// stand for a token and `>` for the last one.
-pub(crate) fn validate_pattern(pattern: &str) -> Result<(), BusError> {
-    let tokens: Vec<&str> = pattern.split('.').collect();
-    let bad = pattern.is_empty()
-        || tokens.iter().enumerate().any(|(i, t)| {
-            t.is_empty()
-                || t.contains(char::is_whitespace)
-                || (*t == ">" && i + 1 != tokens.len())
-                || (t.len() > 1 && (t.contains('*') || t.contains('>')))
-        });
-    if bad {
-        return Err(BusError::Invalid(format!("invalid subject pattern `{pattern}`")));
-    }
-    Ok(())
-}
-
-/// Validate a stream or durable name (one token: no dots, wildcards or whitespace).
-pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), BusError> {
-    if name.is_empty() || name.contains(['.', '*', '>', '/', '\\']) || name.contains(char::is_whitespace) {
-        return Err(BusError::Invalid(format!("invalid {what} name `{name}`")));
-    }
-    Ok(())
-}
-
-/// The bus the configuration asks for: NATS JetStream when `bus.url` is set, else the
-/// embedded bus in `db`.
-pub async fn from_config(
-    cfg: &crate::config::BusConfig,
-    db: sea_orm::DatabaseConnection,
-) -> Result<std::sync::Arc<dyn Bus>, BusError> {
-    Ok(match &cfg.url {
-        Some(_) => std::sync::Arc::new(nats::NatsBus::connect(cfg).await?),
-        None => std::sync::Arc::new(embedded::EmbeddedBus::new(db, cfg)),
-    })
 }

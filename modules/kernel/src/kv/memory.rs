@@ -51,13 +51,17 @@ impl State {
     fn insert(&mut self, key: &str, entry: Entry) {
         self.bytes += (key.len() + entry.value.len()) as u64;
         if let Some(old) = self.kv.insert(key.to_owned(), entry) {
-            self.bytes = self.bytes.saturating_sub((key.len() + old.value.len()) as u64);
+            self.bytes = self
+                .bytes
+                .saturating_sub((key.len() + old.value.len()) as u64);
         }
     }
 
     fn remove(&mut self, key: &str) -> Option<Entry> {
         let old = self.kv.remove(key)?;
-        self.bytes = self.bytes.saturating_sub((key.len() + old.value.len()) as u64);
+        self.bytes = self
+            .bytes
+            .saturating_sub((key.len() + old.value.len()) as u64);
         Some(old)
     }
 
@@ -77,7 +81,12 @@ impl State {
     }
 
     fn sweep(&mut self, now: Instant) {
-        let expired: Vec<String> = self.kv.iter().filter(|(_, e)| !e.live(now)).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<String> = self
+            .kv
+            .iter()
+            .filter(|(_, e)| !e.live(now))
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in expired {
             self.remove(&key);
         }
@@ -103,20 +112,33 @@ impl Default for MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
-        Self { state: Mutex::new(State::default()), channels: Mutex::new(HashMap::new()) }
+        Self {
+            state: Mutex::new(State::default()),
+            channels: Mutex::new(HashMap::new()),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps inconsistent in a way that matters
         // more than losing the whole store, so keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<String, broadcast::Sender<Bytes>>> {
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn set_inner(&self, key: &str, value: Bytes, ttl: Option<Duration>, nx: bool) -> Result<bool, KvError> {
+    fn set_inner(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        nx: bool,
+    ) -> Result<bool, KvError> {
         check_name("key", key)?;
         let now = Instant::now();
         let expires = ttl.map(|ttl| deadline(now, ttl)).transpose()?;
@@ -133,7 +155,8 @@ impl MemoryStore {
 /// `now + ttl`, validated the same way as for Redis.
 fn deadline(now: Instant, ttl: Duration) -> Result<Instant, KvError> {
     let ms = ttl_millis(ttl)?;
-    now.checked_add(Duration::from_millis(ms)).ok_or_else(|| KvError::Invalid("TTL or lease too large".to_owned()))
+    now.checked_add(Duration::from_millis(ms))
+        .ok_or_else(|| KvError::Invalid("TTL or lease too large".to_owned()))
 }
 
 #[async_trait]
@@ -149,10 +172,19 @@ impl KvStore for MemoryStore {
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<(), KvError> {
-        count_error(STORE, "set", self.set_inner(key, value, ttl, false).map(|_| ()))
+        count_error(
+            STORE,
+            "set",
+            self.set_inner(key, value, ttl, false).map(|_| ()),
+        )
     }
 
-    async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool, KvError> {
+    async fn set_nx(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
         count_error(STORE, "set", self.set_inner(key, value, ttl, true))
     }
 
@@ -166,7 +198,11 @@ impl KvStore for MemoryStore {
     async fn ttl(&self, key: &str) -> Result<Option<Duration>, KvError> {
         check_name("key", key)?;
         let now = Instant::now();
-        Ok(self.state().live(key, now).and_then(|e| e.expires).map(|at| at.saturating_duration_since(now)))
+        Ok(self
+            .state()
+            .live(key, now)
+            .and_then(|e| e.expires)
+            .map(|at| at.saturating_duration_since(now)))
     }
 
     async fn try_lock(&self, key: &str, lease: Duration) -> Result<Option<LockGuard>, KvError> {
@@ -178,12 +214,22 @@ impl KvStore for MemoryStore {
             return Ok(None);
         }
         let owner = uuid::Uuid::new_v4().simple().to_string();
-        st.locks.insert(key.to_owned(), Lock { owner: owner.clone(), expires });
+        st.locks.insert(
+            key.to_owned(),
+            Lock {
+                owner: owner.clone(),
+                expires,
+            },
+        );
         let fence = st.fences.entry(key.to_owned()).or_insert(0);
         *fence += 1;
         let fencing_token = *fence;
         st.wrote(now);
-        Ok(Some(LockGuard { key: key.to_owned(), owner, fencing_token }))
+        Ok(Some(LockGuard {
+            key: key.to_owned(),
+            owner,
+            fencing_token,
+        }))
     }
 
     async fn extend_lock(&self, guard: &LockGuard, lease: Duration) -> Result<bool, KvError> {
@@ -233,7 +279,10 @@ impl KvStore for MemoryStore {
         let rx = {
             let mut channels = self.channels();
             channels.retain(|_, tx| tx.receiver_count() > 0);
-            channels.entry(channel.to_owned()).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
+            channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+                .subscribe()
         };
         let stream = stream::unfold(rx, |mut rx| async move {
             loop {
@@ -241,7 +290,10 @@ impl KvStore for MemoryStore {
                     Ok(payload) => return Some((payload, rx)),
                     // At most once: a slow subscriber skips what it missed.
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "memory kv subscriber lagged; messages dropped");
+                        tracing::warn!(
+                            skipped = n,
+                            "memory kv subscriber lagged; messages dropped"
+                        );
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
@@ -250,13 +302,21 @@ impl KvStore for MemoryStore {
         Ok(stream.boxed())
     }
 
-    async fn presence_heartbeat(&self, set: &str, member: &str, ttl: Duration) -> Result<(), KvError> {
+    async fn presence_heartbeat(
+        &self,
+        set: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), KvError> {
         check_name("presence set", set)?;
         check_name("presence member", member)?;
         let now = Instant::now();
         let expires = count_error(STORE, "presence", deadline(now, ttl))?;
         let mut st = self.state();
-        st.presence.entry(set.to_owned()).or_default().insert(member.to_owned(), expires);
+        st.presence
+            .entry(set.to_owned())
+            .or_default()
+            .insert(member.to_owned(), expires);
         st.wrote(now);
         Ok(())
     }
@@ -277,7 +337,9 @@ impl KvStore for MemoryStore {
         check_name("presence set", set)?;
         let now = Instant::now();
         let mut st = self.state();
-        let Some(members) = st.presence.get_mut(set) else { return Ok(Vec::new()) };
+        let Some(members) = st.presence.get_mut(set) else {
+            return Ok(Vec::new());
+        };
         members.retain(|_, at| *at > now);
         let mut live: Vec<String> = members.keys().cloned().collect();
         if live.is_empty() {

@@ -45,7 +45,8 @@ pub trait KvStore: Send + Sync {
     /// Set `key`; `ttl` of `None` means no expiry.
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<(), KvError>;
     /// Set only if absent; true when this call set it.
-    async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool, KvError>;
+    async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>)
+    -> Result<bool, KvError>;
     /// Delete; true when something was deleted.
     async fn delete(&self, key: &str) -> Result<bool, KvError>;
     /// Remaining time to live; `None` when the key is missing or has no expiry.
@@ -66,7 +67,12 @@ pub trait KvStore: Send + Sync {
     async fn subscribe(&self, channel: &str) -> Result<BoxStream<'static, Bytes>, KvError>;
 
     /// Add or refresh `member` in presence set `set`; it disappears after `ttl` unless refreshed.
-    async fn presence_heartbeat(&self, set: &str, member: &str, ttl: Duration) -> Result<(), KvError>;
+    async fn presence_heartbeat(
+        &self,
+        set: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), KvError>;
     async fn presence_remove(&self, set: &str, member: &str) -> Result<(), KvError>;
     /// Live members (expired ones are not returned), sorted.
     async fn presence_members(&self, set: &str) -> Result<Vec<String>, KvError>;
@@ -80,7 +86,9 @@ pub trait KvStore: Send + Sync {
 /// Build the configured store: Redis when `cfg.url` is set, else the in-process store.
 ///
 /// Never fails because Redis is unreachable: the Redis client connects in the background.
-pub async fn from_config(cfg: &crate::config::RedisConfig) -> Result<std::sync::Arc<dyn KvStore>, KvError> {
+pub async fn from_config(
+    cfg: &crate::config::RedisConfig,
+) -> Result<std::sync::Arc<dyn KvStore>, KvError> {
     match cfg.url {
         Some(_) => Ok(std::sync::Arc::new(redis::RedisStore::connect(cfg).await?)),
         None => Ok(std::sync::Arc::new(memory::MemoryStore::new())),
@@ -110,7 +118,11 @@ fn ttl_millis(d: Duration) -> Result<u64, KvError> {
 }
 
 /// Count an error of `store`/`op` (a fixed, low-cardinality label set).
-fn count_error<T>(store: &'static str, op: &'static str, result: Result<T, KvError>) -> Result<T, KvError> {
+fn count_error<T>(
+    store: &'static str,
+    op: &'static str,
+    result: Result<T, KvError>,
+) -> Result<T, KvError> {
     if result.is_err() {
         metrics::counter!("bulwark_kv_errors_total", "store" => store, "op" => op).increment(1);
     }

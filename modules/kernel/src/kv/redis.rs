@@ -85,7 +85,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Stop the background reconnect loops of a store nobody uses any more.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (client, subscriber, timeout) = (self.raw.clone(), self.subscriber.clone(), self.timeout);
+            let (client, subscriber, timeout) =
+                (self.raw.clone(), self.subscriber.clone(), self.timeout);
             rt.spawn(async move {
                 let _ = tokio::time::timeout(timeout, client.quit()).await;
                 let _ = tokio::time::timeout(timeout, subscriber.quit()).await;
@@ -103,14 +104,20 @@ impl RedisStore {
     /// Build the clients and start connecting in the background. Fails only on a bad
     /// configuration (URL, zero timeout), never because Redis is unreachable.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, KvError> {
-        let url = cfg.url.as_ref().ok_or_else(|| KvError::Invalid("redis.url is not set".to_owned()))?;
+        let url = cfg
+            .url
+            .as_ref()
+            .ok_or_else(|| KvError::Invalid("redis.url is not set".to_owned()))?;
         if cfg.command_timeout.is_zero() {
-            return Err(KvError::Invalid("redis.command_timeout must be positive".to_owned()));
+            return Err(KvError::Invalid(
+                "redis.command_timeout must be positive".to_owned(),
+            ));
         }
         let timeout = cfg.command_timeout;
         // The URL may carry a password: never echo it.
-        let mut config = Config::from_url(url.expose())
-            .map_err(|e| KvError::Invalid(format!("redis.url ({}): {}", url.redacted(), e.details())))?;
+        let mut config = Config::from_url(url.expose()).map_err(|e| {
+            KvError::Invalid(format!("redis.url ({}): {}", url.redacted(), e.details()))
+        })?;
         // Run the reconnect policy on the first connection too, instead of failing start-up.
         config.fail_fast = false;
 
@@ -127,7 +134,9 @@ impl RedisStore {
                 p.default_command_timeout = timeout;
                 p.broadcast_channel_capacity = 1024;
             });
-        let client = builder.build().map_err(|e| KvError::Invalid(format!("redis client: {}", e.details())))?;
+        let client = builder
+            .build()
+            .map_err(|e| KvError::Invalid(format!("redis client: {}", e.details())))?;
         let subscriber = builder
             .build_subscriber_client()
             .map_err(|e| KvError::Invalid(format!("redis subscriber client: {}", e.details())))?;
@@ -148,9 +157,19 @@ impl RedisStore {
         while reconnects.try_recv().is_ok() {}
         let wanted: Wanted = Arc::default();
         let retry = Arc::new(Notify::new());
-        tokio::spawn(keep_subscribed(subscriber.clone(), reconnects, wanted.clone(), retry.clone(), timeout));
+        tokio::spawn(keep_subscribed(
+            subscriber.clone(),
+            reconnects,
+            wanted.clone(),
+            retry.clone(),
+            timeout,
+        ));
 
-        let fast = client.with_options(&Options { fail_fast: true, timeout: Some(timeout), ..Options::default() });
+        let fast = client.with_options(&Options {
+            fail_fast: true,
+            timeout: Some(timeout),
+            ..Options::default()
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 raw: client,
@@ -182,7 +201,11 @@ impl RedisStore {
     }
 
     /// Record duration and errors of one trait operation.
-    async fn observe<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, KvError>>) -> Result<T, KvError> {
+    async fn observe<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, KvError>>,
+    ) -> Result<T, KvError> {
         let start = Instant::now();
         let result = fut.await;
         metrics::histogram!("bulwark_kv_command_duration_seconds", "store" => STORE)
@@ -190,16 +213,37 @@ impl RedisStore {
         count_error(STORE, op, result)
     }
 
-    async fn eval(&self, script: &'static str, keys: Vec<String>, args: Vec<String>) -> Result<Value, KvError> {
-        self.cmd(self.inner.client.eval::<Value, _, _, _>(script, keys, args)).await
+    async fn eval(
+        &self,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, KvError> {
+        self.cmd(self.inner.client.eval::<Value, _, _, _>(script, keys, args))
+            .await
     }
 
-    async fn set_inner(&self, key: &str, value: Bytes, ttl: Option<Duration>, nx: bool) -> Result<bool, KvError> {
+    async fn set_inner(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        nx: bool,
+    ) -> Result<bool, KvError> {
         check_name("key", key)?;
-        let expire = ttl.map(ttl_millis).transpose()?.map(|ms| Expiration::PX(ms as i64));
+        let expire = ttl
+            .map(ttl_millis)
+            .transpose()?
+            .map(|ms| Expiration::PX(ms as i64));
         let options = nx.then_some(SetOptions::NX);
         let reply = self
-            .cmd(self.inner.client.set::<Value, _, _>(self.key(key), Value::Bytes(value), expire, options, false))
+            .cmd(self.inner.client.set::<Value, _, _>(
+                self.key(key),
+                Value::Bytes(value),
+                expire,
+                options,
+                false,
+            ))
             .await?;
         match reply {
             Value::Null => Ok(false),
@@ -209,10 +253,15 @@ impl RedisStore {
     }
 }
 
-async fn timed<T>(timeout: Duration, fut: impl Future<Output = Result<T, Error>>) -> Result<T, KvError> {
+async fn timed<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, Error>>,
+) -> Result<T, KvError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(result) => result.map_err(map_error),
-        Err(_) => Err(KvError::Unavailable(format!("command timed out after {timeout:?}"))),
+        Err(_) => Err(KvError::Unavailable(format!(
+            "command timed out after {timeout:?}"
+        ))),
     }
 }
 
@@ -291,12 +340,16 @@ struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (store, channel) = (self.store.clone(), std::mem::take(&mut self.channel));
         rt.spawn(async move {
             // Under the same lock as subscribe, so a concurrent new subscriber is never cut off.
             let mut wanted = store.wanted.lock().await;
-            let Some(count) = wanted.get_mut(&channel) else { return };
+            let Some(count) = wanted.get_mut(&channel) else {
+                return;
+            };
             *count = count.saturating_sub(1);
             if *count == 0 {
                 wanted.remove(&channel);
@@ -324,7 +377,15 @@ fn map_error(e: Error) -> KvError {
             let code = details.split_whitespace().next().unwrap_or("");
             let server_reply = !code.is_empty() && code.chars().all(|c| c.is_ascii_uppercase());
             // Server states that pass by themselves: the store is unavailable, not confused.
-            let transient = ["OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "NOREPLICAS"];
+            let transient = [
+                "OOM",
+                "LOADING",
+                "BUSY",
+                "MASTERDOWN",
+                "READONLY",
+                "TRYAGAIN",
+                "NOREPLICAS",
+            ];
             if !server_reply || transient.contains(&code) {
                 KvError::Unavailable(details)
             } else {
@@ -338,7 +399,10 @@ fn map_error(e: Error) -> KvError {
 }
 
 fn unexpected(command: &str, value: &Value) -> KvError {
-    KvError::Protocol(format!("{command} returned an unexpected {:?} reply", value.kind()))
+    KvError::Protocol(format!(
+        "{command} returned an unexpected {:?} reply",
+        value.kind()
+    ))
 }
 
 fn int(command: &str, value: Value) -> Result<i64, KvError> {
@@ -358,7 +422,14 @@ fn bytes(value: Value) -> Option<Bytes> {
 
 /// Parse `field:number` out of an INFO reply.
 fn info_field(info: &str, field: &str) -> Option<u64> {
-    info.lines().find_map(|line| line.trim().strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+    info.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[async_trait]
@@ -370,7 +441,10 @@ impl KvStore for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, KvError> {
         self.observe("get", async {
             check_name("key", key)?;
-            match self.cmd(self.inner.client.get::<Value, _>(self.key(key))).await? {
+            match self
+                .cmd(self.inner.client.get::<Value, _>(self.key(key)))
+                .await?
+            {
                 Value::Null => Ok(None),
                 other => match bytes(other.clone()) {
                     Some(b) => Ok(Some(b)),
@@ -386,20 +460,32 @@ impl KvStore for RedisStore {
             if self.set_inner(key, value, ttl, false).await? {
                 Ok(())
             } else {
-                Err(KvError::Protocol("SET without NX was not applied".to_owned()))
+                Err(KvError::Protocol(
+                    "SET without NX was not applied".to_owned(),
+                ))
             }
         })
         .await
     }
 
-    async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool, KvError> {
-        self.observe("set", self.set_inner(key, value, ttl, true)).await
+    async fn set_nx(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool, KvError> {
+        self.observe("set", self.set_inner(key, value, ttl, true))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, KvError> {
         self.observe("delete", async {
             check_name("key", key)?;
-            Ok(int("DEL", self.cmd(self.inner.client.del::<Value, _>(self.key(key))).await?)? > 0)
+            Ok(int(
+                "DEL",
+                self.cmd(self.inner.client.del::<Value, _>(self.key(key)))
+                    .await?,
+            )? > 0)
         })
         .await
     }
@@ -408,7 +494,11 @@ impl KvStore for RedisStore {
         self.observe("get", async {
             check_name("key", key)?;
             // -2: missing, -1: no expiry.
-            let ms = int("PTTL", self.cmd(self.inner.client.pttl::<Value, _>(self.key(key))).await?)?;
+            let ms = int(
+                "PTTL",
+                self.cmd(self.inner.client.pttl::<Value, _>(self.key(key)))
+                    .await?,
+            )?;
             Ok(u64::try_from(ms).ok().map(Duration::from_millis))
         })
         .await
@@ -422,11 +512,20 @@ impl KvStore for RedisStore {
             let (lock, fence) = self.lock_keys(key);
             let token = int(
                 "lock script",
-                self.eval(LOCK_ACQUIRE, vec![lock, fence], vec![owner.clone(), lease.to_string()]).await?,
+                self.eval(
+                    LOCK_ACQUIRE,
+                    vec![lock, fence],
+                    vec![owner.clone(), lease.to_string()],
+                )
+                .await?,
             )?;
             match token {
                 0 => Ok(None),
-                t if t > 0 => Ok(Some(LockGuard { key: key.to_owned(), owner, fencing_token: t as u64 })),
+                t if t > 0 => Ok(Some(LockGuard {
+                    key: key.to_owned(),
+                    owner,
+                    fencing_token: t as u64,
+                })),
                 t => Err(KvError::Protocol(format!("negative fencing token {t}"))),
             }
         })
@@ -437,7 +536,13 @@ impl KvStore for RedisStore {
         self.observe("lock", async {
             let lease = ttl_millis(lease)?;
             let (lock, _) = self.lock_keys(&guard.key);
-            let reply = self.eval(LOCK_EXTEND, vec![lock], vec![guard.owner.clone(), lease.to_string()]).await?;
+            let reply = self
+                .eval(
+                    LOCK_EXTEND,
+                    vec![lock],
+                    vec![guard.owner.clone(), lease.to_string()],
+                )
+                .await?;
             Ok(int("extend script", reply)? == 1)
         })
         .await
@@ -446,7 +551,9 @@ impl KvStore for RedisStore {
     async fn release_lock(&self, guard: &LockGuard) -> Result<bool, KvError> {
         self.observe("lock", async {
             let (lock, _) = self.lock_keys(&guard.key);
-            let reply = self.eval(LOCK_RELEASE, vec![lock], vec![guard.owner.clone()]).await?;
+            let reply = self
+                .eval(LOCK_RELEASE, vec![lock], vec![guard.owner.clone()])
+                .await?;
             Ok(int("release script", reply)? == 1)
         })
         .await
@@ -459,7 +566,9 @@ impl KvStore for RedisStore {
             let reply = self.cmd(self.inner.client.get::<Value, _>(fence)).await?;
             match reply {
                 Value::Null => Ok(0),
-                Value::Integer(i) => u64::try_from(i).map_err(|_| unexpected("GET fence", &Value::Integer(i))),
+                Value::Integer(i) => {
+                    u64::try_from(i).map_err(|_| unexpected("GET fence", &Value::Integer(i)))
+                }
                 other => bytes(other.clone())
                     .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
                     .ok_or_else(|| unexpected("GET fence", &other)),
@@ -471,7 +580,12 @@ impl KvStore for RedisStore {
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), KvError> {
         self.observe("publish", async {
             check_name("channel", channel)?;
-            self.cmd(self.inner.client.publish::<Value, _, _>(self.key(channel), Value::Bytes(payload))).await?;
+            self.cmd(
+                self.inner
+                    .client
+                    .publish::<Value, _, _>(self.key(channel), Value::Bytes(payload)),
+            )
+            .await?;
             Ok(())
         })
         .await
@@ -509,7 +623,10 @@ impl KvStore for RedisStore {
                     }
                 }
             }
-            let guard = Subscription { store: inner.clone(), channel: full.clone() };
+            let guard = Subscription {
+                store: inner.clone(),
+                channel: full.clone(),
+            };
             let stream = stream::unfold((rx, guard), move |(mut rx, guard)| async move {
                 loop {
                     match rx.recv().await {
@@ -521,7 +638,10 @@ impl KvStore for RedisStore {
                         Ok(_) => {}
                         // At most once: a slow subscriber skips what it missed.
                         Err(broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(skipped = n, "redis kv subscriber lagged; messages dropped");
+                            tracing::warn!(
+                                skipped = n,
+                                "redis kv subscriber lagged; messages dropped"
+                            );
                         }
                         Err(broadcast::error::RecvError::Closed) => return None,
                     }
@@ -532,13 +652,23 @@ impl KvStore for RedisStore {
         .await
     }
 
-    async fn presence_heartbeat(&self, set: &str, member: &str, ttl: Duration) -> Result<(), KvError> {
+    async fn presence_heartbeat(
+        &self,
+        set: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), KvError> {
         self.observe("presence", async {
             check_name("presence set", set)?;
             check_name("presence member", member)?;
             let ttl = ttl_millis(ttl)?;
-            let reply =
-                self.eval(PRESENCE_HEARTBEAT, vec![self.key(set)], vec![member.to_owned(), ttl.to_string()]).await?;
+            let reply = self
+                .eval(
+                    PRESENCE_HEARTBEAT,
+                    vec![self.key(set)],
+                    vec![member.to_owned(), ttl.to_string()],
+                )
+                .await?;
             int("presence script", reply).map(|_| ())
         })
         .await
@@ -547,8 +677,16 @@ impl KvStore for RedisStore {
     async fn presence_remove(&self, set: &str, member: &str) -> Result<(), KvError> {
         self.observe("presence", async {
             check_name("presence set", set)?;
-            int("ZREM", self.cmd(self.inner.client.zrem::<Value, _, _>(self.key(set), member.to_owned())).await?)
-                .map(|_| ())
+            int(
+                "ZREM",
+                self.cmd(
+                    self.inner
+                        .client
+                        .zrem::<Value, _, _>(self.key(set), member.to_owned()),
+                )
+                .await?,
+            )
+            .map(|_| ())
         })
         .await
     }
@@ -556,7 +694,9 @@ impl KvStore for RedisStore {
     async fn presence_members(&self, set: &str) -> Result<Vec<String>, KvError> {
         self.observe("presence", async {
             check_name("presence set", set)?;
-            let reply = self.eval(PRESENCE_MEMBERS, vec![self.key(set)], Vec::new()).await?;
+            let reply = self
+                .eval(PRESENCE_MEMBERS, vec![self.key(set)], Vec::new())
+                .await?;
             let items = match reply {
                 Value::Array(items) => items,
                 Value::Null => Vec::new(),
@@ -580,7 +720,9 @@ impl KvStore for RedisStore {
         self.observe("health", async {
             self.cmd(self.inner.client.ping::<Value>(None)).await?;
             if !self.inner.subscriber.is_connected() {
-                return Err(KvError::Unavailable("redis subscriber connection is down".to_owned()));
+                return Err(KvError::Unavailable(
+                    "redis subscriber connection is down".to_owned(),
+                ));
             }
             Ok(())
         })
@@ -589,7 +731,9 @@ impl KvStore for RedisStore {
 
     async fn memory(&self) -> Result<(u64, Option<u64>), KvError> {
         self.observe("memory", async {
-            let info = self.cmd(self.inner.client.info::<Value>(Some(InfoKind::Memory))).await?;
+            let info = self
+                .cmd(self.inner.client.info::<Value>(Some(InfoKind::Memory)))
+                .await?;
             let text = bytes(info.clone())
                 .and_then(|b| String::from_utf8(b.to_vec()).ok())
                 .ok_or_else(|| unexpected("INFO", &info))?;
