@@ -235,7 +235,6 @@ pub fn validate_subject(subject: &str) -> Result<(), BusError> {
     Ok(())
 }
 
-
 /// Validate a subscription or stream subject pattern: like [`validate_subject`], but `*` may
 /// stand for a token and `>` for the last one.
 pub(crate) fn validate_pattern(pattern: &str) -> Result<(), BusError> {
