@@ -1,14 +1,16 @@
 //! The CLI (clap): `serve`, `migrate`, `config check`, `token issue`, plus each module's own
 //! subcommand (added at run time through the `Module` trait).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_kernel::auth::{Authenticator, Role};
 use bulwark_kernel::config::{ConfigError, Settings};
-use bulwark_kernel::module::ProcessRole;
-use clap::{Args, Parser, Subcommand};
+use bulwark_kernel::module::{Module, ProcessRole};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "bulwark", about = "Bulwark: one binary, five modules.")]
@@ -112,20 +114,19 @@ impl CliError {
 }
 
 /// Validate the config: the kernel's part and every enabled module's section.
-pub fn check(settings: &Settings) -> Result<toml::Table, ConfigError> {
+pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::Table, ConfigError> {
     let kernel = toml::Table::try_from(&settings.kernel)
         .map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
     let mut out = kernel;
-    let compiled = crate::modules::compiled();
     for section in bulwark_kernel::config::MODULE_SECTIONS {
-        if settings.has_section(section) && !compiled.iter().any(|m| m.name() == *section) {
+        if settings.has_section(section) && !modules.iter().any(|m| m.name() == *section) {
             // Printed, not logged: `config check` runs before logging is set up.
             eprintln!(
                 "warning: config section `{section}` is for a module not compiled into this binary; ignored"
             );
         }
     }
-    for m in compiled
+    for m in modules
         .iter()
         .filter(|m| settings.module_enabled(m.name()))
     {
@@ -137,8 +138,8 @@ pub fn check(settings: &Settings) -> Result<toml::Table, ConfigError> {
     Ok(out)
 }
 
-pub async fn config_check(settings: &Settings) -> Result<(), CliError> {
-    let table = check(settings)?;
+pub async fn config_check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<(), CliError> {
+    let table = check(settings, modules)?;
     let rendered = toml::to_string_pretty(&table).context("render config")?;
     println!("# effective configuration (secrets redacted)\n{rendered}");
     Ok(())
@@ -193,4 +194,72 @@ pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), C
         }
     }
     Ok(())
+}
+
+/// The whole CLI: parse `args` (with each module's subcommand added), run, return the exit
+/// code (0 ok, 1 failure, 2 bad config or usage). `main` is this plus `process::exit`.
+pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsString>) -> i32 {
+    let version: &'static str = Box::leak(crate::version_line().into_boxed_str());
+    let mut cmd = Cli::command().version(version);
+    for m in &modules {
+        if let Some(sub) = m.command() {
+            cmd = cmd.subcommand(sub.name(m.name()));
+        }
+    }
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            // Help and version print and exit 0; usage errors name the argument and exit 2.
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let config = matches.get_one::<PathBuf>("config").cloned();
+        let settings = Settings::load(config.as_deref())?;
+        if let Some((name, sub)) = matches.subcommand()
+            && let Some(m) = modules.iter().find(|m| m.name() == name)
+        {
+            return m.run_command(&settings, sub).await.map_err(|e| CliError::Other(e.into()));
+        }
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| CliError::Other(e.into()))?;
+        run(cli, settings, modules).await
+    });
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            error.exit_code()
+        }
+    }
+}
+
+async fn run(cli: Cli, settings: Settings, modules: Vec<Arc<dyn Module>>) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve { role } => {
+            // Config errors exit 2 before anything connects; `build` reuses the result.
+            check(&settings, &modules)?;
+            let app = crate::Application::build_with_modules(settings, role, modules).await?;
+            app.run_until_stopped().await?;
+            // Flush traces last: the process-wide exporter outlives any one application.
+            bulwark_kernel::telemetry::shutdown();
+            Ok(())
+        }
+        Command::Migrate { action } => {
+            migrate(&settings, action.unwrap_or(MigrateAction::Up)).await
+        }
+        Command::Config {
+            action: ConfigAction::Check,
+        } => config_check(&settings, &modules).await,
+        Command::Token {
+            action: TokenAction::Issue { sub, role, ttl },
+        } => token_issue(&settings, &sub, role, ttl).await,
+    }
 }

@@ -54,28 +54,24 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, start modules and bind the listener(s). Port 0 picks a free port.
     pub async fn build(settings: Settings, role: ProcessRole) -> anyhow::Result<Self> {
-        Self::build_with(settings, role, Vec::new()).await
+        Self::build_with_modules(settings, role, modules::compiled()).await
     }
 
-    /// [`Application::build`] plus extra modules (the test harness plugs in modules that
+    /// [`Application::build`] with an explicit module list (the test harness adds modules that
     /// exercise kernel mechanisms this way).
-    pub async fn build_with(
+    pub async fn build_with_modules(
         settings: Settings,
         role: ProcessRole,
-        extra: Vec<Arc<dyn Module>>,
+        candidates: Vec<Arc<dyn Module>>,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let k = &settings.kernel;
         let prometheus = telemetry::init(&k.telemetry)?;
-        let compiled = modules::compiled();
-        let enabled: Vec<_> = compiled
-            .into_iter()
-            .filter(|m| settings.module_enabled(m.name()))
-            .chain(extra)
-            .collect();
+        let enabled: Vec<_> =
+            candidates.into_iter().filter(|m| settings.module_enabled(m.name())).collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
-        let effective = commands::check(&settings)?;
+        let effective = commands::check(&settings, &enabled)?;
 
         let db = db::connect(&k.database).await?;
         if k.database.migrate_on_start {

@@ -103,7 +103,9 @@ impl TestAppBuilder {
             figment = figment.merge(o);
         }
         let settings = Settings::from_figment(figment)?;
-        let app = Application::build_with(settings.clone(), self.role, self.modules).await?;
+        let mut modules = bulwark::modules::compiled();
+        modules.extend(self.modules);
+        let app = Application::build_with_modules(settings.clone(), self.role, modules).await?;
         let addr = app.local_addr();
         let shutdown = app.shutdown_handle();
         let handle = tokio::spawn(app.run_until_stopped());

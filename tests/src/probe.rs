@@ -25,6 +25,8 @@ pub const DURABLE: &str = "probe";
 pub struct ProbeState {
     /// A worker took a message and is "working" on it.
     pub started: Notify,
+    /// What `bulwark probe ping` was asked, one entry per run.
+    pub commands: std::sync::Mutex<Vec<String>>,
 }
 
 pub struct ProbeModule {
@@ -79,6 +81,30 @@ impl Module for ProbeModule {
 
     fn check_config(&self, _settings: &Settings) -> Result<serde_json::Value, ConfigError> {
         Ok(serde_json::json!({}))
+    }
+
+    fn command(&self) -> Option<clap::Command> {
+        Some(
+            clap::Command::new("probe").subcommand_required(true).subcommand(
+                clap::Command::new("ping").arg(
+                    clap::Arg::new("times").long("times").required(true).value_parser(clap::value_parser!(u32)),
+                ),
+            ),
+        )
+    }
+
+    async fn run_command(&self, _settings: &Settings, args: &clap::ArgMatches) -> Result<(), ModuleError> {
+        let Some(("ping", ping)) = args.subcommand() else {
+            return Err(ModuleError::Other("unknown probe command".into()));
+        };
+        let times = ping.get_one::<u32>("times").copied().unwrap_or_default();
+        if times == 0 {
+            return Err(ModuleError::Other("--times must be at least 1".into()));
+        }
+        if let Ok(mut c) = self.state.commands.lock() {
+            c.push(format!("pong x{times}"));
+        }
+        Ok(())
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
