@@ -107,6 +107,7 @@ impl TestAppBuilder {
         modules.extend(self.modules);
         let app = Application::build_with_modules(settings.clone(), self.role, modules).await?;
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let shutdown = app.shutdown_handle();
         let handle = tokio::spawn(app.run_until_stopped());
         let client = reqwest::Client::builder()
@@ -114,6 +115,7 @@ impl TestAppBuilder {
             .build()?;
         Ok(Some(TestApp {
             addr,
+            metrics_addr,
             client,
             shutdown,
             settings,
@@ -127,6 +129,8 @@ impl TestAppBuilder {
 /// A running application.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The separate metrics listener, when `server.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub shutdown: Shutdown,
     pub settings: Settings,

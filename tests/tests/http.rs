@@ -425,8 +425,12 @@ async fn separate_metrics_port() {
         .await
         .expect("spawn")
         .expect("app");
-    // Not on the main port when a metrics port is configured.
+    // Not on the main port when a metrics port is configured...
     problem(app.get("/metrics", None).await, 404, "not-found").await;
+    // ...but on its own.
+    let addr = app.metrics_addr.expect("metrics listener");
+    let text = app.client.get(format!("http://{addr}/metrics")).send().await.expect("req").text().await.expect("text");
+    assert!(text.contains("bulwark_build_info"), "{text}");
 }
 
 #[tokio::test]
