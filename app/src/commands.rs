@@ -126,10 +126,7 @@ pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::T
             );
         }
     }
-    for m in modules
-        .iter()
-        .filter(|m| settings.module_enabled(m.name()))
-    {
+    for m in modules.iter().filter(|m| settings.module_enabled(m.name())) {
         let value = m.check_config(settings)?;
         let table =
             toml::Value::try_from(value).map_err(|e| ConfigError::new(m.name(), e.to_string()))?;
@@ -138,7 +135,10 @@ pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::T
     Ok(out)
 }
 
-pub async fn config_check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<(), CliError> {
+pub async fn config_check(
+    settings: &Settings,
+    modules: &[Arc<dyn Module>],
+) -> Result<(), CliError> {
     let table = check(settings, modules)?;
     let rendered = toml::to_string_pretty(&table).context("render config")?;
     println!("# effective configuration (secrets redacted)\n{rendered}");
@@ -214,7 +214,10 @@ pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsStri
             return e.exit_code();
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -227,7 +230,10 @@ pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsStri
         if let Some((name, sub)) = matches.subcommand()
             && let Some(m) = modules.iter().find(|m| m.name() == name)
         {
-            return m.run_command(&settings, sub).await.map_err(|e| CliError::Other(e.into()));
+            return m
+                .run_command(&settings, sub)
+                .await
+                .map_err(|e| CliError::Other(e.into()));
         }
         let cli = Cli::from_arg_matches(&matches).map_err(|e| CliError::Other(e.into()))?;
         run(cli, settings, modules).await

@@ -67,8 +67,10 @@ impl Application {
         let started = std::time::Instant::now();
         let k = &settings.kernel;
         let prometheus = telemetry::init(&k.telemetry)?;
-        let enabled: Vec<_> =
-            candidates.into_iter().filter(|m| settings.module_enabled(m.name())).collect();
+        let enabled: Vec<_> = candidates
+            .into_iter()
+            .filter(|m| settings.module_enabled(m.name()))
+            .collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
         let effective = commands::check(&settings, &enabled)?;
@@ -89,6 +91,7 @@ impl Application {
         .await
         .context("declare the DEAD_LETTERS stream")?;
         let kv = kv::from_config(&k.redis).await.context("redis")?;
+        telemetry::describe_kernel_metrics(bus.kind());
         let auth = Arc::new(Authenticator::from_config(k).await?);
         let shutdown = Shutdown::new();
 

@@ -85,15 +85,24 @@ impl Module for ProbeModule {
 
     fn command(&self) -> Option<clap::Command> {
         Some(
-            clap::Command::new("probe").subcommand_required(true).subcommand(
-                clap::Command::new("ping").arg(
-                    clap::Arg::new("times").long("times").required(true).value_parser(clap::value_parser!(u32)),
+            clap::Command::new("probe")
+                .subcommand_required(true)
+                .subcommand(
+                    clap::Command::new("ping").arg(
+                        clap::Arg::new("times")
+                            .long("times")
+                            .required(true)
+                            .value_parser(clap::value_parser!(u32)),
+                    ),
                 ),
-            ),
         )
     }
 
-    async fn run_command(&self, _settings: &Settings, args: &clap::ArgMatches) -> Result<(), ModuleError> {
+    async fn run_command(
+        &self,
+        _settings: &Settings,
+        args: &clap::ArgMatches,
+    ) -> Result<(), ModuleError> {
         let Some(("ping", ping)) = args.subcommand() else {
             return Err(ModuleError::Other("unknown probe command".into()));
         };

@@ -32,7 +32,15 @@ async fn killed_mid_message_is_redelivered(bus: &dyn Bus, child_args: &[String])
     .expect("stream");
     // Bind the durable before publishing so the child resumes it.
     drop(bus.consumer(&spec()).await.expect("consumer"));
-    let ack = bus.publish("kill.job", Some("job-1"), Default::default(), "payload".into()).await.expect("publish");
+    let ack = bus
+        .publish(
+            "kill.job",
+            Some("job-1"),
+            Default::default(),
+            "payload".into(),
+        )
+        .await
+        .expect("publish");
 
     let child = Command::new(env!("CARGO_BIN_EXE_bus-consumer"))
         .args(child_args)
@@ -48,22 +56,43 @@ async fn killed_mid_message_is_redelivered(bus: &dyn Bus, child_args: &[String])
     .await
     .expect("join")
     .expect("read");
-    assert_eq!(line.trim(), format!("got {} 1", ack.sequence), "the child took the message");
+    assert_eq!(
+        line.trim(),
+        format!("got {} 1", ack.sequence),
+        "the child took the message"
+    );
     proc.kill9();
 
-    let consumer = bus.consumer(&spec()).await.expect("consumer after the kill");
+    let consumer = bus
+        .consumer(&spec())
+        .await
+        .expect("consumer after the kill");
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while got.is_empty() && tokio::time::Instant::now() < deadline {
-        got = consumer.fetch(1, Duration::from_secs(2)).await.expect("fetch");
+        got = consumer
+            .fetch(1, Duration::from_secs(2))
+            .await
+            .expect("fetch");
     }
-    assert_eq!(got.len(), 1, "the message held by the killed process comes back");
+    assert_eq!(
+        got.len(),
+        1,
+        "the message held by the killed process comes back"
+    );
     let d = got.remove(0);
     assert_eq!(d.sequence, ack.sequence);
     assert_eq!(d.delivered, 2);
     assert_eq!(d.message_id.as_deref(), Some("job-1"));
     d.ack().await.expect("ack");
-    assert!(consumer.fetch(1, Duration::from_millis(1500)).await.expect("fetch").is_empty(), "acked: gone");
+    assert!(
+        consumer
+            .fetch(1, Duration::from_millis(1500))
+            .await
+            .expect("fetch")
+            .is_empty(),
+        "acked: gone"
+    );
 }
 
 #[tokio::test]
@@ -76,7 +105,9 @@ async fn embedded_sqlite() {
 
 #[tokio::test]
 async fn embedded_postgres() {
-    let Some(db) = TestDatabase::postgres().await.expect("db") else { return };
+    let Some(db) = TestDatabase::postgres().await.expect("db") else {
+        return;
+    };
     let conn = db.connect_migrated().await.expect("migrate");
     let bus = bulwark_kernel::bus::embedded::EmbeddedBus::new(conn, &default_settings().kernel.bus);
     killed_mid_message_is_redelivered(&bus, &["embedded".into(), db.url.clone()]).await;
@@ -89,6 +120,8 @@ async fn nats_jetstream() {
     let mut cfg = default_settings().kernel.bus;
     cfg.url = Some(SecretUrl::new(url.clone()));
     cfg.prefix = prefix.clone();
-    let bus = bulwark_kernel::bus::nats::NatsBus::connect(&cfg).await.expect("connect");
+    let bus = bulwark_kernel::bus::nats::NatsBus::connect(&cfg)
+        .await
+        .expect("connect");
     killed_mid_message_is_redelivered(&bus, &["nats".into(), url, prefix]).await;
 }

@@ -429,7 +429,15 @@ async fn separate_metrics_port() {
     problem(app.get("/metrics", None).await, 404, "not-found").await;
     // ...but on its own.
     let addr = app.metrics_addr.expect("metrics listener");
-    let text = app.client.get(format!("http://{addr}/metrics")).send().await.expect("req").text().await.expect("text");
+    let text = app
+        .client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("req")
+        .text()
+        .await
+        .expect("text");
     assert!(text.contains("bulwark_build_info"), "{text}");
 }
 

@@ -134,6 +134,85 @@ pub fn shutdown() {
     }
 }
 
+/// Help text for the kernel's metrics, and zero-valued series for counters whose first event
+/// may never come (so `increase()` sees the first dead letter, and dashboards see a 0, not
+/// "no data").
+pub fn describe_kernel_metrics(bus: &str) {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "bulwark_http_requests_total",
+        "HTTP requests by module, route template, method and status."
+    );
+    describe_histogram!(
+        "bulwark_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency by route template."
+    );
+    describe_histogram!(
+        "bulwark_startup_duration_seconds",
+        Unit::Seconds,
+        "Time from start to serving."
+    );
+    describe_gauge!(
+        "bulwark_dependency_up",
+        "1 when the dependency answers its readiness check, else 0."
+    );
+    describe_counter!(
+        "bulwark_dependency_failures_total",
+        "Transitions of a dependency from up to down."
+    );
+    describe_gauge!(
+        "bulwark_websocket_connections",
+        "Open WebSocket connections by module."
+    );
+    describe_counter!(
+        "bulwark_websocket_closed_for_restart_total",
+        "WebSockets closed with 1012 during a drain."
+    );
+    describe_counter!(
+        "bulwark_bus_published_total",
+        "Durable publishes by outcome (stored, duplicate, error)."
+    );
+    describe_histogram!(
+        "bulwark_bus_publish_duration_seconds",
+        Unit::Seconds,
+        "Publish to store acknowledgement."
+    );
+    describe_counter!(
+        "bulwark_bus_deliveries_total",
+        "Deliveries to durable consumers, redeliveries included."
+    );
+    describe_counter!(
+        "bulwark_bus_redeliveries_total",
+        "Deliveries after the first (unacked, nak'd or timed out)."
+    );
+    describe_counter!(
+        "bulwark_bus_dead_letters_total",
+        "Messages moved to a dead-letter subject after max_deliver."
+    );
+    describe_counter!(
+        "bulwark_bus_acks_total",
+        "Consumer acknowledgements by kind (ack, nak, progress, term)."
+    );
+    describe_counter!(
+        "bulwark_kv_errors_total",
+        "Key-value store errors by store and operation."
+    );
+    describe_histogram!(
+        "bulwark_kv_command_duration_seconds",
+        Unit::Seconds,
+        "Redis command latency."
+    );
+    let bus = bus.to_owned();
+    for name in [
+        "bulwark_bus_deliveries_total",
+        "bulwark_bus_redeliveries_total",
+        "bulwark_bus_dead_letters_total",
+    ] {
+        metrics::counter!(name, "bus" => bus.clone()).increment(0);
+    }
+}
+
 /// `bulwark_build_info{version,modules} 1`.
 pub fn record_build_info(version: &str, modules: &[&str]) {
     metrics::describe_gauge!(

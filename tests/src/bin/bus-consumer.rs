@@ -23,14 +23,19 @@ fn spec() -> ConsumerSpec {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let defaults = bulwark_tests::services::default_settings().kernel;
         let bus: Box<dyn Bus> = match args.get(1).map(String::as_str) {
             Some("embedded") => {
                 let url = args.get(2).context("database url")?;
                 let db = bulwark_kernel::db::connect_url(url, &defaults.database).await?;
-                Box::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(db, &defaults.bus))
+                Box::new(bulwark_kernel::bus::embedded::EmbeddedBus::new(
+                    db,
+                    &defaults.bus,
+                ))
             }
             Some("nats") => {
                 let mut cfg = defaults.bus.clone();
@@ -42,7 +47,12 @@ fn main() -> anyhow::Result<()> {
         };
         let consumer = bus.consumer(&spec()).await?;
         loop {
-            if let Some(d) = consumer.fetch(1, Duration::from_secs(1)).await?.into_iter().next() {
+            if let Some(d) = consumer
+                .fetch(1, Duration::from_secs(1))
+                .await?
+                .into_iter()
+                .next()
+            {
                 println!("got {} {}", d.sequence, d.delivered);
                 std::io::stdout().flush()?;
                 // Hold it, never ack: the parent kills us here.
