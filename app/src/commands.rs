@@ -127,12 +127,27 @@ pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::T
         }
     }
     for m in modules.iter().filter(|m| settings.module_enabled(m.name())) {
-        let value = m.check_config(settings)?;
+        let value = without_nulls(m.check_config(settings)?);
         let table =
             toml::Value::try_from(value).map_err(|e| ConfigError::new(m.name(), e.to_string()))?;
         out.insert(m.name().to_owned(), table);
     }
     Ok(out)
+}
+
+/// TOML has no null: unset optional keys are left out of the effective config.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
 }
 
 pub async fn config_check(

@@ -1,18 +1,78 @@
-//! The `cache` module. Stampede-proof caching (C1–C7): jitter, stale-while-revalidate, distributed lock, declared policies, active invalidation.
+//! The `cache` module: stampede-proof caching (C1–C7).
 //!
-//! This crate holds the module's entry point; its features arrive with the module's issue.
+//! [`Cache::get_or_load`] is the library other modules call; the module mounts the admin API
+//! (`/api/cache/stats`, `POST /api/cache/invalidate`) and follows invalidations broadcast by
+//! other instances. Still to come (issue 3): named cached queries, observed-vs-declared policy
+//! report, admission by frequency, L2 memory gauges, the Grafana dashboard and alerts.
 
+pub mod config;
+pub mod loader;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use bulwark_kernel::auth::{Auth, require};
 use bulwark_kernel::config::{ConfigError, Settings};
-use bulwark_kernel::module::{Context, Module, ModuleError, ModuleParts, status_route};
-use serde::{Deserialize, Serialize};
+use bulwark_kernel::http::ApiJson;
+use bulwark_kernel::module::{
+    Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
+};
+use bulwark_kernel::problem::Problem;
+use serde::Deserialize;
 
-/// The `[cache]` config section.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {}
+pub use config::{CacheClass, CacheConfig, Fallback, NamespacePolicy, Strategy};
+pub use loader::{Cache, CacheError, Entry, Outcome};
 
 /// The module value the app registers.
 pub struct CacheModule;
+
+fn load_config(settings: &Settings) -> Result<CacheConfig, ConfigError> {
+    let cfg: CacheConfig = settings.section("cache")?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct InvalidateRequest {
+    namespace: String,
+    key: String,
+}
+
+/// Drop a key from every tier of every instance (role admin).
+#[utoipa::path(post, path = "/api/cache/invalidate", tag = "cache", security(("bearer" = [])),
+    request_body = InvalidateRequest,
+    responses(
+        (status = 204, description = "Invalidated everywhere"),
+        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown namespace", body = Problem, content_type = "application/problem+json")
+))]
+async fn invalidate(
+    _auth: Auth<require::Admin>,
+    State(cache): State<Cache>,
+    ApiJson(req): ApiJson<InvalidateRequest>,
+) -> Result<axum::http::StatusCode, Problem> {
+    cache
+        .invalidate(&req.namespace, &req.key)
+        .await
+        .map_err(|e| Problem::not_found(e.to_string()))?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// L1 usage (role viewer).
+#[utoipa::path(get, path = "/api/cache/stats", tag = "cache", security(("bearer" = [])),
+    responses((status = 200, description = "Cache statistics")))]
+async fn stats(
+    _auth: Auth<require::Viewer>,
+    State(cache): State<Cache>,
+) -> axum::Json<serde_json::Value> {
+    let bytes = cache.l1_bytes().await;
+    metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l1").set(bytes as f64);
+    axum::Json(serde_json::json!({"l1": {"bytes": bytes}}))
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(invalidate, stats), components(schemas(InvalidateRequest)))]
+struct CacheApi;
 
 #[async_trait::async_trait]
 impl Module for CacheModule {
@@ -21,16 +81,36 @@ impl Module for CacheModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg: CacheConfig = settings.section("cache")?;
+        let cfg = load_config(settings)?;
         serde_json::to_value(cfg).map_err(|e| ConfigError::new("cache", e.to_string()))
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let effective = self.check_config(&ctx.settings)?;
-        let (routes, openapi) = status_route(self.name(), effective);
+        let cfg = load_config(&ctx.settings)?;
+        let effective =
+            serde_json::to_value(&cfg).map_err(|e| ModuleError::Other(e.to_string()))?;
+        let cache = Cache::new(&cfg, ctx.kv.clone());
+        let (status, mut openapi) = status_route(self.name(), effective);
+        openapi.merge(<CacheApi as utoipa::OpenApi>::openapi());
+        let routes = axum::Router::new()
+            .route("/api/cache/invalidate", post(invalidate))
+            .route("/api/cache/stats", get(stats))
+            .with_state(cache.clone())
+            .merge(status);
+        let closing = ctx.shutdown.closing_token();
+        let follower = Worker {
+            name: "cache-invalidations".into(),
+            kind: WorkerKind::Web,
+            run: Box::pin(
+                cache
+                    .clone()
+                    .follow_invalidations(async move { closing.cancelled().await }),
+            ),
+        };
         Ok(ModuleParts {
             routes,
             openapi,
+            workers: vec![follower],
             ..ModuleParts::default()
         })
     }

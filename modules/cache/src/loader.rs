@@ -1,0 +1,562 @@
+//! The loader (C1–C3, C5, C7): `get_or_load(namespace, key, loader)` over two tiers —
+//! L1 in process (moka, bounded in bytes) and L2 in the shared store (Redis in production).
+//!
+//! * Every write gets a jittered TTL (C1). An entry is *fresh* until its soft expiry, then
+//!   *stale* until its hard expiry (`ttl + stale_ttl`), then gone.
+//! * `swr`: a stale hit is served at once and one refresh runs in the background — one per
+//!   process (single-flight) and one per cluster (a refresh lock in the shared store) (C2).
+//! * `lock`: on a miss one process in the cluster loads under a lock with a lease and a
+//!   fencing token; the others poll L2 for up to `lock_wait`, then fall back (C3). The filler
+//!   writes back only while its token is still the current one, so a holder whose lease ran
+//!   out cannot overwrite a newer fill (the lesson of memcache leases).
+//! * Within a process, concurrent misses for a key share one load, and the load runs in its
+//!   own task: a caller that goes away does not cancel it.
+//! * XFetch (Vattani et al., VLDB 2015): with `early_refresh_beta` set, a fresh hit triggers a
+//!   background refresh when `now − δ·β·ln(U) ≥ soft expiry`, δ being the last load's duration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bulwark_kernel::kv::KvStore;
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+
+use crate::config::{CacheConfig, Fallback, NamespacePolicy, Strategy};
+
+/// Bumped when the entry encoding changes: older entries then read as misses.
+pub const FORMAT_VERSION: u8 = 1;
+/// Channel on which invalidations reach every instance's L1.
+pub const INVALIDATION_CHANNEL: &str = "cache:invalidate";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("unknown cache namespace `{0}`")]
+    UnknownNamespace(String),
+    #[error("loader failed: {0}")]
+    Loader(String),
+    #[error("value not available: {0}")]
+    Unavailable(String),
+}
+
+/// How a request was answered (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Stale,
+    Miss,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Stale => "stale",
+            Outcome::Miss => "miss",
+        }
+    }
+}
+
+/// A cached value with its expiry times (ms since the epoch) and the duration of the load
+/// that produced it (XFetch's δ).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Bytes,
+    pub soft_expires_ms: u64,
+    pub hard_expires_ms: u64,
+    pub delta_ms: u64,
+}
+
+impl Entry {
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(25 + self.value.len());
+        b.put_u8(FORMAT_VERSION);
+        b.put_u64(self.soft_expires_ms);
+        b.put_u64(self.hard_expires_ms);
+        b.put_u64(self.delta_ms);
+        b.put_slice(&self.value);
+        b.freeze()
+    }
+
+    /// `None` for another format version or a truncated value: a miss, never a crash.
+    pub fn decode(mut raw: Bytes) -> Option<Self> {
+        if raw.len() < 25 || raw[0] != FORMAT_VERSION {
+            return None;
+        }
+        raw.advance(1);
+        let soft_expires_ms = raw.get_u64();
+        let hard_expires_ms = raw.get_u64();
+        let delta_ms = raw.get_u64();
+        Some(Self {
+            value: raw,
+            soft_expires_ms,
+            hard_expires_ms,
+            delta_ms,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// TTL with jitter (C1): `ttl · (1 + jitter · U)`, U uniform in [0, 1).
+pub fn jittered(ttl: Duration, jitter: f64, u: f64) -> Duration {
+    ttl.mul_f64(1.0 + jitter * u.clamp(0.0, 1.0))
+}
+
+/// XFetch's decision: refresh early when `now − δ·β·ln(u) ≥ expiry` (u uniform in (0, 1]).
+pub fn xfetch_should_refresh(
+    now_ms: u64,
+    expiry_ms: u64,
+    delta_ms: u64,
+    beta: f64,
+    u: f64,
+) -> bool {
+    let u = u.clamp(f64::MIN_POSITIVE, 1.0);
+    now_ms as f64 - delta_ms as f64 * beta * u.ln() >= expiry_ms as f64
+}
+
+type Fill = Shared<BoxFuture<'static, Result<Arc<Entry>, CacheError>>>;
+
+struct Inner {
+    kv: Arc<dyn KvStore>,
+    l1: moka::future::Cache<String, Arc<Entry>>,
+    policies: BTreeMap<String, NamespacePolicy>,
+    inflight: Mutex<HashMap<String, Fill>>,
+}
+
+/// The cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct ByHardExpiry;
+impl moka::Expiry<String, Arc<Entry>> for ByHardExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(
+            value.hard_expires_ms.saturating_sub(now_ms()),
+        ))
+    }
+}
+
+fn namespace_of(l1_key: &str) -> String {
+    l1_key
+        .split_once(':')
+        .map(|(ns, _)| ns.to_owned())
+        .unwrap_or_default()
+}
+
+impl Cache {
+    pub fn new(cfg: &CacheConfig, kv: Arc<dyn KvStore>) -> Self {
+        let l1 = moka::future::Cache::builder()
+            .max_capacity(cfg.l1_max_bytes)
+            .weigher(|k: &String, v: &Arc<Entry>| {
+                u32::try_from(k.len() + v.value.len() + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(ByHardExpiry)
+            .eviction_listener(|k: Arc<String>, _v, cause| {
+                use moka::notification::RemovalCause as C;
+                let cause = match cause {
+                    C::Size => "size",
+                    C::Expired => "expired",
+                    C::Explicit => "invalidated",
+                    C::Replaced => return,
+                };
+                metrics::counter!("bulwark_cache_evictions_total",
+                    "namespace" => namespace_of(&k), "tier" => "l1", "cause" => cause)
+                .increment(1);
+            })
+            .build();
+        metrics::gauge!("bulwark_cache_memory_limit_bytes", "tier" => "l1")
+            .set(cfg.l1_max_bytes as f64);
+        Self {
+            inner: Arc::new(Inner {
+                kv,
+                l1,
+                policies: cfg.namespaces.clone(),
+                inflight: Mutex::default(),
+            }),
+        }
+    }
+
+    fn policy(&self, namespace: &str) -> Result<&NamespacePolicy, CacheError> {
+        self.inner
+            .policies
+            .get(namespace)
+            .ok_or_else(|| CacheError::UnknownNamespace(namespace.to_owned()))
+    }
+
+    /// Bytes held by L1 (as weighed).
+    pub async fn l1_bytes(&self) -> u64 {
+        self.inner.l1.run_pending_tasks().await;
+        self.inner.l1.weighted_size()
+    }
+
+    async fn lookup(&self, l1_key: &str, l2_key: &str) -> Option<Arc<Entry>> {
+        if let Some(e) = self.inner.l1.get(l1_key).await {
+            return Some(e);
+        }
+        match self.inner.kv.get(l2_key).await {
+            Ok(Some(raw)) => match Entry::decode(raw) {
+                Some(e) => {
+                    let e = Arc::new(e);
+                    self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                    Some(e)
+                }
+                None => {
+                    tracing::warn!(
+                        message = "Unreadable cache entry; treated as a miss.",
+                        key = l2_key
+                    );
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(error) => {
+                // L2 down: L1 and single-flight still protect the database in this process.
+                tracing::debug!(message = "L2 read failed; treated as a miss.", %error);
+                None
+            }
+        }
+    }
+
+    /// The value for `key` in `namespace`, loading it with `loader` when needed.
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        loader: F,
+    ) -> Result<(Bytes, Outcome), CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let policy = self.policy(namespace)?.clone();
+        let l1_key = format!("{namespace}:{key}");
+        let l2_key = format!("cache:{namespace}:{key}");
+        let now = now_ms();
+        let found = self
+            .lookup(&l1_key, &l2_key)
+            .await
+            .filter(|e| now < e.hard_expires_ms);
+        let result = match found {
+            Some(e) if now < e.soft_expires_ms => {
+                if let Some(beta) = policy.early_refresh_beta
+                    && xfetch_should_refresh(
+                        now,
+                        e.soft_expires_ms,
+                        e.delta_ms,
+                        beta,
+                        rand::random::<f64>(),
+                    )
+                {
+                    self.refresh_in_background(namespace, &l1_key, &l2_key, &policy, loader);
+                }
+                Ok((e.value.clone(), Outcome::Hit))
+            }
+            Some(e) if policy.strategy == Strategy::Swr => {
+                self.refresh_in_background(namespace, &l1_key, &l2_key, &policy, loader);
+                Ok((e.value.clone(), Outcome::Stale))
+            }
+            stale => {
+                self.fill(namespace, &l1_key, &l2_key, &policy, loader, stale)
+                    .await
+            }
+        };
+        if let Ok((_, outcome)) = &result {
+            let ns = namespace.to_owned();
+            metrics::counter!("bulwark_cache_requests_total", "namespace" => ns.clone(), "result" => outcome.label())
+                .increment(1);
+            metrics::histogram!("bulwark_cache_request_duration_seconds", "namespace" => ns, "result" => outcome.label())
+                .record(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    fn refresh_in_background<F, Fut>(
+        &self,
+        namespace: &str,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let this = self.clone();
+        let (ns, l1, l2, policy) = (
+            namespace.to_owned(),
+            l1_key.to_owned(),
+            l2_key.to_owned(),
+            policy.clone(),
+        );
+        tokio::spawn(async move {
+            // One refresh per cluster: whoever takes the refresh lock refreshes; the rest keep
+            // serving stale. If the store is down, refresh locally (single-flight still holds).
+            let lock_key = format!("cache-refresh:{ns}:{l1}");
+            let guard = match this.inner.kv.try_lock(&lock_key, policy.lock_lease).await {
+                Ok(Some(g)) => Some(g),
+                Ok(None) => return,
+                Err(_) => None,
+            };
+            let _ = this
+                .single_flight(
+                    &ns,
+                    &l1,
+                    &l2,
+                    &policy,
+                    loader,
+                    guard.as_ref().map(|g| (lock_key.clone(), g.fencing_token)),
+                )
+                .await;
+            if let Some(g) = guard {
+                let _ = this.inner.kv.release_lock(&g).await;
+            }
+        });
+    }
+
+    async fn fill<F, Fut>(
+        &self,
+        namespace: &str,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+        loader: F,
+        stale: Option<Arc<Entry>>,
+    ) -> Result<(Bytes, Outcome), CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        if policy.strategy == Strategy::Swr {
+            let e = self
+                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                .await?;
+            return Ok((e.value.clone(), Outcome::Miss));
+        }
+        let lock_key = format!("cache-fill:{l2_key}");
+        match self.inner.kv.try_lock(&lock_key, policy.lock_lease).await {
+            Ok(Some(guard)) => {
+                let r = self
+                    .single_flight(
+                        namespace,
+                        l1_key,
+                        l2_key,
+                        policy,
+                        loader,
+                        Some((lock_key, guard.fencing_token)),
+                    )
+                    .await;
+                let _ = self.inner.kv.release_lock(&guard).await;
+                r.map(|e| (e.value.clone(), Outcome::Miss))
+            }
+            Ok(None) => {
+                let waited = Instant::now();
+                let deadline = waited + policy.lock_wait;
+                while Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if let Ok(Some(raw)) = self.inner.kv.get(l2_key).await
+                        && let Some(e) = Entry::decode(raw)
+                        && now_ms() < e.soft_expires_ms
+                    {
+                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
+                            .record(waited.elapsed().as_secs_f64());
+                        let e = Arc::new(e);
+                        self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                        return Ok((e.value.clone(), Outcome::Miss));
+                    }
+                }
+                metrics::counter!("bulwark_cache_lock_timeouts_total", "namespace" => namespace.to_owned()).increment(1);
+                match (policy.fallback, stale) {
+                    (Fallback::Stale, Some(e)) => Ok((e.value.clone(), Outcome::Stale)),
+                    (Fallback::Unavailable, _) => Err(CacheError::Unavailable(format!(
+                        "no value for `{l1_key}` within lock_wait"
+                    ))),
+                    _ => self
+                        .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                        .await
+                        .map(|e| (e.value.clone(), Outcome::Miss)),
+                }
+            }
+            // The shared store is down: protect the database per process (single-flight).
+            Err(_) => self
+                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                .await
+                .map(|e| (e.value.clone(), Outcome::Miss)),
+        }
+    }
+
+    /// One load per key per process; the load runs in its own task.
+    async fn single_flight<F, Fut>(
+        &self,
+        namespace: &str,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+        loader: F,
+        fence: Option<(String, u64)>,
+    ) -> Result<Arc<Entry>, CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let fill = {
+            let mut inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = inflight.get(l1_key) {
+                f.clone()
+            } else {
+                let this = self.clone();
+                let (ns, l1, l2, policy) = (
+                    namespace.to_owned(),
+                    l1_key.to_owned(),
+                    l2_key.to_owned(),
+                    policy.clone(),
+                );
+                let task =
+                    tokio::spawn(
+                        async move { this.load(&ns, &l1, &l2, &policy, loader, fence).await },
+                    );
+                let fut: BoxFuture<'static, Result<Arc<Entry>, CacheError>> = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(CacheError::Loader(format!("load task failed: {e}")))
+                    })
+                }
+                .boxed();
+                let shared = fut.shared();
+                inflight.insert(l1_key.to_owned(), shared.clone());
+                shared
+            }
+        };
+        let result = fill.await;
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(l1_key);
+        result
+    }
+
+    async fn load<F, Fut>(
+        &self,
+        namespace: &str,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+        loader: F,
+        fence: Option<(String, u64)>,
+    ) -> Result<Arc<Entry>, CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let loaded = loader().await;
+        let elapsed = started.elapsed();
+        metrics::histogram!("bulwark_cache_load_duration_seconds", "namespace" => namespace.to_owned())
+            .record(elapsed.as_secs_f64());
+        let value = match loaded {
+            Ok(v) => {
+                metrics::counter!("bulwark_cache_loads_total", "namespace" => namespace.to_owned(), "outcome" => "ok")
+                    .increment(1);
+                v
+            }
+            Err(e) => {
+                metrics::counter!("bulwark_cache_loads_total", "namespace" => namespace.to_owned(), "outcome" => "error")
+                    .increment(1);
+                return Err(CacheError::Loader(e));
+            }
+        };
+        let now = now_ms();
+        let ttl = jittered(policy.ttl, policy.jitter, rand::random::<f64>());
+        let soft = now + ttl.as_millis() as u64;
+        let entry = Arc::new(Entry {
+            value,
+            soft_expires_ms: soft,
+            hard_expires_ms: soft + policy.stale_ttl.as_millis() as u64,
+            delta_ms: elapsed.as_millis() as u64,
+        });
+        if entry.value.len() > policy.max_value_bytes {
+            // Served, not cached.
+            return Ok(entry);
+        }
+        // Guarded write-back: a filler whose lock was lost (lease expired, someone else took
+        // it) does not write.
+        if let Some((lock_key, token)) = &fence
+            && self.inner.kv.current_fencing_token(lock_key).await.ok() != Some(*token)
+        {
+            tracing::warn!(
+                message = "Fill lock lost while loading; result not written.",
+                key = l2_key
+            );
+            return Ok(entry);
+        }
+        let l2_ttl = Duration::from_millis(entry.hard_expires_ms.saturating_sub(now).max(1));
+        if let Err(error) = self
+            .inner
+            .kv
+            .set(l2_key, entry.encode(), Some(l2_ttl))
+            .await
+        {
+            tracing::debug!(message = "L2 write failed; value kept in L1 only.", %error);
+        }
+        self.inner.l1.insert(l1_key.to_owned(), entry.clone()).await;
+        Ok(entry)
+    }
+
+    /// Active invalidation (C7): drop the key from L2 and this L1, and tell every instance.
+    pub async fn invalidate(&self, namespace: &str, key: &str) -> Result<(), CacheError> {
+        self.policy(namespace)?;
+        let l1_key = format!("{namespace}:{key}");
+        self.inner.l1.invalidate(&l1_key).await;
+        let _ = self
+            .inner
+            .kv
+            .delete(&format!("cache:{namespace}:{key}"))
+            .await;
+        if let Err(error) = self
+            .inner
+            .kv
+            .publish(INVALIDATION_CHANNEL, Bytes::from(l1_key))
+            .await
+        {
+            tracing::warn!(message = "Invalidation not broadcast; other instances keep L1 copies until expiry.", %error);
+        }
+        Ok(())
+    }
+
+    /// Apply invalidations broadcast by other instances to this L1 until `stop` fires.
+    pub async fn follow_invalidations(self, stop: impl Future<Output = ()>) {
+        let Ok(mut stream) = self.inner.kv.subscribe(INVALIDATION_CHANNEL).await else {
+            return;
+        };
+        use futures::StreamExt as _;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                msg = stream.next() => match msg {
+                    Some(key) => self.inner.l1.invalidate(String::from_utf8_lossy(&key).as_ref()).await,
+                    None => break,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The cache loader (issue 3, C1–C3, C7) against the in-process store and real Redis. Two
+//! `Cache` values sharing one store stand in for two processes (the three-process stampede
+//! test over HTTP comes with the named queries).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bulwark_cache::loader::{jittered, xfetch_should_refresh};
+use bulwark_cache::{
+    Cache, CacheClass, CacheConfig, CacheError, Fallback, NamespacePolicy, Outcome, Strategy,
+};
+use bulwark_kernel::config::SecretUrl;
+use bulwark_kernel::kv::KvStore;
+use bytes::Bytes;
+
+fn policy(strategy: Strategy, ttl_ms: u64) -> NamespacePolicy {
+    NamespacePolicy {
+        class: CacheClass::Expensive,
+        reason: "test".into(),
+        ttl: Duration::from_millis(ttl_ms),
+        jitter: 0.0,
+        strategy,
+        stale_ttl: Duration::from_secs(30),
+        lock_wait: Duration::from_secs(5),
+        lock_lease: Duration::from_secs(5),
+        fallback: Fallback::Load,
+        early_refresh_beta: None,
+        max_value_bytes: 1024,
+    }
+}
+
+fn config(ns: &[(&str, NamespacePolicy)]) -> CacheConfig {
+    CacheConfig {
+        l1_max_bytes: 64 * 1024 * 1024,
+        namespaces: ns
+            .iter()
+            .map(|(n, p)| ((*n).to_owned(), p.clone()))
+            .collect(),
+    }
+}
+
+async fn stores() -> Vec<Arc<dyn KvStore>> {
+    let mut v: Vec<Arc<dyn KvStore>> =
+        vec![Arc::new(bulwark_kernel::kv::memory::MemoryStore::new())];
+    if let Some(url) = bulwark_tests::services::redis_url() {
+        let mut cfg = bulwark_tests::services::default_settings().kernel.redis;
+        cfg.url = Some(SecretUrl::new(url));
+        cfg.key_prefix = format!("{}:", bulwark_tests::services::unique("c"));
+        cfg.command_timeout = Duration::from_secs(5);
+        v.push(Arc::new(
+            bulwark_kernel::kv::redis::RedisStore::connect(&cfg)
+                .await
+                .expect("redis"),
+        ));
+    }
+    v
+}
+
+fn counting_loader(
+    count: &Arc<AtomicUsize>,
+    value: &'static str,
+    delay_ms: u64,
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, String>> + Send + 'static {
+    let count = count.clone();
+    move || {
+        Box::pin(async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            Ok(Bytes::from_static(value.as_bytes()))
+        })
+    }
+}
+
+#[tokio::test]
+async fn concurrent_misses_in_one_process_run_one_loader() {
+    for store in stores().await {
+        let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 10_000))]), store);
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (cache, count) = (cache.clone(), count.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("ns", "k", counting_loader(&count, "v", 200))
+                    .await
+            }));
+        }
+        for t in tasks {
+            let (v, _) = t.await.expect("join").expect("value");
+            assert_eq!(v, "v");
+        }
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "C3 single-flight: one load for 200 concurrent misses"
+        );
+        let (_, outcome) = cache
+            .get_or_load("ns", "k", counting_loader(&count, "v", 0))
+            .await
+            .expect("hit");
+        assert_eq!(outcome, Outcome::Hit);
+    }
+}
+
+#[tokio::test]
+async fn lock_strategy_loads_once_across_processes() {
+    for store in stores().await {
+        let cfg = config(&[("ns", policy(Strategy::Lock, 10_000))]);
+        let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let count = count.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("ns", "k", counting_loader(&count, "v", 300))
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("join").expect("value").0, "v");
+        }
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "C3: one load across both instances"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    for store in stores().await {
+        let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 200))]), store);
+        let count = Arc::new(AtomicUsize::new(0));
+        cache
+            .get_or_load("ns", "k", counting_loader(&count, "old", 0))
+            .await
+            .expect("first");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (cache, count) = (cache.clone(), count.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("ns", "k", counting_loader(&count, "new", 500))
+                    .await
+            }));
+        }
+        for t in tasks {
+            let (v, outcome) = t.await.expect("join").expect("value");
+            assert_eq!(
+                (v.as_ref(), outcome),
+                (b"old".as_ref(), Outcome::Stale),
+                "C2: stale served at once"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(450),
+            "stale answers do not wait for the 500 ms refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "exactly one refresh ran");
+        let (v, _) = cache
+            .get_or_load("ns", "k", counting_loader(&count, "x", 0))
+            .await
+            .expect("after");
+        assert_eq!(v, "new", "the refreshed value replaced the stale one");
+    }
+}
+
+#[tokio::test]
+async fn a_filler_whose_lease_expired_does_not_write() {
+    for store in stores().await {
+        let mut p = policy(Strategy::Lock, 10_000);
+        p.lock_lease = Duration::from_millis(150);
+        p.lock_wait = Duration::from_millis(100);
+        let cfg = config(&[("ns", p)]);
+        let (a, b) = (
+            Cache::new(&cfg, store.clone()),
+            Cache::new(&cfg, store.clone()),
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        // A takes the lock and is slow; its lease runs out.
+        let slow = {
+            let (a, c) = (a.clone(), count.clone());
+            tokio::spawn(async move {
+                a.get_or_load("ns", "k", counting_loader(&c, "stale-writer", 600))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // B finds the lock free again and fills.
+        let (v, _) = b
+            .get_or_load("ns", "k", counting_loader(&count, "fresh", 0))
+            .await
+            .expect("b");
+        assert_eq!(v, "fresh");
+        slow.await
+            .expect("join")
+            .expect("a still answers its caller");
+        let raw = store
+            .get("cache:ns:k")
+            .await
+            .expect("get")
+            .expect("present");
+        let entry = bulwark_cache::Entry::decode(raw).expect("decodes");
+        assert_eq!(
+            entry.value, "fresh",
+            "the late write of the expired holder was refused"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalidation_reaches_every_instance() {
+    for store in stores().await {
+        let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
+        let (a, b) = (
+            Cache::new(&cfg, store.clone()),
+            Cache::new(&cfg, store.clone()),
+        );
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let s = stop.clone();
+        tokio::spawn(
+            b.clone()
+                .follow_invalidations(async move { s.notified().await }),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let count = Arc::new(AtomicUsize::new(0));
+        a.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
+            .await
+            .expect("a");
+        assert_eq!(
+            b.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
+                .await
+                .expect("b")
+                .1,
+            Outcome::Hit
+        );
+        a.invalidate("ns", "k").await.expect("invalidate");
+        let mut gone = false;
+        for _ in 0..100 {
+            let (v, outcome) = b
+                .get_or_load("ns", "k", counting_loader(&count, "v2", 0))
+                .await
+                .expect("b again");
+            if outcome == Outcome::Miss {
+                assert_eq!(v, "v2");
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone, "C7: B's L1 copy was dropped by A's invalidation");
+        stop.notify_one();
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_keys_written_together_expire_spread_over_the_jitter_window() {
+    let mut p = policy(Strategy::Swr, 10_000);
+    p.jitter = 0.5;
+    let store: Arc<dyn KvStore> = Arc::new(bulwark_kernel::kv::memory::MemoryStore::new());
+    let cache = Cache::new(&config(&[("ns", p)]), store.clone());
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64
+    };
+    let mut buckets = [0usize; 10];
+    for i in 0..10_000 {
+        let t0 = now();
+        cache
+            .get_or_load("ns", &i.to_string(), || async {
+                Ok(Bytes::from_static(b"x"))
+            })
+            .await
+            .expect("load");
+        let raw = store
+            .get(&format!("cache:ns:{i}"))
+            .await
+            .expect("get")
+            .expect("stored");
+        let e = bulwark_cache::Entry::decode(raw).expect("entry");
+        // Soft expiry lies in [t0 + ttl, t0 + 1.5 ttl] (plus the load's own ms); bucket the jitter.
+        let jitter_ms = e.soft_expires_ms.saturating_sub(t0 + 10_000) as f64;
+        let b = ((jitter_ms / 5_000.0) * 10.0).floor() as usize;
+        buckets[b.min(9)] += 1;
+    }
+    for (i, n) in buckets.iter().enumerate() {
+        assert!(
+            (700..=1300).contains(n),
+            "C1: bucket {i} of the jitter window holds {n} of 10,000: {buckets:?}"
+        );
+    }
+}
+
+#[test]
+fn jitter_stays_inside_its_window() {
+    let ttl = Duration::from_secs(100);
+    assert_eq!(jittered(ttl, 0.2, 0.0), ttl);
+    assert_eq!(jittered(ttl, 0.2, 0.5), Duration::from_secs(110));
+    assert!(jittered(ttl, 0.2, 0.999_999) < Duration::from_secs(120));
+}
+
+#[test]
+fn xfetch_refresh_probability_matches_the_paper() {
+    // P(refresh | t before expiry) = exp(−t / (β·δ)).
+    let (delta, beta, expiry) = (100u64, 1.5f64, 1_000_000u64);
+    let trials = 200_000;
+    for t in [0u64, 50, 150, 300, 600] {
+        let hits = (0..trials)
+            .filter(|_| {
+                xfetch_should_refresh(expiry - t, expiry, delta, beta, rand::random::<f64>())
+            })
+            .count();
+        let observed = hits as f64 / trials as f64;
+        let expected = (-(t as f64) / (beta * delta as f64)).exp();
+        assert!(
+            (observed - expected).abs() < 0.01,
+            "t={t}: observed {observed:.4}, expected {expected:.4}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_or_treated_as_a_miss() {
+    let store: Arc<dyn KvStore> = Arc::new(bulwark_kernel::kv::memory::MemoryStore::new());
+    let cache = Cache::new(
+        &config(&[("ns", policy(Strategy::Swr, 10_000))]),
+        store.clone(),
+    );
+    // Unknown namespace.
+    let err = cache
+        .get_or_load("nope", "k", || async { Ok(Bytes::new()) })
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, CacheError::UnknownNamespace(_)));
+    // Garbage in L2 is a miss, not a crash.
+    store
+        .set("cache:ns:g", Bytes::from_static(b"\xffgarbage"), None)
+        .await
+        .expect("set");
+    let (v, outcome) = cache
+        .get_or_load("ns", "g", || async { Ok(Bytes::from_static(b"good")) })
+        .await
+        .expect("load");
+    assert_eq!((v.as_ref(), outcome), (b"good".as_ref(), Outcome::Miss));
+    // Values over the size limit are served but not cached.
+    let count = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        let c = count.clone();
+        let (v, _) = cache
+            .get_or_load("ns", "big", move || async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(Bytes::from(vec![0u8; 4096]))
+            })
+            .await
+            .expect("big");
+        assert_eq!(v.len(), 4096);
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 3, "never cached");
+    // Loader errors reach the caller and are not cached.
+    let err = cache
+        .get_or_load("ns", "e", || async { Err("db down".to_owned()) })
+        .await
+        .expect_err("error");
+    assert!(matches!(err, CacheError::Loader(_)));
+    let (v, _) = cache
+        .get_or_load("ns", "e", || async { Ok(Bytes::from_static(b"ok")) })
+        .await
+        .expect("recovers");
+    assert_eq!(v, "ok");
+}
+
+#[test]
+fn never_class_and_bad_policies_are_refused_naming_the_key() {
+    let mut p = policy(Strategy::Swr, 1000);
+    p.class = CacheClass::Never;
+    let err = config(&[("prices", p)]).validate().expect_err("never");
+    assert_eq!(err.key, "cache.namespaces.prices.class");
+    let mut p = policy(Strategy::Swr, 1000);
+    p.jitter = 1.5;
+    assert_eq!(
+        config(&[("x", p)]).validate().expect_err("jitter").key,
+        "cache.namespaces.x.jitter"
+    );
+    let mut p = policy(Strategy::Swr, 1000);
+    p.reason = " ".into();
+    assert_eq!(
+        config(&[("x", p)]).validate().expect_err("reason").key,
+        "cache.namespaces.x.reason"
+    );
+}
+
+#[tokio::test]
+async fn admin_api_invalidates_and_rejects_bad_input() {
+    use bulwark_kernel::auth::Role;
+    let app = bulwark_tests::TestAppBuilder::new(bulwark_tests::Backend::Embedded)
+        .set("cache.namespaces.reports.class", "expensive")
+        .set(
+            "cache.namespaces.reports.reason",
+            "daily aggregates: ~1000 reads per write, seconds to compute",
+        )
+        .set("cache.namespaces.reports.ttl", "5m")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let post = |token: String, body: &'static str| {
+        app.client
+            .post(app.url("/api/cache/invalidate"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let ok = post(
+        app.token(Role::Admin),
+        r#"{"namespace":"reports","key":"2026-11"}"#,
+    )
+    .await
+    .expect("req");
+    assert_eq!(ok.status(), 204);
+    assert_eq!(
+        post(
+            app.token(Role::Viewer),
+            r#"{"namespace":"reports","key":"x"}"#
+        )
+        .await
+        .expect("req")
+        .status(),
+        403
+    );
+    let unknown = post(app.token(Role::Admin), r#"{"namespace":"nope","key":"x"}"#)
+        .await
+        .expect("req");
+    assert_eq!(unknown.status(), 404);
+    let bad = post(app.token(Role::Admin), r#"{"namespace":"reports"}"#)
+        .await
+        .expect("req");
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = bad.json().await.expect("problem");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("key"),
+        "{body}"
+    );
+    let stats = app
+        .get("/api/cache/stats", Some(&app.token(Role::Viewer)))
+        .await;
+    assert_eq!(stats.status(), 200);
+}
+
+#[test]
+fn config_check_refuses_a_never_class_namespace() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("cache.toml"),
+        "[cache.namespaces.prices]\nclass = \"never\"\nreason = \"live prices\"\nttl = \"1s\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(bulwark_tests::procs::bulwark_binary())
+        .args(["--config", "cache.toml", "config", "check"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`cache.namespaces.prices.class`"), "{err}");
+}
