@@ -37,6 +37,7 @@ fn config(ns: &[(&str, NamespacePolicy)]) -> CacheConfig {
             .iter()
             .map(|(n, p)| ((*n).to_owned(), p.clone()))
             .collect(),
+        queries: Default::default(),
     }
 }
 

@@ -110,6 +110,9 @@ pub struct CacheConfig {
     /// Declared namespaces, by name.
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespacePolicy>,
+    /// Named cached queries, served at `/api/cache/queries/{name}`.
+    #[serde(default)]
+    pub queries: BTreeMap<String, crate::queries::QueryConfig>,
 }
 
 impl Default for CacheConfig {
@@ -117,6 +120,7 @@ impl Default for CacheConfig {
         Self {
             l1_max_bytes: default_l1_max_bytes(),
             namespaces: BTreeMap::new(),
+            queries: BTreeMap::new(),
         }
     }
 }
@@ -181,6 +185,9 @@ impl CacheConfig {
                     "must be a positive number",
                 ));
             }
+        }
+        for (name, q) in &self.queries {
+            q.validate(name, &self.namespaces)?;
         }
         Ok(())
     }

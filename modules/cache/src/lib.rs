@@ -7,8 +7,13 @@
 
 pub mod config;
 pub mod loader;
+pub mod queries;
 
-use axum::extract::State;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bulwark_kernel::auth::{Auth, require};
 use bulwark_kernel::config::{ConfigError, Settings};
@@ -70,8 +75,69 @@ async fn stats(
     axum::Json(serde_json::json!({"l1": {"bytes": bytes}}))
 }
 
+#[derive(Clone)]
+struct QueriesState {
+    cache: Cache,
+    queries: Arc<BTreeMap<String, queries::QueryConfig>>,
+    db: sea_orm::DatabaseConnection,
+}
+
+/// Run a named query through the cache (role viewer). The body is the rows as a JSON array;
+/// `x-cache` says `hit`, `stale` or `miss`.
+#[utoipa::path(get, path = "/api/cache/queries/{name}", tag = "cache", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Query name from `[cache.queries.NAME]`")),
+    responses(
+        (status = 200, description = "Rows as a JSON array"),
+        (status = 400, description = "Unknown, missing or wrongly typed parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown query", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The query failed or no value within lock_wait", body = Problem, content_type = "application/problem+json")
+))]
+async fn run_query(
+    _auth: Auth<require::Viewer>,
+    State(s): State<QueriesState>,
+    Path(name): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    let q = s
+        .queries
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| Problem::not_found(format!("no query named `{name}`")))?;
+    let values = q.bind(&params).map_err(Problem::bad_request)?;
+    let key = q.cache_key(&name, &params);
+    let db = s.db.clone();
+    let ns = q.namespace.clone();
+    let loaded = s
+        .cache
+        .get_or_load(&ns, &key, move || async move {
+            q.run(&db, values).await.map(bytes::Bytes::from)
+        })
+        .await;
+    match loaded {
+        Ok((body, outcome)) => Ok((
+            [
+                (axum::http::header::CONTENT_TYPE, "application/json"),
+                (
+                    axum::http::HeaderName::from_static("x-cache"),
+                    outcome.label(),
+                ),
+            ],
+            body,
+        )
+            .into_response()),
+        Err(CacheError::Loader(e)) => {
+            tracing::warn!(message = "Named query failed.", query = %name, error = %e);
+            Err(Problem::unavailable(format!("query `{name}` failed")))
+        }
+        Err(e) => Err(Problem::unavailable(e.to_string())),
+    }
+}
+
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(invalidate, stats), components(schemas(InvalidateRequest)))]
+#[openapi(
+    paths(invalidate, stats, run_query),
+    components(schemas(InvalidateRequest))
+)]
 struct CacheApi;
 
 #[async_trait::async_trait]
@@ -96,6 +162,12 @@ impl Module for CacheModule {
             .route("/api/cache/invalidate", post(invalidate))
             .route("/api/cache/stats", get(stats))
             .with_state(cache.clone())
+            .route("/api/cache/queries/{name}", get(run_query))
+            .with_state(QueriesState {
+                cache: cache.clone(),
+                queries: Arc::new(cfg.queries.clone()),
+                db: ctx.db_read.clone(),
+            })
             .merge(status);
         let closing = ctx.shutdown.closing_token();
         let follower = Worker {

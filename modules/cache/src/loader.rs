@@ -50,7 +50,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
             Outcome::Stale => "stale",
