@@ -180,7 +180,7 @@ pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), C
         .context("database")?;
     match action {
         MigrateAction::Up => {
-            crate::migrate_up(&db).await?;
+            crate::migrate_up(&db, &settings.kernel.database).await?;
             println!("migrations applied");
         }
         MigrateAction::Down(args) => {

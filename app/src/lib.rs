@@ -28,7 +28,35 @@ pub fn version_line() -> String {
 }
 
 /// Apply every compiled-in migration set, kernel first.
-pub async fn migrate_up(db: &DatabaseConnection) -> anyhow::Result<()> {
+///
+/// Several replicas may start at once against one PostgreSQL database: they take turns under a
+/// session advisory lock, held on a dedicated one-connection pool so that every migration
+/// statement runs in the session that holds it. The first applies; the others find nothing
+/// pending.
+pub async fn migrate_up(
+    db: &DatabaseConnection,
+    cfg: &bulwark_kernel::config::DatabaseConfig,
+) -> anyhow::Result<()> {
+    use sea_orm::{ConnectionTrait, DbBackend};
+    if db.get_database_backend() != DbBackend::Postgres {
+        return apply_all(db).await;
+    }
+    let mut single = cfg.clone();
+    single.max_connections = 1;
+    single.min_connections = 1;
+    let conn = db::connect(&single).await.context("migration connection")?;
+    conn.execute_unprepared("SELECT pg_advisory_lock(7262353)")
+        .await
+        .context("take the migration lock")?;
+    let result = apply_all(&conn).await;
+    let _ = conn
+        .execute_unprepared("SELECT pg_advisory_unlock(7262353)")
+        .await;
+    let _ = conn.close().await;
+    result
+}
+
+async fn apply_all(db: &DatabaseConnection) -> anyhow::Result<()> {
     for set in bulwark_migrations::sets() {
         set.up(db)
             .await
@@ -77,7 +105,7 @@ impl Application {
 
         let db = db::connect(&k.database).await?;
         if k.database.migrate_on_start {
-            migrate_up(&db).await?;
+            migrate_up(&db, &k.database).await?;
         }
         let db_read = db::connect_read(&k.database, &db).await?;
         let bus = bus::from_config(&k.bus, db.clone()).await.context("bus")?;

@@ -87,3 +87,27 @@ async fn a_bad_database_url_is_refused_by_config() {
         bulwark_kernel::config::Settings::from_figment(f).expect_err("mysql is not supported");
     assert_eq!(err.key, "database.url");
 }
+
+#[tokio::test]
+async fn replicas_starting_together_migrate_one_at_a_time() {
+    // Without the advisory lock, concurrent CREATE TABLEs on PostgreSQL collide
+    // (duplicate key in pg_type) and all but one replica fail to start.
+    let Some(tdb) = TestDatabase::postgres().await.expect("postgres") else {
+        return;
+    };
+    let mut cfg = default_settings().kernel.database;
+    cfg.url = bulwark_kernel::config::SecretUrl::new(tdb.url.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            let db = bulwark_kernel::db::connect(&cfg).await.expect("connect");
+            bulwark::migrate_up(&db, &cfg).await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .expect("join")
+            .expect("every replica migrates (or finds nothing pending)");
+    }
+}
