@@ -154,3 +154,101 @@ pub fn spawn_bulwark(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
         child: cmd.spawn().expect("spawn bulwark"),
     }
 }
+
+/// A private three-master Redis Cluster (no replicas) on free ports; `None` when redis-server
+/// is not installed (and not required). The processes die with the returned handles.
+pub fn start_redis_cluster(dir: &Path) -> Option<(Vec<Proc>, Vec<u16>)> {
+    if !have("redis-server") || !have("redis-cli") {
+        assert!(
+            !crate::services::require_services(),
+            "redis-server not installed"
+        );
+        return None;
+    }
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for p in &ports {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &p.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("nodes-{p}.conf"),
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        procs.push(Proc { child });
+        assert!(
+            wait_port(*p, Duration::from_secs(10)),
+            "cluster node did not listen"
+        );
+    }
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("redis-cli --cluster create");
+    assert!(created.success(), "cluster creation failed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        });
+        if ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cluster never reached cluster_state:ok"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((procs, ports))
+}
+
+/// A private Redis master watched by one Sentinel (service `mymaster`); returns the processes,
+/// the master's port and the sentinel's port.
+pub fn start_redis_sentinel(dir: &Path) -> Option<(Vec<Proc>, u16, u16)> {
+    let master_port = free_port();
+    let master = start_redis(master_port)?;
+    let sentinel_port = free_port();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master_port} 1\nsentinel down-after-milliseconds mymaster 5000\n"
+        ),
+    )
+    .expect("sentinel.conf");
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn redis sentinel");
+    let sentinel = Proc { child };
+    assert!(
+        wait_port(sentinel_port, Duration::from_secs(10)),
+        "sentinel did not listen"
+    );
+    Some((vec![master, sentinel], master_port, sentinel_port))
+}

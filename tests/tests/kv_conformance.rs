@@ -772,3 +772,58 @@ async fn publish_until_received(
     }
     None
 }
+
+/// Every property on a fresh prefix of the store at `url`.
+async fn all_properties(url: &str) {
+    macro_rules! each {
+        ($($p:ident),* $(,)?) => {$(
+            let store = RedisStore::connect(&redis_config(url, &format!("{}:", unique("kvx"))))
+                .await
+                .expect("connect");
+            eventually(SOON, || async { store.health().await.ok() }).await.expect("healthy");
+            $p(&store).await;
+        )*};
+    }
+    each!(
+        round_trip,
+        ttl_expires,
+        set_without_ttl_clears_expiry,
+        set_nx_only_once,
+        lock_is_exclusive,
+        lease_expires,
+        fencing_tokens_increase,
+        non_holder_cannot_extend_or_release,
+        holder_release_frees,
+        pubsub_delivers_within_channel_only,
+        pubsub_survives_other_subscriber_dropping,
+        presence_expires_and_removes,
+        presence_short_member_does_not_shorten_others,
+        memory_is_sane,
+        invalid_arguments_rejected,
+    );
+}
+
+#[tokio::test]
+async fn redis_cluster_passes_the_same_suite() {
+    // K6 "by URL (standalone, sentinel, cluster)": a real three-master cluster.
+    let dir = tempfile::tempdir().expect("tmp");
+    let Some((_nodes, ports)) = bulwark_tests::procs::start_redis_cluster(dir.path()) else {
+        return;
+    };
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    all_properties(&url).await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_passes_the_same_suite() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let Some((_procs, _master, sentinel)) = bulwark_tests::procs::start_redis_sentinel(dir.path())
+    else {
+        return;
+    };
+    let url = format!("redis-sentinel://127.0.0.1:{sentinel}/0?sentinelServiceName=mymaster");
+    all_properties(&url).await;
+}
