@@ -455,6 +455,25 @@ async fn admin_api_invalidates_and_rejects_bad_input() {
         .get("/api/cache/stats", Some(&app.token(Role::Viewer)))
         .await;
     assert_eq!(stats.status(), 200);
+    let report: serde_json::Value = app
+        .get("/api/cache/policies", Some(&app.token(Role::Viewer)))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(report[0]["namespace"], "reports");
+    assert_eq!(report[0]["declared"]["class"], "expensive");
+    let metrics = app
+        .get("/metrics", None)
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.contains(r#"bulwark_cache_memory_bytes{tier="l1"}"#),
+        "memory gauge exported"
+    );
+    assert!(metrics.contains(r#"bulwark_cache_memory_limit_bytes{tier="l1"}"#));
 }
 
 #[test]
@@ -473,4 +492,44 @@ fn config_check_refuses_a_never_class_namespace() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("`cache.namespaces.prices.class`"), "{err}");
+}
+
+#[tokio::test]
+async fn observed_behaviour_that_contradicts_the_declaration_is_flagged() {
+    // C4: a namespace declared read_mostly that is written often and read once per key.
+    let mut p = policy(Strategy::Swr, 60_000);
+    p.class = CacheClass::ReadMostly;
+    let store: Arc<dyn KvStore> = Arc::new(bulwark_kernel::kv::memory::MemoryStore::new());
+    let cache = Cache::new(&config(&[("tail", p.clone()), ("hot", p)]), store);
+    for i in 0..150 {
+        cache
+            .get_or_load("tail", &i.to_string(), || async {
+                Ok(Bytes::from_static(b"x"))
+            })
+            .await
+            .expect("load");
+        if i % 3 == 0 {
+            cache
+                .invalidate("tail", &i.to_string())
+                .await
+                .expect("invalidate");
+        }
+        cache
+            .get_or_load("hot", "one", || async { Ok(Bytes::from_static(b"x")) })
+            .await
+            .expect("load");
+    }
+    let report = cache.policy_report();
+    let tail = report.iter().find(|r| r.namespace == "tail").expect("tail");
+    assert_eq!(
+        (tail.reads, tail.misses, tail.invalidations),
+        (150, 150, 50)
+    );
+    assert_eq!(tail.hit_rate, Some(0.0));
+    assert_eq!(tail.flags.len(), 2, "{:?}", tail.flags);
+    assert!(tail.flags.iter().any(|f| f.contains("reads per write")));
+    assert!(tail.flags.iter().any(|f| f.contains("hit rate")));
+    let hot = report.iter().find(|r| r.namespace == "hot").expect("hot");
+    assert_eq!((hot.reads, hot.hits), (150, 149));
+    assert!(hot.flags.is_empty(), "{:?}", hot.flags);
 }

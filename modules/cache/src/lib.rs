@@ -70,9 +70,20 @@ async fn stats(
     _auth: Auth<require::Viewer>,
     State(cache): State<Cache>,
 ) -> axum::Json<serde_json::Value> {
+    cache.record_memory().await;
     let bytes = cache.l1_bytes().await;
-    metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l1").set(bytes as f64);
     axum::Json(serde_json::json!({"l1": {"bytes": bytes}}))
+}
+
+/// Each namespace's declared policy next to what this instance observed (reads, hit rate,
+/// reads per write), with contradictions flagged (role viewer).
+#[utoipa::path(get, path = "/api/cache/policies", tag = "cache", security(("bearer" = [])),
+    responses((status = 200, description = "Declared versus observed, per namespace")))]
+async fn policies(
+    _auth: Auth<require::Viewer>,
+    State(cache): State<Cache>,
+) -> axum::Json<Vec<loader::PolicyReport>> {
+    axum::Json(cache.policy_report())
 }
 
 #[derive(Clone)]
@@ -135,7 +146,7 @@ async fn run_query(
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(invalidate, stats, run_query),
+    paths(invalidate, stats, policies, run_query),
     components(schemas(InvalidateRequest))
 )]
 struct CacheApi;
@@ -161,6 +172,7 @@ impl Module for CacheModule {
         let routes = axum::Router::new()
             .route("/api/cache/invalidate", post(invalidate))
             .route("/api/cache/stats", get(stats))
+            .route("/api/cache/policies", get(policies))
             .with_state(cache.clone())
             .route("/api/cache/queries/{name}", get(run_query))
             .with_state(QueriesState {
@@ -170,6 +182,20 @@ impl Module for CacheModule {
             })
             .merge(status);
         let closing = ctx.shutdown.closing_token();
+        let (gauges_cache, gauges_stop) = (cache.clone(), ctx.shutdown.closing_token());
+        let gauges = Worker {
+            name: "cache-memory-gauges".into(),
+            kind: WorkerKind::Web,
+            run: Box::pin(async move {
+                loop {
+                    gauges_cache.record_memory().await;
+                    tokio::select! {
+                        _ = gauges_stop.cancelled() => break,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                    }
+                }
+            }),
+        };
         let follower = Worker {
             name: "cache-invalidations".into(),
             kind: WorkerKind::Web,
@@ -182,7 +208,7 @@ impl Module for CacheModule {
         Ok(ModuleParts {
             routes,
             openapi,
-            workers: vec![follower],
+            workers: vec![follower, gauges],
             ..ModuleParts::default()
         })
     }

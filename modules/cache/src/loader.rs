@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -129,7 +130,38 @@ struct Inner {
     l1: moka::future::Cache<String, Arc<Entry>>,
     policies: BTreeMap<String, NamespacePolicy>,
     inflight: Mutex<HashMap<String, Fill>>,
+    observed: BTreeMap<String, Observed>,
 }
+
+/// What this process saw of a namespace, to hold against its declaration (C4).
+#[derive(Default)]
+struct Observed {
+    hits: AtomicU64,
+    stale: AtomicU64,
+    misses: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+/// Declared versus observed behaviour of one namespace (`GET /api/cache/policies`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyReport {
+    pub namespace: String,
+    pub declared: NamespacePolicy,
+    pub reads: u64,
+    pub hits: u64,
+    pub stale: u64,
+    pub misses: u64,
+    /// Writes seen as invalidations.
+    pub invalidations: u64,
+    /// Hits over reads; stale serves are not hits.
+    pub hit_rate: Option<f64>,
+    pub reads_per_write: Option<f64>,
+    /// Where the behaviour contradicts the declaration.
+    pub flags: Vec<String>,
+}
+
+/// Reads below this are too few to judge a namespace by.
+pub const MIN_READS_TO_JUDGE: u64 = 100;
 
 /// The cache. Cheap to clone.
 #[derive(Clone)]
@@ -187,6 +219,11 @@ impl Cache {
                 l1,
                 policies: cfg.namespaces.clone(),
                 inflight: Mutex::default(),
+                observed: cfg
+                    .namespaces
+                    .keys()
+                    .map(|n| (n.clone(), Observed::default()))
+                    .collect(),
             }),
         }
     }
@@ -196,6 +233,66 @@ impl Cache {
             .policies
             .get(namespace)
             .ok_or_else(|| CacheError::UnknownNamespace(namespace.to_owned()))
+    }
+
+    /// Declared policy next to observed behaviour, with contradictions flagged (C4).
+    pub fn policy_report(&self) -> Vec<PolicyReport> {
+        use crate::config::CacheClass;
+        self.inner
+            .policies
+            .iter()
+            .map(|(ns, declared)| {
+                let o = self.inner.observed.get(ns);
+                let get = |f: fn(&Observed) -> &AtomicU64| o.map(|o| f(o).load(Ordering::Relaxed)).unwrap_or(0);
+                let (hits, stale, misses, invalidations) =
+                    (get(|o| &o.hits), get(|o| &o.stale), get(|o| &o.misses), get(|o| &o.invalidations));
+                let reads = hits + stale + misses;
+                let hit_rate = (reads > 0).then(|| hits as f64 / reads as f64);
+                let reads_per_write = (invalidations > 0).then(|| reads as f64 / invalidations as f64);
+                let mut flags = Vec::new();
+                if reads >= MIN_READS_TO_JUDGE {
+                    if let Some(rpw) = reads_per_write
+                        && rpw < 10.0
+                        && declared.class == CacheClass::ReadMostly
+                    {
+                        flags.push(format!("declared read_mostly but observed {rpw:.1} reads per write (expected ≥ 10)"));
+                    }
+                    if let Some(h) = hit_rate
+                        && h < 0.5
+                    {
+                        flags.push(format!(
+                            "hit rate {:.0}%: long-tail keys (read about once) or a TTL too short for how often keys are read",
+                            h * 100.0
+                        ));
+                    }
+                }
+                PolicyReport {
+                    namespace: ns.clone(),
+                    declared: declared.clone(),
+                    reads,
+                    hits,
+                    stale,
+                    misses,
+                    invalidations,
+                    hit_rate,
+                    reads_per_write,
+                    flags,
+                }
+            })
+            .collect()
+    }
+
+    /// Refresh the memory gauges: L1 as weighed, L2 from the store (Redis INFO).
+    pub async fn record_memory(&self) {
+        let l1 = self.l1_bytes().await;
+        metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l1").set(l1 as f64);
+        if let Ok((used, limit)) = self.inner.kv.memory().await {
+            metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l2").set(used as f64);
+            if let Some(limit) = limit {
+                metrics::gauge!("bulwark_cache_memory_limit_bytes", "tier" => "l2")
+                    .set(limit as f64);
+            }
+        }
     }
 
     /// Bytes held by L1 (as weighed).
@@ -277,6 +374,14 @@ impl Cache {
             }
         };
         if let Ok((_, outcome)) = &result {
+            if let Some(o) = self.inner.observed.get(namespace) {
+                let counter = match outcome {
+                    Outcome::Hit => &o.hits,
+                    Outcome::Stale => &o.stale,
+                    Outcome::Miss => &o.misses,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             let ns = namespace.to_owned();
             metrics::counter!("bulwark_cache_requests_total", "namespace" => ns.clone(), "result" => outcome.label())
                 .increment(1);
@@ -524,6 +629,9 @@ impl Cache {
     /// Active invalidation (C7): drop the key from L2 and this L1, and tell every instance.
     pub async fn invalidate(&self, namespace: &str, key: &str) -> Result<(), CacheError> {
         self.policy(namespace)?;
+        if let Some(o) = self.inner.observed.get(namespace) {
+            o.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
         let l1_key = format!("{namespace}:{key}");
         self.inner.l1.invalidate(&l1_key).await;
         let _ = self
