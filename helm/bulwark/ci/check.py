@@ -446,6 +446,30 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
     except Exception as e:  # noqa: BLE001
         check(False, f"{label}: ConfigMap bulwark.toml is not valid TOML: {e}")
 
+    # And Bulwark itself accepts it: `bulwark config check` on the rendered file, with the
+    # secrets the pods get from Secrets supplied as the same environment variables.
+    binary = os.environ.get("BULWARK_BIN", os.path.join(REPO, "target", "debug", "bulwark"))
+    if os.path.exists(binary):
+        import subprocess
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bulwark.toml")
+            with open(path, "w") as f:
+                f.write(toml_text)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK")}
+            env.update({
+                "BULWARK__DATABASE__URL": "postgres://bulwark:secret@db:5432/bulwark",
+                "BULWARK__BUS__URL": "nats://nats:4222",
+                "BULWARK__REDIS__URL": "redis://redis:6379/0",
+            })
+            if "jwks_url" not in conf.get("auth", {}):
+                env["BULWARK__AUTH__HS256_SECRET"] = "x" * 48
+            out = subprocess.run([binary, "--config", path, "config", "check"], env=env, cwd=tmp,
+                                 capture_output=True, text=True)
+            check(out.returncode == 0, f"{label}: `bulwark config check` accepts the rendered config"
+                  + ("" if out.returncode == 0 else f" ({out.stderr.strip()})"))
+    else:
+        print(f"  note {label}: {binary} not built; rendered config not checked by bulwark itself")
+
     # Migrations: a pre-install,pre-upgrade hook Job running `migrate up`.
     job = named(docs, "Job", f"{fullname}-migrate")
     if values["migrations"]["enabled"]:

@@ -151,6 +151,11 @@ enabled = {{ $c.modules.enabled | toJson }}
 {{ $k }} = {{ include "bulwark.tomlValue" $v }}
 {{- end }}
 {{- end }}
+{{- with $c.extraToml }}
+
+# config.extraToml: nested module tables ([cache.namespaces.NAME], [cache.queries.NAME], ...)
+{{ . }}
+{{- end }}
 {{ end }}
 
 {{/* One secret-backed env var: (dict "root" $ "env" "BULWARK__X__Y" "ref" .Values.secrets.x). */}}
