@@ -183,6 +183,51 @@ impl moka::Expiry<String, Arc<Entry>> for ByHardExpiry {
     }
 }
 
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "bulwark_cache_requests_total",
+        "Cache requests by namespace and result (hit, stale, miss); stale is not a hit."
+    );
+    describe_histogram!(
+        "bulwark_cache_request_duration_seconds",
+        Unit::Seconds,
+        "Cache request latency by result."
+    );
+    describe_counter!(
+        "bulwark_cache_loads_total",
+        "Loader runs by outcome (ok, error)."
+    );
+    describe_histogram!(
+        "bulwark_cache_load_duration_seconds",
+        Unit::Seconds,
+        "Loader duration."
+    );
+    describe_histogram!(
+        "bulwark_cache_lock_wait_seconds",
+        Unit::Seconds,
+        "Time waiters spent waiting for the fill lock holder."
+    );
+    describe_counter!(
+        "bulwark_cache_lock_timeouts_total",
+        "Waiters that gave up after lock_wait and used the fallback."
+    );
+    describe_counter!(
+        "bulwark_cache_evictions_total",
+        "Entries removed by tier and cause (size, expired, invalidated)."
+    );
+    describe_gauge!(
+        "bulwark_cache_memory_bytes",
+        Unit::Bytes,
+        "Bytes used per tier (L1 as weighed, L2 from the store)."
+    );
+    describe_gauge!(
+        "bulwark_cache_memory_limit_bytes",
+        Unit::Bytes,
+        "Configured limit per tier (L2 only when Redis maxmemory is set)."
+    );
+}
+
 fn namespace_of(l1_key: &str) -> String {
     l1_key
         .split_once(':')
@@ -192,6 +237,7 @@ fn namespace_of(l1_key: &str) -> String {
 
 impl Cache {
     pub fn new(cfg: &CacheConfig, kv: Arc<dyn KvStore>) -> Self {
+        describe_metrics();
         let l1 = moka::future::Cache::builder()
             .max_capacity(cfg.l1_max_bytes)
             .weigher(|k: &String, v: &Arc<Entry>| {
