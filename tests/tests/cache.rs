@@ -533,3 +533,47 @@ async fn observed_behaviour_that_contradicts_the_declaration_is_flagged() {
     assert_eq!((hot.reads, hot.hits), (150, 149));
     assert!(hot.flags.is_empty(), "{:?}", hot.flags);
 }
+
+#[tokio::test]
+async fn waiters_give_up_after_lock_wait_and_apply_the_fallback() {
+    // C3: the others wait at most lock_wait, then fall back (here: 503-style Unavailable, or
+    // load anyway). Exercises bulwark_cache_lock_timeouts_total and _lock_wait_seconds.
+    for store in stores().await {
+        for (fallback, expect_unavailable) in
+            [(Fallback::Unavailable, true), (Fallback::Load, false)]
+        {
+            let mut p = policy(Strategy::Lock, 10_000);
+            p.lock_wait = Duration::from_millis(100);
+            p.fallback = fallback;
+            let cfg = config(&[("ns", p)]);
+            let (a, b) = (
+                Cache::new(&cfg, store.clone()),
+                Cache::new(&cfg, store.clone()),
+            );
+            let count = Arc::new(AtomicUsize::new(0));
+            let key = format!("k-{fallback:?}");
+            let slow = {
+                let (a, c, key) = (a.clone(), count.clone(), key.clone());
+                tokio::spawn(async move {
+                    a.get_or_load("ns", &key, counting_loader(&c, "slow", 1000))
+                        .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            let r = b
+                .get_or_load("ns", &key, counting_loader(&count, "fallback", 0))
+                .await;
+            assert!(
+                started.elapsed() < Duration::from_millis(800),
+                "the waiter did not wait for the slow holder"
+            );
+            if expect_unavailable {
+                assert!(matches!(r, Err(CacheError::Unavailable(_))), "{r:?}");
+            } else {
+                assert_eq!(r.expect("loaded anyway").0, "fallback");
+            }
+            slow.await.expect("join").expect("the holder still answers");
+        }
+    }
+}
