@@ -603,8 +603,10 @@ impl KvStore for RedisStore {
                 let count = wanted.entry(full.clone()).or_insert(0);
                 *count += 1;
                 if *count == 1 {
+                    // Not fail-fast: a subscriber connection still being established (right
+                    // after start, or through Sentinel) is waited for, up to the timeout, so the
+                    // channel is live when this returns and nothing published next is lost.
                     let fast = inner.subscriber.with_options(&Options {
-                        fail_fast: true,
                         timeout: Some(inner.timeout),
                         ..Options::default()
                     });
