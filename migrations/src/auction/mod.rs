@@ -1,2 +1,7 @@
-//! Migrations of the `auction` module. Its tables arrive with the module's own issue.
-crate::module_migrator!("bulwark_migrations_auction", []);
+//! Migrations of the `auction` module (A1–A11).
+mod m20261126_000001_auctions;
+
+crate::module_migrator!(
+    "bulwark_migrations_auction",
+    [m20261126_000001_auctions::Migration]
+);

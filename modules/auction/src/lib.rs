@@ -1,15 +1,140 @@
-//! The `auction` module. Real-time WebSocket bidding (A1–A11): durable queue before ACK, idempotent worker, cross-instance broadcast.
+//! The `auction` module: real-time WebSocket bidding that never loses an acknowledged bid
+//! (A1–A11). See docs/auction.md for the design and docs/protocol/auction.md for the socket.
 //!
-//! This crate holds the module's entry point; its features arrive with the module's issue.
+//! * [`gateway`] — one task per socket: validates, stamps and stores bids in JetStream
+//!   before it ACKs; sends the full `state` on every (re)connect.
+//! * [`worker`] — applies bids in order per auction, once each, in one transaction; the
+//!   scheduler closes auctions exactly once; every web instance fans room messages out.
+//! * [`store`] — the database side; [`protocol`] — the messages.
 
+pub mod api;
+pub mod config;
+pub mod entity;
+pub mod gateway;
+pub mod hub;
+pub mod protocol;
+pub mod store;
+pub mod worker;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use bulwark_kernel::bus::{Bus, StreamSpec};
 use bulwark_kernel::config::{ConfigError, Settings};
-use bulwark_kernel::module::{Context, Module, ModuleError, ModuleParts, status_route};
-use serde::{Deserialize, Serialize};
+use bulwark_kernel::kv::KvStore;
+use bulwark_kernel::module::{
+    Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
+};
+use bulwark_kernel::shutdown::Shutdown;
 
-/// The `[auction]` config section.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuctionConfig {}
+pub use config::AuctionConfig;
+
+/// The durable stream of bids and close commands.
+pub const STREAM: &str = "AUCTION_BIDS";
+
+/// What the gateway, worker and API share.
+pub struct Inner {
+    pub cfg: AuctionConfig,
+    pub db: sea_orm::DatabaseConnection,
+    pub bus: Arc<dyn Bus>,
+    pub kv: Arc<dyn KvStore>,
+    pub hub: hub::Hub,
+    pub shutdown: Shutdown,
+    pub limiter: gateway::RateLimiter,
+    /// This process, in presence entries.
+    pub instance: String,
+}
+
+impl Inner {
+    /// The ordered partition subject of an auction's bids.
+    pub fn bid_subject(&self, auction_id: i64) -> String {
+        let p = auction_id.rem_euclid(i64::from(self.cfg.partitions));
+        format!("auction.bids.{p}.{auction_id}")
+    }
+}
+
+/// The ephemeral subject of an auction's room messages.
+pub fn room_subject(auction_id: i64) -> String {
+    format!("auction.room.{auction_id}")
+}
+
+/// The presence set of an auction's room.
+pub fn presence_set(auction_id: i64) -> String {
+    format!("auction:presence:{auction_id}")
+}
+
+/// `Nats-Msg-Id` of a bid: the client's id, scoped to auction and bidder so that one client's
+/// id can never shadow another bidder's bid.
+pub fn bid_message_id(auction_id: i64, bidder: &str, id: &str) -> String {
+    format!("bid.{auction_id}.{}.{id}", bidder.escape_default())
+}
+
+fn load_config(settings: &Settings) -> Result<AuctionConfig, ConfigError> {
+    let cfg: AuctionConfig = settings.section("auction")?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Metric descriptions (names are the dashboard's and alerts' contract).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "bulwark_auction_messages_total",
+        "WebSocket messages by direction (in|out) and type."
+    );
+    describe_histogram!(
+        "bulwark_auction_bid_ack_seconds",
+        Unit::Seconds,
+        "From a bid frame's arrival to its ack (stored in JetStream)."
+    );
+    describe_histogram!(
+        "bulwark_auction_bid_apply_seconds",
+        Unit::Seconds,
+        "Time to apply one bid in the database (worker)."
+    );
+    describe_histogram!(
+        "bulwark_auction_bid_broadcast_seconds",
+        Unit::Seconds,
+        "From a bid's received_at to its bid_placed reaching a web instance."
+    );
+    describe_counter!(
+        "bulwark_auction_bids_total",
+        "Bids applied by the worker, by outcome."
+    );
+    describe_counter!(
+        "bulwark_auction_duplicates_total",
+        "Resent bids recognised, by layer (stream: JetStream's window; database: unique key)."
+    );
+    describe_counter!(
+        "bulwark_auction_rejections_total",
+        "Bid and protocol messages refused by the gateway, by reason."
+    );
+    describe_counter!(
+        "bulwark_auction_redeliveries_total",
+        "Bid deliveries after the first (a worker crashed or failed before ack)."
+    );
+    describe_counter!(
+        "bulwark_auction_resyncs_total",
+        "Fresh states sent because a socket lagged or saw a gap, by cause."
+    );
+    describe_counter!(
+        "bulwark_auction_slow_clients_total",
+        "Sockets closed because the client did not read (4008)."
+    );
+    describe_counter!(
+        "bulwark_auction_closed_total",
+        "Auctions closed by this process."
+    );
+    describe_counter!("bulwark_auction_created_total", "Auctions created.");
+    describe_gauge!(
+        "bulwark_auction_partitions_owned",
+        "Bid partitions this worker process owns."
+    );
+}
 
 /// The module value the app registers.
 pub struct AuctionModule;
@@ -21,16 +146,71 @@ impl Module for AuctionModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg: AuctionConfig = settings.section("auction")?;
+        let cfg = load_config(settings)?;
         serde_json::to_value(cfg).map_err(|e| ConfigError::new("auction", e.to_string()))
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let effective = self.check_config(&ctx.settings)?;
-        let (routes, openapi) = status_route(self.name(), effective);
+        let cfg = load_config(&ctx.settings)?;
+        let effective =
+            serde_json::to_value(&cfg).map_err(|e| ModuleError::Other(e.to_string()))?;
+        describe_metrics();
+        ctx.bus
+            .ensure_stream(&StreamSpec {
+                name: STREAM.into(),
+                subjects: vec!["auction.bids.>".into()],
+                duplicate_window: ctx.settings.kernel.bus.duplicate_window,
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            })
+            .await?;
+        let inner = Arc::new(Inner {
+            hub: hub::Hub::new(cfg.room_buffer),
+            cfg,
+            db: ctx.db.clone(),
+            bus: ctx.bus.clone(),
+            kv: ctx.kv.clone(),
+            shutdown: ctx.shutdown.clone(),
+            limiter: gateway::RateLimiter::default(),
+            instance: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+        });
+        let (status, mut openapi) = status_route(self.name(), effective);
+        openapi.merge(<api::AuctionApi as utoipa::OpenApi>::openapi());
+        let routes = axum::Router::new()
+            .route("/api/auction/auctions", get(api::list).post(api::create))
+            .route("/api/auction/auctions/{id}", get(api::get_one))
+            .route("/api/auction/auctions/{id}/state", get(api::state))
+            .route("/api/auction/auctions/{id}/bids", get(api::bids))
+            .route("/api/auction/auctions/{id}/result", get(api::result))
+            .route("/api/auction/auctions/{id}/presence", get(api::presence))
+            .route("/ws/auction/{id}", get(api::socket))
+            .with_state(inner.clone())
+            .merge(status);
+        let sd = &ctx.shutdown;
+        let workers = vec![
+            Worker {
+                name: "auction-room-fanout".into(),
+                kind: WorkerKind::Web,
+                run: Box::pin(worker::fan_out(inner.clone(), sd.closing_token())),
+            },
+            Worker {
+                name: "auction-bid-worker".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(worker::run(
+                    inner.clone(),
+                    sd.closing_token(),
+                    sd.deadline_token(),
+                )),
+            },
+            Worker {
+                name: "auction-scheduler".into(),
+                kind: WorkerKind::Scheduler,
+                run: Box::pin(worker::schedule(inner, sd.closing_token())),
+            },
+        ];
         Ok(ModuleParts {
             routes,
             openapi,
+            workers,
             ..ModuleParts::default()
         })
     }

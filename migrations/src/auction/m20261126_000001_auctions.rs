@@ -1,0 +1,310 @@
+//! Auctions, bids and results. Money is integer minor units (`BIGINT`), never floating point.
+//! Times are Unix milliseconds as stamped by Bulwark's own clocks (the gateway stamps
+//! `received_at`), so SQLite and PostgreSQL compare the same integers.
+//!
+//! The unique keys are the module's last line of defence: `(auction_id, bidder, client_bid_id)`
+//! catches a resend that JetStream's duplicate window no longer remembers (A7), and
+//! `auction_results.auction_id` being the primary key means a result is written once (A8).
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[derive(DeriveIden)]
+enum AuctionAuctions {
+    Table,
+    Id,
+    Title,
+    StartsAtMs,
+    EndsAtMs,
+    ScheduledEndMs,
+    StartPrice,
+    Reserve,
+    MinIncrement,
+    SoftCloseWindowMs,
+    SoftCloseExtensionMs,
+    Status,
+    Version,
+    Seq,
+    HighestAmount,
+    HighestBidder,
+    HighestBidId,
+    BidCount,
+    CreatedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum AuctionBids {
+    Table,
+    Id,
+    AuctionId,
+    Bidder,
+    ClientBidId,
+    Amount,
+    ReceivedAtMs,
+    ProcessedAtMs,
+    Outcome,
+    Reason,
+    Seq,
+    StreamSeq,
+}
+
+#[derive(DeriveIden)]
+enum AuctionResults {
+    Table,
+    AuctionId,
+    Winner,
+    Amount,
+    BidId,
+    ReserveMet,
+    ClosedAtMs,
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuctionAuctions::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Title)
+                            .string_len(200)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::StartsAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::EndsAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::ScheduledEndMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::StartPrice)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Reserve)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::MinIncrement)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::SoftCloseWindowMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::SoftCloseExtensionMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Status)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Version)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::Seq)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::HighestAmount)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::HighestBidder)
+                            .string_len(255)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::HighestBidId)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::BidCount)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionAuctions::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // The scheduler looks for open auctions past their end.
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("auction_auctions_status_ends")
+                    .table(AuctionAuctions::Table)
+                    .col(AuctionAuctions::Status)
+                    .col(AuctionAuctions::EndsAtMs)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuctionBids::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(AuctionBids::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionBids::AuctionId)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionBids::Bidder)
+                            .string_len(255)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionBids::ClientBidId)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(AuctionBids::Amount).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(AuctionBids::ReceivedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionBids::ProcessedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionBids::Outcome)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(AuctionBids::Reason).string_len(200).null())
+                    .col(ColumnDef::new(AuctionBids::Seq).big_integer().null())
+                    .col(ColumnDef::new(AuctionBids::StreamSeq).big_integer().null())
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("auction_bids_auction_fk")
+                            .from(AuctionBids::Table, AuctionBids::AuctionId)
+                            .to(AuctionAuctions::Table, AuctionAuctions::Id),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("auction_bids_client_id")
+                    .table(AuctionBids::Table)
+                    .col(AuctionBids::AuctionId)
+                    .col(AuctionBids::Bidder)
+                    .col(AuctionBids::ClientBidId)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        // Bid history pages backwards by id within an auction (keyset pagination).
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("auction_bids_auction_id_id")
+                    .table(AuctionBids::Table)
+                    .col(AuctionBids::AuctionId)
+                    .col(AuctionBids::Id)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuctionResults::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(AuctionResults::AuctionId)
+                            .big_integer()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionResults::Winner)
+                            .string_len(255)
+                            .null(),
+                    )
+                    .col(ColumnDef::new(AuctionResults::Amount).big_integer().null())
+                    .col(ColumnDef::new(AuctionResults::BidId).big_integer().null())
+                    .col(
+                        ColumnDef::new(AuctionResults::ReserveMet)
+                            .boolean()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuctionResults::ClosedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("auction_results_auction_fk")
+                            .from(AuctionResults::Table, AuctionResults::AuctionId)
+                            .to(AuctionAuctions::Table, AuctionAuctions::Id),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            AuctionResults::Table.into_iden(),
+            AuctionBids::Table.into_iden(),
+            AuctionAuctions::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(t).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,472 @@
+//! REST surface (utoipa-documented): auctions, state, bid history, result, presence.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::response::Response;
+use bulwark_kernel::auth::{Auth, Identity, Role, require};
+use bulwark_kernel::http::ApiJson;
+use bulwark_kernel::problem::Problem;
+use chrono::{DateTime, TimeZone as _, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::entity::{auction, bid};
+use crate::protocol::{Highest, ResultView, State as RoomState};
+use crate::{Inner, store};
+
+fn at(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn db_problem(e: sea_orm::DbErr) -> Problem {
+    tracing::warn!(message = "Auction database error.", error = %e);
+    Problem::unavailable("the auction store is unavailable")
+}
+
+/// An auction to create. Money in integer minor units (e.g. cents).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAuction {
+    /// 1 to 200 characters.
+    pub title: String,
+    /// Default: now.
+    pub starts_at: Option<DateTime<Utc>>,
+    pub ends_at: DateTime<Utc>,
+    /// The lowest first bid.
+    #[serde(default)]
+    pub start_price: i64,
+    /// Hidden minimum for a sale; shown only to admins.
+    pub reserve: Option<i64>,
+    /// Each bid must beat the highest by at least this much.
+    #[serde(default = "one")]
+    pub min_increment: i64,
+    /// A bid this close to the end extends the auction (soft close); 0 disables.
+    #[serde(default)]
+    pub soft_close_window_seconds: u32,
+    /// ... to the bid's time plus this.
+    #[serde(default)]
+    pub soft_close_extension_seconds: u32,
+}
+
+fn one() -> i64 {
+    1
+}
+
+const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+
+impl CreateAuction {
+    fn validate(self, now: i64) -> Result<store::NewAuction, Problem> {
+        let bad = |field: &str, m: &str| {
+            Err(Problem::bad_request(format!("{field}: {m}"))
+                .extension("field", serde_json::json!(field)))
+        };
+        let title = self.title.trim().to_owned();
+        if title.is_empty() || title.chars().count() > 200 {
+            return bad("title", "must be 1 to 200 characters");
+        }
+        let starts = self.starts_at.map_or(now, |t| t.timestamp_millis());
+        let ends = self.ends_at.timestamp_millis();
+        if ends <= starts {
+            return bad("ends_at", "must be after starts_at");
+        }
+        if ends <= now {
+            return bad("ends_at", "must be in the future");
+        }
+        if !(0..=MAX_AMOUNT).contains(&self.start_price) {
+            return bad("start_price", "must be between 0 and 10^15");
+        }
+        if let Some(r) = self.reserve
+            && !(0..=MAX_AMOUNT).contains(&r)
+        {
+            return bad("reserve", "must be between 0 and 10^15");
+        }
+        if !(1..=MAX_AMOUNT).contains(&self.min_increment) {
+            return bad("min_increment", "must be between 1 and 10^15");
+        }
+        if self.soft_close_window_seconds > 86_400 || self.soft_close_extension_seconds > 86_400 {
+            return bad(
+                "soft_close_window_seconds",
+                "soft-close settings are at most 86400",
+            );
+        }
+        if (self.soft_close_window_seconds == 0) != (self.soft_close_extension_seconds == 0) {
+            return bad(
+                "soft_close_extension_seconds",
+                "set both soft_close_window_seconds and soft_close_extension_seconds, or neither",
+            );
+        }
+        Ok(store::NewAuction {
+            title,
+            starts_at_ms: starts,
+            ends_at_ms: ends,
+            start_price: self.start_price,
+            reserve: self.reserve,
+            min_increment: self.min_increment,
+            soft_close_window_ms: i64::from(self.soft_close_window_seconds) * 1000,
+            soft_close_extension_ms: i64::from(self.soft_close_extension_seconds) * 1000,
+        })
+    }
+}
+
+/// An auction as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuctionView {
+    pub id: i64,
+    pub title: String,
+    /// `scheduled`, `open` or `closed`.
+    pub status: String,
+    pub starts_at: DateTime<Utc>,
+    /// Current end (moved by soft-close extensions).
+    pub ends_at: DateTime<Utc>,
+    /// The end as created.
+    pub scheduled_end: DateTime<Utc>,
+    pub start_price: i64,
+    /// Only for admins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserve: Option<i64>,
+    pub min_increment: i64,
+    pub soft_close_window_seconds: i64,
+    pub soft_close_extension_seconds: i64,
+    pub highest: Option<Highest>,
+    pub bid_count: i64,
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+fn view(a: auction::Model, who: &Identity) -> AuctionView {
+    let now = store::now_ms();
+    AuctionView {
+        status: store::display_status(&a, now).into(),
+        id: a.id,
+        title: a.title,
+        starts_at: at(a.starts_at_ms),
+        ends_at: at(a.ends_at_ms),
+        scheduled_end: at(a.scheduled_end_ms),
+        start_price: a.start_price,
+        reserve: if who.has(Role::Admin) {
+            a.reserve
+        } else {
+            None
+        },
+        min_increment: a.min_increment,
+        soft_close_window_seconds: a.soft_close_window_ms / 1000,
+        soft_close_extension_seconds: a.soft_close_extension_ms / 1000,
+        highest: match (a.highest_amount, a.highest_bidder) {
+            (Some(amount), Some(bidder)) => Some(Highest { amount, bidder }),
+            _ => None,
+        },
+        bid_count: a.bid_count,
+        seq: a.seq,
+        created_at: at(a.created_at_ms),
+    }
+}
+
+pub type Shared = Arc<Inner>;
+
+/// Create an auction (role admin).
+#[utoipa::path(post, path = "/api/auction/auctions", tag = "auction", security(("bearer" = [])),
+    request_body = CreateAuction,
+    responses(
+        (status = 201, description = "Created", body = AuctionView),
+        (status = 400, description = "Invalid field (named in `field`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn create(
+    auth: Auth<require::Admin>,
+    State(s): State<Shared>,
+    ApiJson(req): ApiJson<CreateAuction>,
+) -> Result<(axum::http::StatusCode, axum::Json<AuctionView>), Problem> {
+    let new = req.validate(store::now_ms())?;
+    let a = store::create(&s.db, new).await.map_err(db_problem)?;
+    metrics::counter!("bulwark_auction_created_total").increment(1);
+    Ok((axum::http::StatusCode::CREATED, axum::Json(view(a, &auth))))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// `open` or `closed`.
+    pub status: Option<String>,
+    /// Cursor: the last id of the previous page.
+    pub after: Option<i64>,
+    /// 1 to 200 (default 50).
+    pub limit: Option<u64>,
+}
+
+/// A page of results with the cursor of the next page.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `after` (auctions) or `before` (bids); absent on the last page.
+    pub next: Option<i64>,
+}
+
+fn limit(l: Option<u64>) -> Result<u64, Problem> {
+    match l {
+        None => Ok(50),
+        Some(n @ 1..=200) => Ok(n),
+        Some(_) => Err(Problem::bad_request("limit: must be between 1 and 200")
+            .extension("field", serde_json::json!("limit"))),
+    }
+}
+
+/// List auctions by id (role viewer), keyset-paginated.
+#[utoipa::path(get, path = "/api/auction/auctions", tag = "auction", security(("bearer" = [])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of auctions", body = Page<AuctionView>),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn list(
+    auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<Page<AuctionView>>, Problem> {
+    let limit = limit(p.limit)?;
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(st @ ("open" | "closed")) => Some(st),
+        Some(_) => {
+            return Err(Problem::bad_request("status: must be `open` or `closed`")
+                .extension("field", serde_json::json!("status")));
+        }
+    };
+    let rows = store::list(&s.db, status, p.after, limit)
+        .await
+        .map_err(db_problem)?;
+    let next = (rows.len() as u64 == limit)
+        .then(|| rows.last().map(|a| a.id))
+        .flatten();
+    Ok(axum::Json(Page {
+        items: rows.into_iter().map(|a| view(a, &auth)).collect(),
+        next,
+    }))
+}
+
+async fn find(s: &Inner, id: i64) -> Result<auction::Model, Problem> {
+    store::get(&s.db, id)
+        .await
+        .map_err(db_problem)?
+        .ok_or_else(|| Problem::not_found(format!("no auction {id}")))
+}
+
+/// One auction (role viewer).
+#[utoipa::path(get, path = "/api/auction/auctions/{id}", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id")),
+    responses(
+        (status = 200, description = "The auction", body = AuctionView),
+        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn get_one(
+    auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<AuctionView>, Problem> {
+    Ok(axum::Json(view(find(&s, id).await?, &auth)))
+}
+
+/// The room's full state, as sent on the socket (role viewer).
+#[utoipa::path(get, path = "/api/auction/auctions/{id}/state", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id")),
+    responses(
+        (status = 200, description = "Full state", body = RoomState),
+        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn state(
+    _auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<RoomState>, Problem> {
+    store::state(&s.db, id, u64::from(s.cfg.state_bids))
+        .await
+        .map_err(db_problem)?
+        .map(axum::Json)
+        .ok_or_else(|| Problem::not_found(format!("no auction {id}")))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct BidParams {
+    /// Cursor: bids with a smaller id than this (the previous page's `next`).
+    pub before: Option<i64>,
+    /// 1 to 200 (default 50).
+    pub limit: Option<u64>,
+}
+
+/// A stored bid with its outcome.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BidView {
+    /// Server id (the pagination cursor).
+    pub id: i64,
+    /// The client's id of the bid.
+    pub bid_id: String,
+    pub bidder: String,
+    pub amount: i64,
+    pub received_at: DateTime<Utc>,
+    pub outcome: String,
+    pub reason: Option<String>,
+    /// Room sequence of an accepted bid.
+    pub seq: Option<i64>,
+}
+
+fn bid_view(b: bid::Model) -> BidView {
+    BidView {
+        id: b.id,
+        bid_id: b.client_bid_id,
+        bidder: b.bidder,
+        amount: b.amount,
+        received_at: at(b.received_at_ms),
+        outcome: b.outcome,
+        reason: b.reason,
+        seq: b.seq,
+    }
+}
+
+/// Bid history, newest first, keyset-paginated (role viewer).
+#[utoipa::path(get, path = "/api/auction/auctions/{id}/bids", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id"), BidParams),
+    responses(
+        (status = 200, description = "A page of bids", body = Page<BidView>),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn bids(
+    _auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+    Query(p): Query<BidParams>,
+) -> Result<axum::Json<Page<BidView>>, Problem> {
+    let limit = limit(p.limit)?;
+    find(&s, id).await?;
+    let rows = store::bids_page(&s.db, id, p.before, limit)
+        .await
+        .map_err(db_problem)?;
+    let next = (rows.len() as u64 == limit)
+        .then(|| rows.last().map(|b| b.id))
+        .flatten();
+    Ok(axum::Json(Page {
+        items: rows.into_iter().map(bid_view).collect(),
+        next,
+    }))
+}
+
+/// The final result (role viewer); 404 until the auction is closed.
+#[utoipa::path(get, path = "/api/auction/auctions/{id}/result", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id")),
+    responses(
+        (status = 200, description = "The result", body = ResultView),
+        (status = 404, description = "No such auction, or not closed yet", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn result(
+    _auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<ResultView>, Problem> {
+    let r = store::result(&s.db, id)
+        .await
+        .map_err(db_problem)?
+        .ok_or_else(|| Problem::not_found(format!("auction {id} has no result (yet)")))?;
+    Ok(axum::Json(ResultView {
+        winner: r.winner,
+        amount: r.amount,
+        reserve_met: r.reserve_met,
+        closed_at_ms: r.closed_at_ms,
+    }))
+}
+
+/// One live connection in a room.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceEntry {
+    pub instance: String,
+    pub connection: String,
+    pub user: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Presence {
+    pub auction_id: i64,
+    pub connections: usize,
+    pub users: usize,
+    pub entries: Vec<PresenceEntry>,
+}
+
+/// Who is connected to a room, across every instance (role viewer). Entries of a crashed
+/// instance disappear after `auction.presence_ttl`.
+#[utoipa::path(get, path = "/api/auction/auctions/{id}/presence", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id")),
+    responses(
+        (status = 200, description = "Live connections", body = Presence),
+        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Key-value store unavailable", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn presence(
+    _auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<Presence>, Problem> {
+    find(&s, id).await?;
+    let members =
+        s.kv.presence_members(&crate::presence_set(id))
+            .await
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+    let entries: Vec<PresenceEntry> = members
+        .iter()
+        .filter_map(|m| {
+            let mut parts = m.splitn(3, '/');
+            Some(PresenceEntry {
+                instance: parts.next()?.to_owned(),
+                connection: parts.next()?.to_owned(),
+                user: parts.next()?.to_owned(),
+            })
+        })
+        .collect();
+    let mut users: Vec<&str> = entries.iter().map(|e| e.user.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    Ok(axum::Json(Presence {
+        auction_id: id,
+        connections: entries.len(),
+        users: users.len(),
+        entries,
+    }))
+}
+
+/// The room socket (`?access_token=` at upgrade; viewers watch, bidders bid). Protocol:
+/// docs/protocol/auction.md.
+#[utoipa::path(get, path = "/ws/auction/{id}", tag = "auction", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Auction id")),
+    responses(
+        (status = 101, description = "WebSocket upgrade"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+))]
+pub async fn socket(
+    auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    Path(id): Path<i64>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, Problem> {
+    find(&s, id).await?;
+    let limits = bulwark_kernel::ws::SocketLimits {
+        send_queue: s.cfg.send_queue,
+        max_message_bytes: s.cfg.max_message_bytes,
+    };
+    let identity = auth.0;
+    let inner = s.clone();
+    Ok(bulwark_kernel::ws::serve(
+        ws,
+        &s.shutdown,
+        "auction",
+        limits,
+        move |socket| crate::gateway::run(inner, id, identity, socket),
+    ))
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(create, list, get_one, state, bids, result, presence, socket),
+    components(schemas(CreateAuction, AuctionView, BidView, RoomState, ResultView, Highest,
+        crate::protocol::PlacedBid, Presence, PresenceEntry, Page<AuctionView>, Page<BidView>))
+)]
+pub struct AuctionApi;

@@ -1,0 +1,362 @@
+//! A Rust client of `/ws/auction/{id}` (A9, A10) for tests, the load generator and anyone
+//! embedding Bulwark auctions in a Rust service.
+//!
+//! It keeps one connection alive: on a drop it reconnects with exponential backoff and full
+//! jitter (capped), resends every bid that was not ACKed, with the same id, and replaces
+//! its view of the room with the `state` the server sends on every connect. Room messages
+//! are applied in `seq` order; a gap triggers `sync`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::protocol::{AckStatus, ClientMsg, Outcome, ServerMsg, State};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `ws://host:port` (no path).
+    pub base_url: String,
+    pub auction_id: i64,
+    pub token: String,
+    /// First reconnect delay ceiling; doubles per failed attempt.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay ceiling.
+    pub backoff_cap: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: impl Into<String>, auction_id: i64, token: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            auction_id,
+            token: token.into(),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the client has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The room as of the last `state` plus the room messages applied since.
+    pub state: Option<State>,
+    /// Bids sent but not ACKed yet (they are resent on reconnect).
+    pub unacked: BTreeMap<String, i64>,
+    pub acks: HashMap<String, AckStatus>,
+    pub results: HashMap<String, Outcome>,
+    /// Successful connections (1 = never reconnected).
+    pub connects: u32,
+    /// Close code of the last dropped connection, if the server sent one.
+    pub last_close: Option<u16>,
+    pub connected: bool,
+    /// Every server message, in arrival order (tests inspect it).
+    pub log: Vec<ServerMsg>,
+}
+
+enum Cmd {
+    Send(ClientMsg),
+    Stop,
+}
+
+/// A live, self-healing connection to one auction room.
+pub struct AuctionClient {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    view: Arc<Mutex<View>>,
+    changed: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AuctionClient {
+    /// Start connecting in the background.
+    pub fn start(cfg: ClientConfig) -> Self {
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let view = Arc::new(Mutex::new(View::default()));
+        let (tx_changed, changed) = watch::channel(0u64);
+        let task = tokio::spawn(run(cfg, rx, view.clone(), tx_changed));
+        Self {
+            cmds,
+            view,
+            changed,
+            task,
+        }
+    }
+
+    /// Place a bid with a fresh id; returns the id.
+    pub fn bid(&self, amount: i64) -> String {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        self.bid_with_id(&id, amount);
+        id
+    }
+
+    /// Place (or resend) a bid with a chosen id.
+    pub fn bid_with_id(&self, id: &str, amount: i64) {
+        lock(&self.view).unacked.insert(id.to_owned(), amount);
+        let _ = self.cmds.send(Cmd::Send(ClientMsg::Bid {
+            id: id.to_owned(),
+            amount,
+        }));
+    }
+
+    pub fn sync(&self) {
+        let _ = self.cmds.send(Cmd::Send(ClientMsg::Sync));
+    }
+
+    /// A copy of what the client has seen.
+    pub fn view(&self) -> View {
+        lock(&self.view).clone()
+    }
+
+    /// Wait until `pred` holds for the view, or `timeout`; returns the view either way.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&View) -> bool,
+    ) -> (bool, View) {
+        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let v = lock(&self.view);
+                if pred(&v) {
+                    return (true, v.clone());
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                let v = self.view();
+                return (pred(&v), v);
+            }
+        }
+    }
+
+    /// Close the connection and stop reconnecting.
+    pub async fn stop(self) {
+        let _ = self.cmds.send(Cmd::Stop);
+        let _ = self.task.await;
+    }
+}
+
+fn lock(v: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
+    v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Full jitter: a uniform delay in [0, min(cap, base · 2^attempt)].
+pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .checked_mul(1u32 << attempt.min(20))
+        .unwrap_or(cap)
+        .min(cap);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+async fn run(
+    cfg: ClientConfig,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    view: Arc<Mutex<View>>,
+    changed: watch::Sender<u64>,
+) {
+    let notify = || changed.send_modify(|n| *n += 1);
+    let url = format!(
+        "{}/ws/auction/{}?access_token={}",
+        cfg.base_url.trim_end_matches('/'),
+        cfg.auction_id,
+        cfg.token
+    );
+    let mut attempt = 0u32;
+    loop {
+        let ws = match tokio_tungstenite::connect_async(&url).await {
+            Ok((ws, _)) => ws,
+            Err(e) => {
+                tracing::debug!(message = "Auction client cannot connect.", error = %e);
+                let wait = backoff(cfg.backoff_base, cfg.backoff_cap, attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    c = cmds.recv() => match c {
+                        None | Some(Cmd::Stop) => return,
+                        // Queued in `unacked`; sent after the reconnect.
+                        Some(Cmd::Send(_)) => continue,
+                    },
+                }
+            }
+        };
+        attempt = 0;
+        let (mut sink, mut stream) = ws.split();
+        let resend: Vec<(String, i64)> = {
+            let mut v = lock(&view);
+            v.connects += 1;
+            v.connected = true;
+            v.unacked.iter().map(|(k, a)| (k.clone(), *a)).collect()
+        };
+        notify();
+        let mut resent = true;
+        for (id, amount) in resend {
+            if send(&mut sink, &ClientMsg::Bid { id, amount })
+                .await
+                .is_err()
+            {
+                resent = false;
+                break;
+            }
+        }
+        let mut close_code = None;
+        // Only `break` (reconnect) and `return` (stopped) leave this loop.
+        if resent {
+            loop {
+                tokio::select! {
+                    c = cmds.recv() => match c {
+                        None | Some(Cmd::Stop) => {
+                            let _ = sink.send(Message::Close(None)).await;
+                            lock(&view).connected = false;
+                            notify();
+                            return;
+                        }
+                        Some(Cmd::Send(m)) => {
+                            if send(&mut sink, &m).await.is_err() {
+                                break;
+                            }
+                        }
+                    },
+                    frame = stream.next() => match frame {
+                        Some(Ok(Message::Text(t))) => {
+                            let Ok(msg) = serde_json::from_str::<ServerMsg>(t.as_str()) else { continue };
+                            let need_sync = apply(&mut lock(&view), msg);
+                            notify();
+                            if need_sync && send(&mut sink, &ClientMsg::Sync).await.is_err() {
+                                break;
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            close_code = frame.map(|f| u16::from(f.code));
+                            break;
+                        }
+                        Some(Ok(_)) => {}
+                        None | Some(Err(_)) => break,
+                    },
+                }
+            }
+        }
+        {
+            let mut v = lock(&view);
+            v.connected = false;
+            v.last_close = close_code;
+        }
+        notify();
+        // Reconnect at once after the first drop (a 1012 restart), back off after that.
+        let wait = backoff(cfg.backoff_base, cfg.backoff_cap, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn send<S>(sink: &mut S, m: &ClientMsg) -> Result<(), ()>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let text = serde_json::to_string(m).map_err(|_| ())?;
+    sink.send(Message::text(text)).await.map_err(|_| ())
+}
+
+/// Apply one server message to the view; true when a gap in `seq` calls for `sync`.
+fn apply(v: &mut View, msg: ServerMsg) -> bool {
+    v.log.push(msg.clone());
+    match msg {
+        ServerMsg::State(s) => {
+            v.state = Some(*s);
+            false
+        }
+        ServerMsg::Ack { id, status } => {
+            v.unacked.remove(&id);
+            v.acks.insert(id, status);
+            false
+        }
+        ServerMsg::BidResult { id, outcome, .. } => {
+            v.results.insert(id, outcome);
+            false
+        }
+        ServerMsg::Error { .. } => false,
+        room => {
+            let Some(state) = v.state.as_mut() else {
+                return true;
+            };
+            let Some(seq) = room.seq() else { return false };
+            if seq <= state.seq {
+                return false;
+            }
+            if seq != state.seq + 1 {
+                return true;
+            }
+            state.seq = seq;
+            match room {
+                ServerMsg::BidPlaced {
+                    seq,
+                    amount,
+                    bidder,
+                    received_at_ms,
+                    ends_at_ms,
+                } => {
+                    state.highest = Some(crate::protocol::Highest {
+                        amount,
+                        bidder: bidder.clone(),
+                    });
+                    state.min_next = amount + state.min_increment;
+                    state.bid_count += 1;
+                    state.ends_at_ms = ends_at_ms;
+                    state.bids.insert(
+                        0,
+                        crate::protocol::PlacedBid {
+                            seq,
+                            amount,
+                            bidder,
+                            received_at_ms,
+                        },
+                    );
+                }
+                ServerMsg::Extended { ends_at_ms, .. } => state.ends_at_ms = ends_at_ms,
+                ServerMsg::Closed {
+                    winner,
+                    amount,
+                    reserve_met,
+                    ..
+                } => {
+                    state.status = "closed".into();
+                    state.result = Some(crate::protocol::ResultView {
+                        winner,
+                        amount,
+                        reserve_met,
+                        closed_at_ms: 0,
+                    });
+                }
+                _ => {}
+            }
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let d = backoff(base, cap, attempt);
+            assert!(d <= cap);
+            assert!(d <= base * 2u32.pow(attempt.min(20)));
+        }
+        let spread: std::collections::HashSet<u128> =
+            (0..50).map(|_| backoff(base, cap, 6).as_micros()).collect();
+        assert!(spread.len() > 10, "full jitter spreads delays");
+    }
+}

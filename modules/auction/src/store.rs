@@ -1,0 +1,486 @@
+//! The auction's database operations. Every write is one transaction that compares-and-sets
+//! the auction row's `version`, so two writers can never both apply against the same state;
+//! the loser retries against the new state.
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, SqlErr, TransactionTrait,
+};
+
+use crate::entity::{auction, bid, result};
+use crate::protocol::{Highest, Outcome, PlacedBid, ResultView, ServerMsg, State};
+
+/// Attempts of a write that lost a version race before giving up (the delivery is then
+/// redelivered by the bus).
+const CAS_ATTEMPTS: usize = 20;
+
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A validated auction to create.
+#[derive(Debug, Clone)]
+pub struct NewAuction {
+    pub title: String,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+    pub start_price: i64,
+    pub reserve: Option<i64>,
+    pub min_increment: i64,
+    pub soft_close_window_ms: i64,
+    pub soft_close_extension_ms: i64,
+}
+
+pub async fn create(db: &DatabaseConnection, n: NewAuction) -> Result<auction::Model, DbErr> {
+    let model = auction::ActiveModel {
+        title: Set(n.title),
+        starts_at_ms: Set(n.starts_at_ms),
+        ends_at_ms: Set(n.ends_at_ms),
+        scheduled_end_ms: Set(n.ends_at_ms),
+        start_price: Set(n.start_price),
+        reserve: Set(n.reserve),
+        min_increment: Set(n.min_increment),
+        soft_close_window_ms: Set(n.soft_close_window_ms),
+        soft_close_extension_ms: Set(n.soft_close_extension_ms),
+        status: Set("open".into()),
+        version: Set(0),
+        seq: Set(0),
+        highest_amount: Set(None),
+        highest_bidder: Set(None),
+        highest_bid_id: Set(None),
+        bid_count: Set(0),
+        created_at_ms: Set(now_ms()),
+        ..Default::default()
+    };
+    model.insert(db).await
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<auction::Model>, DbErr> {
+    auction::Entity::find_by_id(id).one(db).await
+}
+
+/// Auctions by ascending id after `after`, optionally only those with `status`.
+pub async fn list(
+    db: &DatabaseConnection,
+    status: Option<&str>,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Vec<auction::Model>, DbErr> {
+    let mut q = auction::Entity::find().order_by_asc(auction::Column::Id);
+    if let Some(s) = status {
+        q = q.filter(auction::Column::Status.eq(s));
+    }
+    if let Some(a) = after {
+        q = q.filter(auction::Column::Id.gt(a));
+    }
+    q.limit(limit).all(db).await
+}
+
+/// Accepted and rejected bids of an auction, newest first, before bid id `before`.
+pub async fn bids_page(
+    db: &DatabaseConnection,
+    auction_id: i64,
+    before: Option<i64>,
+    limit: u64,
+) -> Result<Vec<bid::Model>, DbErr> {
+    let mut q = bid::Entity::find()
+        .filter(bid::Column::AuctionId.eq(auction_id))
+        .order_by_desc(bid::Column::Id);
+    if let Some(b) = before {
+        q = q.filter(bid::Column::Id.lt(b));
+    }
+    q.limit(limit).all(db).await
+}
+
+pub async fn result(db: &DatabaseConnection, id: i64) -> Result<Option<result::Model>, DbErr> {
+    result::Entity::find_by_id(id).one(db).await
+}
+
+pub fn display_status(a: &auction::Model, now: i64) -> &'static str {
+    if a.status == "closed" {
+        "closed"
+    } else if now < a.starts_at_ms {
+        "scheduled"
+    } else {
+        "open"
+    }
+}
+
+/// The smallest amount the next bid must have.
+pub fn min_next(a: &auction::Model) -> i64 {
+    match a.highest_amount {
+        Some(h) => h.saturating_add(a.min_increment),
+        None => a.start_price,
+    }
+}
+
+fn result_view(r: result::Model) -> ResultView {
+    ResultView {
+        winner: r.winner,
+        amount: r.amount,
+        reserve_met: r.reserve_met,
+        closed_at_ms: r.closed_at_ms,
+    }
+}
+
+/// The full room state (A10), read in one transaction so bids and `seq` agree.
+pub async fn state(db: &DatabaseConnection, id: i64, bids: u64) -> Result<Option<State>, DbErr> {
+    let txn = db.begin().await?;
+    let Some(a) = get(&txn, id).await? else {
+        return Ok(None);
+    };
+    let recent = bid::Entity::find()
+        .filter(bid::Column::AuctionId.eq(id))
+        .filter(bid::Column::Outcome.eq(Outcome::Accepted.as_str()))
+        .order_by_desc(bid::Column::Id)
+        .limit(bids)
+        .all(&txn)
+        .await?;
+    let res = result::Entity::find_by_id(id).one(&txn).await?;
+    txn.commit().await?;
+    let now = now_ms();
+    Ok(Some(State {
+        auction_id: a.id,
+        title: a.title.clone(),
+        status: display_status(&a, now).into(),
+        starts_at_ms: a.starts_at_ms,
+        ends_at_ms: a.ends_at_ms,
+        server_now_ms: now,
+        start_price: a.start_price,
+        min_increment: a.min_increment,
+        min_next: min_next(&a),
+        reserve_met: reserve_met(&a),
+        highest: match (a.highest_amount, a.highest_bidder.clone()) {
+            (Some(amount), Some(bidder)) => Some(Highest { amount, bidder }),
+            _ => None,
+        },
+        bid_count: a.bid_count,
+        bids: recent
+            .into_iter()
+            .map(|b| PlacedBid {
+                seq: b.seq.unwrap_or_default(),
+                amount: b.amount,
+                bidder: b.bidder,
+                received_at_ms: b.received_at_ms,
+            })
+            .collect(),
+        seq: a.seq,
+        result: res.map(result_view),
+    }))
+}
+
+fn reserve_met(a: &auction::Model) -> bool {
+    match (a.highest_amount, a.reserve) {
+        (Some(h), Some(r)) => h >= r,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// A bid command as the worker applies it.
+#[derive(Debug, Clone)]
+pub struct BidCommand {
+    pub auction_id: i64,
+    pub bidder: String,
+    pub client_bid_id: String,
+    pub amount: i64,
+    pub received_at_ms: i64,
+    pub stream_seq: Option<i64>,
+}
+
+/// The judgement of one bid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub outcome: Outcome,
+    pub reason: Option<String>,
+    /// Highest amount after this bid was applied.
+    pub highest: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// First time this bid was seen: its judgement and the room messages it caused.
+    Fresh {
+        judgement: Judgement,
+        room: Vec<ServerMsg>,
+    },
+    /// The bid was applied before (a redelivery or a resend after the stream's duplicate
+    /// window): its original judgement, nothing applied again.
+    Duplicate(Judgement),
+    /// No such auction; the bid cannot ever be applied.
+    UnknownAuction,
+}
+
+/// Judge `cmd` against `a` as of `cmd.received_at_ms` (A6): the end in force is the current
+/// one, which soft-close extensions only ever move later.
+pub fn judge(a: &auction::Model, cmd: &BidCommand) -> Judgement {
+    let (outcome, reason) = if a.status == "closed" || cmd.received_at_ms >= a.ends_at_ms {
+        (Outcome::Closed, Some("received after the end".to_owned()))
+    } else if cmd.received_at_ms < a.starts_at_ms {
+        (
+            Outcome::NotStarted,
+            Some("received before the start".to_owned()),
+        )
+    } else if cmd.amount < min_next(a) {
+        (
+            Outcome::TooLow,
+            Some(format!("the minimum is {}", min_next(a))),
+        )
+    } else {
+        (Outcome::Accepted, None)
+    };
+    let highest = if outcome == Outcome::Accepted {
+        Some(cmd.amount)
+    } else {
+        a.highest_amount
+    };
+    Judgement {
+        outcome,
+        reason,
+        highest,
+    }
+}
+
+fn is_unique_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+async fn existing_bid(
+    db: &impl ConnectionTrait,
+    cmd: &BidCommand,
+) -> Result<Option<bid::Model>, DbErr> {
+    bid::Entity::find()
+        .filter(bid::Column::AuctionId.eq(cmd.auction_id))
+        .filter(bid::Column::Bidder.eq(cmd.bidder.as_str()))
+        .filter(bid::Column::ClientBidId.eq(cmd.client_bid_id.as_str()))
+        .one(db)
+        .await
+}
+
+async fn duplicate_of(db: &DatabaseConnection, b: bid::Model) -> Result<Applied, DbErr> {
+    let highest = get(db, b.auction_id).await?.and_then(|a| a.highest_amount);
+    Ok(Applied::Duplicate(Judgement {
+        outcome: Outcome::parse(&b.outcome).unwrap_or(Outcome::TooLow),
+        reason: b.reason,
+        highest,
+    }))
+}
+
+/// Apply one bid exactly once (A6, A7): insert it under its unique client id, and when it is
+/// the new highest update the auction (with a soft-close extension) in the same transaction.
+pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Applied, DbErr> {
+    for _ in 0..CAS_ATTEMPTS {
+        if let Some(b) = existing_bid(db, cmd).await? {
+            return duplicate_of(db, b).await;
+        }
+        let txn = db.begin().await?;
+        let Some(a) = get(&txn, cmd.auction_id).await? else {
+            return Ok(Applied::UnknownAuction);
+        };
+        let judgement = judge(&a, cmd);
+        let accepted = judgement.outcome == Outcome::Accepted;
+        let mut seq = a.seq;
+        let mut ends_at = a.ends_at_ms;
+        let mut room = Vec::new();
+        let bid_seq = if accepted {
+            seq += 1;
+            Some(seq)
+        } else {
+            None
+        };
+        let inserted = bid::ActiveModel {
+            auction_id: Set(cmd.auction_id),
+            bidder: Set(cmd.bidder.clone()),
+            client_bid_id: Set(cmd.client_bid_id.clone()),
+            amount: Set(cmd.amount),
+            received_at_ms: Set(cmd.received_at_ms),
+            processed_at_ms: Set(now_ms()),
+            outcome: Set(judgement.outcome.as_str().into()),
+            reason: Set(judgement.reason.clone()),
+            seq: Set(bid_seq),
+            stream_seq: Set(cmd.stream_seq),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await;
+        let inserted = match inserted {
+            Ok(b) => b,
+            Err(e) if is_unique_violation(&e) => {
+                // Another delivery of the same bid won the race; read its judgement.
+                txn.rollback().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if accepted {
+            if cmd.received_at_ms >= a.ends_at_ms - a.soft_close_window_ms {
+                let extended = cmd.received_at_ms + a.soft_close_extension_ms;
+                if extended > ends_at {
+                    ends_at = extended;
+                }
+            }
+            room.push(ServerMsg::BidPlaced {
+                seq,
+                amount: cmd.amount,
+                bidder: cmd.bidder.clone(),
+                received_at_ms: cmd.received_at_ms,
+                ends_at_ms: ends_at,
+            });
+            if ends_at != a.ends_at_ms {
+                seq += 1;
+                room.push(ServerMsg::Extended {
+                    seq,
+                    ends_at_ms: ends_at,
+                });
+            }
+            let updated = auction::Entity::update_many()
+                .col_expr(auction::Column::Version, Expr::value(a.version + 1))
+                .col_expr(auction::Column::Seq, Expr::value(seq))
+                .col_expr(auction::Column::EndsAtMs, Expr::value(ends_at))
+                .col_expr(auction::Column::HighestAmount, Expr::value(cmd.amount))
+                .col_expr(
+                    auction::Column::HighestBidder,
+                    Expr::value(cmd.bidder.clone()),
+                )
+                .col_expr(auction::Column::HighestBidId, Expr::value(inserted.id))
+                .col_expr(auction::Column::BidCount, Expr::value(a.bid_count + 1))
+                .filter(auction::Column::Id.eq(a.id))
+                .filter(auction::Column::Version.eq(a.version))
+                .filter(auction::Column::Status.eq("open"))
+                .exec(&txn)
+                .await?;
+            if updated.rows_affected != 1 {
+                txn.rollback().await?;
+                continue;
+            }
+        }
+        txn.commit().await?;
+        return Ok(Applied::Fresh { judgement, room });
+    }
+    Err(DbErr::Custom(format!(
+        "auction {}: lost the version race {CAS_ATTEMPTS} times",
+        cmd.auction_id
+    )))
+}
+
+/// What a close command did.
+#[derive(Debug, Clone)]
+pub enum Closed {
+    /// This call closed the auction and wrote its result; broadcast the message.
+    Now(ServerMsg),
+    /// It was closed before (another scheduler, a redelivery): the original result.
+    Already(ServerMsg),
+    /// A late bid extended the end past this command's `ends_at`; a later command will close.
+    NotDue,
+    UnknownAuction,
+}
+
+fn closed_msg(seq: i64, r: &result::Model) -> ServerMsg {
+    ServerMsg::Closed {
+        seq,
+        winner: r.winner.clone(),
+        amount: r.amount,
+        reserve_met: r.reserve_met,
+    }
+}
+
+/// Close an auction whose end is `ends_at_ms`, exactly once (A8): one conditional update of
+/// the status and the result row (primary key = auction id) in one transaction.
+pub async fn close(
+    db: &DatabaseConnection,
+    auction_id: i64,
+    ends_at_ms: i64,
+) -> Result<Closed, DbErr> {
+    for _ in 0..CAS_ATTEMPTS {
+        let txn = db.begin().await?;
+        let Some(a) = get(&txn, auction_id).await? else {
+            return Ok(Closed::UnknownAuction);
+        };
+        if a.status == "closed" {
+            let r = result::Entity::find_by_id(auction_id).one(&txn).await?;
+            txn.commit().await?;
+            return Ok(match r {
+                Some(r) => Closed::Already(closed_msg(a.seq, &r)),
+                None => Closed::NotDue,
+            });
+        }
+        if a.ends_at_ms > ends_at_ms || a.ends_at_ms > now_ms() {
+            txn.commit().await?;
+            return Ok(Closed::NotDue);
+        }
+        let met = reserve_met(&a);
+        let r = result::Model {
+            auction_id,
+            winner: if met { a.highest_bidder.clone() } else { None },
+            amount: if met { a.highest_amount } else { None },
+            bid_id: if met { a.highest_bid_id } else { None },
+            reserve_met: met,
+            closed_at_ms: now_ms(),
+        };
+        let seq = a.seq + 1;
+        let updated = auction::Entity::update_many()
+            .col_expr(auction::Column::Status, Expr::value("closed"))
+            .col_expr(auction::Column::Version, Expr::value(a.version + 1))
+            .col_expr(auction::Column::Seq, Expr::value(seq))
+            .filter(auction::Column::Id.eq(auction_id))
+            .filter(auction::Column::Version.eq(a.version))
+            .filter(auction::Column::Status.eq("open"))
+            .exec(&txn)
+            .await?;
+        if updated.rows_affected != 1 {
+            txn.rollback().await?;
+            continue;
+        }
+        let am: result::ActiveModel = r.clone().into();
+        match am.insert(&txn).await {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                txn.rollback().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        txn.commit().await?;
+        return Ok(Closed::Now(closed_msg(seq, &r)));
+    }
+    Err(DbErr::Custom(format!(
+        "auction {auction_id}: close lost the version race {CAS_ATTEMPTS} times"
+    )))
+}
+
+/// Open auctions whose end passed before `cutoff_ms`: `(id, ends_at_ms)`.
+pub async fn due(
+    db: &DatabaseConnection,
+    cutoff_ms: i64,
+    limit: u64,
+) -> Result<Vec<(i64, i64)>, DbErr> {
+    Ok(auction::Entity::find()
+        .filter(auction::Column::Status.eq("open"))
+        .filter(auction::Column::EndsAtMs.lte(cutoff_ms))
+        .order_by_asc(auction::Column::EndsAtMs)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|a| (a.id, a.ends_at_ms))
+        .collect())
+}
+
+/// A stored bid by its client id.
+pub async fn find_bid(
+    db: &DatabaseConnection,
+    auction_id: i64,
+    bidder: &str,
+    client_bid_id: &str,
+) -> Result<Option<bid::Model>, DbErr> {
+    bid::Entity::find()
+        .filter(bid::Column::AuctionId.eq(auction_id))
+        .filter(bid::Column::Bidder.eq(bidder))
+        .filter(bid::Column::ClientBidId.eq(client_bid_id))
+        .one(db)
+        .await
+}
