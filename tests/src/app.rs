@@ -34,6 +34,8 @@ pub struct TestAppBuilder {
     modules: Vec<std::sync::Arc<dyn bulwark_kernel::module::Module>>,
     /// Applied last, over what the backend chose.
     overrides: Vec<Figment>,
+    /// The database of the instance this one shares with.
+    shared_db: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -50,6 +52,7 @@ impl TestAppBuilder {
             figment,
             modules: Vec::new(),
             overrides: Vec::new(),
+            shared_db: None,
         }
     }
 
@@ -66,6 +69,27 @@ impl TestAppBuilder {
         self
     }
 
+    /// Use the same database, bus and key-value store (with the same prefixes) as `other`:
+    /// a second instance of one deployment.
+    pub fn share(mut self, other: &TestApp) -> Self {
+        let k = &other.settings.kernel;
+        self.shared_db = Some(k.database.url.expose().to_owned());
+        let mut f = Figment::new()
+            .merge(Serialized::default(
+                "redis.key_prefix",
+                k.redis.key_prefix.clone(),
+            ))
+            .merge(Serialized::default("bus.prefix", k.bus.prefix.clone()));
+        if let Some(u) = &k.redis.url {
+            f = f.merge(Serialized::default("redis.url", u.expose().to_owned()));
+        }
+        if let Some(u) = &k.bus.url {
+            f = f.merge(Serialized::default("bus.url", u.expose().to_owned()));
+        }
+        self.overrides.insert(0, f);
+        self
+    }
+
     pub fn role(mut self, role: ProcessRole) -> Self {
         self.role = role;
         self
@@ -78,9 +102,10 @@ impl TestAppBuilder {
             "data_dir",
             data_dir.path().display().to_string(),
         ));
-        let db = match self.backend {
-            Backend::Embedded => TestDatabase::sqlite()?,
-            Backend::Real => {
+        let db = match (self.backend, self.shared_db) {
+            (_, Some(url)) => TestDatabase::borrowed(url),
+            (Backend::Embedded, None) => TestDatabase::sqlite()?,
+            (Backend::Real, None) => {
                 let (Some(db), Some(redis), Some(nats)) =
                     (TestDatabase::postgres().await?, redis_url(), nats_url())
                 else {

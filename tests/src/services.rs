@@ -63,6 +63,11 @@ impl TestDatabase {
         })
     }
 
+    /// A database another test application created (and keeps alive).
+    pub fn borrowed(url: String) -> Self {
+        Self { url, _dir: None }
+    }
+
     /// A fresh PostgreSQL database on the test server; `None` when no server is configured.
     pub async fn postgres() -> anyhow::Result<Option<Self>> {
         let Some(admin) = postgres_admin_url() else {

@@ -19,8 +19,9 @@ use crate::protocol::{AckStatus, ClientMsg, Outcome, ServerMsg, State};
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `ws://host:port` (no path).
-    pub base_url: String,
+    /// `ws://host:port` (no path); several are tried in turn on reconnect, as a load
+    /// balancer would spread them.
+    pub endpoints: Vec<String>,
     pub auction_id: i64,
     pub token: String,
     /// First reconnect delay ceiling; doubles per failed attempt.
@@ -32,7 +33,7 @@ pub struct ClientConfig {
 impl ClientConfig {
     pub fn new(base_url: impl Into<String>, auction_id: i64, token: impl Into<String>) -> Self {
         Self {
-            base_url: base_url.into(),
+            endpoints: vec![base_url.into()],
             auction_id,
             token: token.into(),
             backoff_base: Duration::from_millis(100),
@@ -48,6 +49,9 @@ pub struct View {
     pub state: Option<State>,
     /// Bids sent but not ACKed yet (they are resent on reconnect).
     pub unacked: BTreeMap<String, i64>,
+    /// ACKed bids whose `bid_result` has not arrived. Outcomes travel at most once, so these
+    /// are resent too after a reconnect: the server answers a known id with its outcome.
+    pub unresolved: BTreeMap<String, i64>,
     pub acks: HashMap<String, AckStatus>,
     pub results: HashMap<String, Outcome>,
     /// Successful connections (1 = never reconnected).
@@ -164,14 +168,19 @@ async fn run(
     changed: watch::Sender<u64>,
 ) {
     let notify = || changed.send_modify(|n| *n += 1);
-    let url = format!(
-        "{}/ws/auction/{}?access_token={}",
-        cfg.base_url.trim_end_matches('/'),
-        cfg.auction_id,
-        cfg.token
-    );
     let mut attempt = 0u32;
+    let mut next = 0usize;
     loop {
+        let Some(base) = cfg.endpoints.get(next % cfg.endpoints.len().max(1)) else {
+            return;
+        };
+        next = next.wrapping_add(1);
+        let url = format!(
+            "{}/ws/auction/{}?access_token={}",
+            base.trim_end_matches('/'),
+            cfg.auction_id,
+            cfg.token
+        );
         let ws = match tokio_tungstenite::connect_async(&url).await {
             Ok((ws, _)) => ws,
             Err(e) => {
@@ -194,7 +203,11 @@ async fn run(
             let mut v = lock(&view);
             v.connects += 1;
             v.connected = true;
-            v.unacked.iter().map(|(k, a)| (k.clone(), *a)).collect()
+            v.unacked
+                .iter()
+                .chain(v.unresolved.iter())
+                .map(|(k, a)| (k.clone(), *a))
+                .collect()
         };
         notify();
         let mut resent = true;
@@ -274,11 +287,17 @@ fn apply(v: &mut View, msg: ServerMsg) -> bool {
             false
         }
         ServerMsg::Ack { id, status } => {
-            v.unacked.remove(&id);
+            if let Some(amount) = v.unacked.remove(&id)
+                && !v.results.contains_key(&id)
+            {
+                v.unresolved.insert(id.clone(), amount);
+            }
             v.acks.insert(id, status);
             false
         }
         ServerMsg::BidResult { id, outcome, .. } => {
+            v.unacked.remove(&id);
+            v.unresolved.remove(&id);
             v.results.insert(id, outcome);
             false
         }

@@ -309,7 +309,11 @@ pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: Tra
                 tokio::select! {
                     _ = closing.cancelled() => break End::Draining,
                     frame = inbound.next() => match frame {
-                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::Client,
+                        None | Some(Ok(Message::Close(_))) => break End::Client,
+                        Some(Err(e)) => {
+                            let _ = s.out.try_send(bulwark_kernel::ws::close_for_read_error(&e));
+                            break End::Client;
+                        }
                         Some(Ok(Message::Text(t))) => match s.on_text(t.as_str()).await {
                             Ok(true) => {}
                             Ok(false) => break End::Slow,

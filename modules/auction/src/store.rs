@@ -245,6 +245,23 @@ pub fn judge(a: &auction::Model, cmd: &BidCommand) -> Judgement {
     }
 }
 
+/// Begin a write transaction on auction `id` by writing to its row first: PostgreSQL then
+/// holds the row lock (writers of one auction queue instead of failing the version check),
+/// and SQLite takes its write lock before the transaction has read anything, so the busy
+/// timeout applies instead of an immediate `SQLITE_BUSY_SNAPSHOT`.
+async fn begin_on(db: &DatabaseConnection, id: i64) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+    let txn = db.begin().await?;
+    auction::Entity::update_many()
+        .col_expr(
+            auction::Column::Version,
+            Expr::col(auction::Column::Version).into(),
+        )
+        .filter(auction::Column::Id.eq(id))
+        .exec(&txn)
+        .await?;
+    Ok(txn)
+}
+
 fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
@@ -277,7 +294,7 @@ pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Appl
         if let Some(b) = existing_bid(db, cmd).await? {
             return duplicate_of(db, b).await;
         }
-        let txn = db.begin().await?;
+        let txn = begin_on(db, cmd.auction_id).await?;
         let Some(a) = get(&txn, cmd.auction_id).await? else {
             return Ok(Applied::UnknownAuction);
         };
@@ -396,7 +413,7 @@ pub async fn close(
     ends_at_ms: i64,
 ) -> Result<Closed, DbErr> {
     for _ in 0..CAS_ATTEMPTS {
-        let txn = db.begin().await?;
+        let txn = begin_on(db, auction_id).await?;
         let Some(a) = get(&txn, auction_id).await? else {
             return Ok(Closed::UnknownAuction);
         };

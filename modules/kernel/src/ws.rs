@@ -53,6 +53,18 @@ pub fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// The close frame for a failed read: 1009 when the client sent a message above
+/// `max_message_bytes`, 1002 for other protocol errors. axum hides the tungstenite error
+/// type, so the capacity case is recognised by its text.
+pub fn close_for_read_error(e: &axum::Error) -> Message {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        close(1009, "message too big")
+    } else {
+        close(1002, "protocol error")
+    }
+}
+
 /// Upgrade `ws` and run `handler` on a tracked socket labelled `module` in metrics.
 pub fn serve<F, Fut>(
     ws: WebSocketUpgrade,

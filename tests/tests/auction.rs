@@ -1,0 +1,857 @@
+//! The auction module end to end (A1–A11) against the real application, on the embedded
+//! backend and — when the services run — on PostgreSQL + NATS JetStream + Redis.
+
+use std::time::Duration;
+
+use bulwark_auction::client::{AuctionClient, ClientConfig, View};
+use bulwark_auction::protocol::{AckStatus, Outcome, ServerMsg};
+use bulwark_kernel::auth::Role;
+use bulwark_kernel::module::ProcessRole;
+use bulwark_tests::{Backend, TestApp, TestAppBuilder};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn iso(offset_ms: i64) -> String {
+    let t = chrono::Utc::now() + chrono::Duration::milliseconds(offset_ms);
+    t.to_rfc3339()
+}
+
+async fn app(backend: Backend) -> Option<TestApp> {
+    builder(backend).spawn().await.expect("spawn")
+}
+
+fn builder(backend: Backend) -> TestAppBuilder {
+    TestAppBuilder::new(backend)
+        .set("auction.close_settle", "200ms")
+        .set("auction.scheduler_interval", "100ms")
+        .set("auction.partition_lease", "2s")
+}
+
+async fn post(app: &TestApp, path: &str, token: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Create an auction ending in `ends_in_ms`; returns its id.
+async fn create(app: &TestApp, ends_in_ms: i64, extra: Value) -> i64 {
+    let mut body = json!({"title": "Lot 1", "ends_at": iso(ends_in_ms), "start_price": 100, "min_increment": 10});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let res = post(app, "/api/auction/auctions", &app.token(Role::Admin), body).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    res.json::<Value>().await.expect("json")["id"]
+        .as_i64()
+        .expect("id")
+}
+
+fn ws_base(app: &TestApp) -> String {
+    format!("ws://{}", app.addr)
+}
+
+fn client(app: &TestApp, id: i64, who: &str, role: Role) -> AuctionClient {
+    AuctionClient::start(ClientConfig::new(
+        ws_base(app),
+        id,
+        token_for(app, who, role),
+    ))
+}
+
+fn token_for(app: &TestApp, who: &str, role: Role) -> String {
+    bulwark_kernel::auth::Authenticator::hs256(
+        bulwark_tests::app::TEST_SECRET.as_bytes(),
+        app.settings.kernel.auth.clone(),
+    )
+    .issue(who, role, Duration::from_secs(600))
+    .expect("token")
+}
+
+async fn until(c: &AuctionClient, what: &str, pred: impl Fn(&View) -> bool) -> View {
+    let (ok, v) = c.wait_until(WAIT, pred).await;
+    assert!(ok, "timed out waiting for {what}; view: {:?}", v.log);
+    v
+}
+
+fn highest(v: &View) -> Option<i64> {
+    v.state.as_ref()?.highest.as_ref().map(|h| h.amount)
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.get("/metrics", None)
+        .await
+        .text()
+        .await
+        .expect("metrics")
+}
+
+// ---------------------------------------------------------------- REST
+
+#[tokio::test]
+async fn rest_creates_lists_and_rejects_bad_input() {
+    let app = app(Backend::Embedded).await.expect("embedded");
+    let admin = app.token(Role::Admin);
+    let bidder = app.token(Role::Bidder);
+    // A bidder may not create; nobody may create without a token.
+    let body = json!({"title": "x", "ends_at": iso(60_000)});
+    assert_eq!(
+        post(&app, "/api/auction/auctions", &bidder, body.clone())
+            .await
+            .status(),
+        403
+    );
+    let res = app
+        .client
+        .post(app.url("/api/auction/auctions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(res.status(), 401);
+    // Bad input names the field and is problem+json.
+    for (bad, field) in [
+        (json!({"title": "", "ends_at": iso(60_000)}), "title"),
+        (json!({"title": "x", "ends_at": iso(-1_000)}), "ends_at"),
+        (
+            json!({"title": "x", "ends_at": iso(60_000), "min_increment": 0}),
+            "min_increment",
+        ),
+        (
+            json!({"title": "x", "ends_at": iso(60_000), "start_price": -1}),
+            "start_price",
+        ),
+        (
+            json!({"title": "x", "ends_at": iso(60_000), "soft_close_window_seconds": 10}),
+            "soft_close_extension_seconds",
+        ),
+    ] {
+        let res = post(&app, "/api/auction/auctions", &admin, bad.clone()).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        assert_eq!(
+            res.headers()["content-type"].to_str().expect("ct"),
+            "application/problem+json"
+        );
+        let p: Value = res.json().await.expect("json");
+        assert_eq!(p["field"], field, "{p}");
+    }
+    let res = post(
+        &app,
+        "/api/auction/auctions",
+        &admin,
+        json!({"title": "x", "ends_at": iso(60_000), "price": 1}),
+    )
+    .await;
+    assert_eq!(res.status(), 400, "unknown fields are refused");
+    let res = post(
+        &app,
+        "/api/auction/auctions",
+        &admin,
+        json!({"title": "x", "ends_at": "tomorrow"}),
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+
+    // Create three; list pages by cursor; the reserve is shown to admins only.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(create(&app, 60_000, json!({"reserve": 5000})).await);
+    }
+    let viewer = app.token(Role::Viewer);
+    let page: Value = app
+        .get("/api/auction/auctions?limit=2", Some(&viewer))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["items"].as_array().expect("items").len(), 2);
+    assert!(
+        page["items"][0].get("reserve").is_none(),
+        "reserve hidden from viewers"
+    );
+    let next = page["next"].as_i64().expect("next cursor");
+    let page2: Value = app
+        .get(
+            &format!("/api/auction/auctions?limit=2&after={next}"),
+            Some(&viewer),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page2["items"][0]["id"].as_i64(), Some(ids[2]));
+    assert!(page2["next"].is_null());
+    let one: Value = app
+        .get(&format!("/api/auction/auctions/{}", ids[0]), Some(&admin))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["reserve"], 5000);
+    assert_eq!(one["status"], "open");
+    for (path, status) in [
+        ("/api/auction/auctions/999999".to_owned(), 404),
+        ("/api/auction/auctions/999999/state".to_owned(), 404),
+        ("/api/auction/auctions?limit=0".to_owned(), 400),
+        ("/api/auction/auctions?status=maybe".to_owned(), 400),
+        (
+            format!("/api/auction/auctions/{}/bids?limit=500", ids[0]),
+            400,
+        ),
+        (format!("/api/auction/auctions/{}/result", ids[0]), 404),
+        ("/api/auction/auctions/abc".to_owned(), 400),
+    ] {
+        assert_eq!(
+            app.get(&path, Some(&viewer)).await.status(),
+            status,
+            "{path}"
+        );
+    }
+    let spec: Value = app
+        .get("/api/openapi.json", None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    for p in [
+        "/api/auction/auctions",
+        "/api/auction/auctions/{id}/state",
+        "/api/auction/auctions/{id}/bids",
+        "/ws/auction/{id}",
+    ] {
+        assert!(spec["paths"].get(p).is_some(), "{p} documented");
+    }
+}
+
+// ---------------------------------------------------------------- bidding
+
+async fn bid_ack_apply_broadcast(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let id = create(&app, 60_000, json!({})).await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    let watcher = client(&app, id, "watcher", Role::Viewer);
+    until(&alice, "state", |v| v.state.is_some()).await;
+    until(&watcher, "state", |v| v.state.is_some()).await;
+
+    // A5: ack only once stored; then the worker's outcome; the room sees bid_placed.
+    let b1 = alice.bid(150);
+    let v = until(&alice, "result", |v| v.results.contains_key(&b1)).await;
+    assert_eq!(v.acks.get(&b1), Some(&AckStatus::Stored));
+    assert_eq!(v.results.get(&b1), Some(&Outcome::Accepted));
+    let ack_at = v
+        .log
+        .iter()
+        .position(|m| matches!(m, ServerMsg::Ack { .. }));
+    let res_at = v
+        .log
+        .iter()
+        .position(|m| matches!(m, ServerMsg::BidResult { .. }));
+    assert!(ack_at < res_at, "ack before result: {:?}", v.log);
+    let w = until(&watcher, "broadcast", |v| highest(v) == Some(150)).await;
+    assert!(w.log.iter().any(
+        |m| matches!(m, ServerMsg::BidPlaced { amount: 150, bidder, .. } if bidder == "alice")
+    ));
+    // The watcher gets no bid_result meant for alice.
+    assert!(
+        !w.log
+            .iter()
+            .any(|m| matches!(m, ServerMsg::BidResult { .. }))
+    );
+
+    // Too low: below highest + min_increment.
+    let b2 = alice.bid(155);
+    let v = until(&alice, "too_low", |v| v.results.contains_key(&b2)).await;
+    assert_eq!(v.results.get(&b2), Some(&Outcome::TooLow));
+
+    // A7: the same id again is a duplicate with the original outcome, applied once.
+    alice.bid_with_id(&b1, 150);
+    let (_, v) = alice
+        .wait_until(WAIT, |v| {
+            v.log
+                .iter()
+                .filter(|m| matches!(m, ServerMsg::Ack { id, .. } if *id == b1))
+                .count()
+                == 2
+        })
+        .await;
+    assert_eq!(v.acks.get(&b1), Some(&AckStatus::Duplicate));
+    let state: Value = app
+        .get(
+            &format!("/api/auction/auctions/{id}/state"),
+            Some(&app.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        state["bid_count"], 1,
+        "a resend is not applied twice: {state}"
+    );
+    assert_eq!(state["highest"]["amount"], 150);
+    let bids: Value = app
+        .get(
+            &format!("/api/auction/auctions/{id}/bids"),
+            Some(&app.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let outcomes: Vec<&str> = bids["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|b| b["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes, vec!["too_low", "accepted"], "newest first");
+    alice.stop().await;
+    watcher.stop().await;
+}
+
+#[tokio::test]
+async fn bid_is_acked_after_store_applied_and_broadcast_embedded() {
+    bid_ack_apply_broadcast(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn bid_is_acked_after_store_applied_and_broadcast_real() {
+    bid_ack_apply_broadcast(Backend::Real).await;
+}
+
+async fn resend_after_window(backend: Backend) {
+    // A resend after the stream's duplicate window is still caught by the database.
+    let Some(app) = builder(backend)
+        .set("bus.duplicate_window", "1s")
+        .spawn()
+        .await
+        .expect("spawn")
+    else {
+        return;
+    };
+    let id = create(&app, 60_000, json!({})).await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    let b = alice.bid(200);
+    until(&alice, "result", |v| v.results.contains_key(&b)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    alice.bid_with_id(&b, 200);
+    let (_, v) = alice
+        .wait_until(WAIT, |v| {
+            v.log
+                .iter()
+                .filter(|m| matches!(m, ServerMsg::BidResult { id, .. } if *id == b))
+                .count()
+                == 2
+        })
+        .await;
+    assert_eq!(
+        v.acks.get(&b),
+        Some(&AckStatus::Stored),
+        "the stream forgot it"
+    );
+    assert_eq!(
+        v.results.get(&b),
+        Some(&Outcome::Accepted),
+        "original outcome"
+    );
+    let m = metrics(&app).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("bulwark_auction_duplicates_total{layer=\"database\"}")),
+        "database-layer duplicate counted"
+    );
+    let state = v.state.expect("state");
+    assert_eq!(state.bid_count, 1);
+    alice.stop().await;
+}
+
+#[tokio::test]
+async fn resend_after_the_duplicate_window_is_caught_by_the_database_embedded() {
+    resend_after_window(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn resend_after_the_duplicate_window_is_caught_by_the_database_real() {
+    resend_after_window(Backend::Real).await;
+}
+
+#[tokio::test]
+async fn socket_rejects_bad_input_with_named_errors() {
+    let app = app(Backend::Embedded).await.expect("embedded");
+    let id = create(&app, 60_000, json!({})).await;
+    // No token, bad token, unknown auction: refused at upgrade.
+    for (url, status) in [
+        (format!("ws://{}/ws/auction/{id}", app.addr), 401),
+        (
+            format!("ws://{}/ws/auction/{id}?access_token=nope", app.addr),
+            401,
+        ),
+        (
+            format!(
+                "ws://{}/ws/auction/999999?access_token={}",
+                app.addr,
+                app.token(Role::Viewer)
+            ),
+            404,
+        ),
+    ] {
+        match tokio_tungstenite::connect_async(&url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), status, "{url}")
+            }
+            other => panic!("expected {status} at upgrade, got {other:?}"),
+        }
+    }
+    let url = format!(
+        "ws://{}/ws/auction/{id}?access_token={}",
+        app.addr,
+        token_for(&app, "bob", Role::Bidder)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let mut frames = Vec::new();
+    let cases = [
+        ("not json", "bad_message"),
+        (r#"{"type":"bid","id":"x","amount":"ten"}"#, "bad_message"),
+        (r#"{"type":"dance"}"#, "bad_message"),
+        (
+            r#"{"type":"bid","id":"has space","amount":300}"#,
+            "invalid_bid",
+        ),
+        (r#"{"type":"bid","id":"ok1","amount":0}"#, "invalid_bid"),
+    ];
+    let first = read_json(&mut ws).await;
+    assert_eq!(first["type"], "state", "state comes first: {first}");
+    for (frame, code) in cases {
+        ws.send(Message::text(frame)).await.expect("send");
+        let reply = read_json(&mut ws).await;
+        assert_eq!(reply["type"], "error", "{frame}: {reply}");
+        assert_eq!(reply["code"], code, "{frame}: {reply}");
+        frames.push(reply);
+    }
+    assert_eq!(frames[3]["id"], "has space", "the error names the bid");
+    // The socket still works after bad input, and nothing was applied.
+    ws.send(Message::text(r#"{"type":"sync"}"#))
+        .await
+        .expect("send");
+    let s = read_json(&mut ws).await;
+    assert_eq!(s["type"], "state");
+    assert_eq!(s["bid_count"], 0);
+    // Viewers may watch but not bid.
+    let url = format!(
+        "ws://{}/ws/auction/{id}?access_token={}",
+        app.addr,
+        app.token(Role::Viewer)
+    );
+    let (mut vws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(read_json(&mut vws).await["type"], "state");
+    vws.send(Message::text(r#"{"type":"bid","id":"v1","amount":500}"#))
+        .await
+        .expect("send");
+    let r = read_json(&mut vws).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    // Oversized frames close the socket with 1009.
+    ws.send(Message::text("x".repeat(10_000))).await.ok();
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed");
+    assert_eq!(closed, Some(1009));
+}
+
+async fn read_json<S>(ws: &mut S) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let f = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("frame in time")
+            .expect("socket open")
+            .expect("frame ok");
+        if let Message::Text(t) = f {
+            return serde_json::from_str(t.as_str()).expect("json");
+        }
+    }
+}
+
+#[tokio::test]
+async fn bids_are_rate_limited_per_bidder() {
+    let app = builder(Backend::Embedded)
+        .set("auction.bids_per_second", 1.0)
+        .set("auction.bid_burst", 2.0)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let id = create(&app, 60_000, json!({})).await;
+    let url = format!(
+        "ws://{}/ws/auction/{id}?access_token={}",
+        app.addr,
+        token_for(&app, "rapid", Role::Bidder)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(read_json(&mut ws).await["type"], "state");
+    let mut limited = 0;
+    for i in 0..4 {
+        ws.send(Message::text(format!(
+            r#"{{"type":"bid","id":"r{i}","amount":{}}}"#,
+            100 + i * 10
+        )))
+        .await
+        .expect("send");
+    }
+    let mut seen = 0;
+    while seen < 4 {
+        let m = read_json(&mut ws).await;
+        match m["type"].as_str() {
+            Some("ack") => seen += 1,
+            Some("error") => {
+                assert_eq!(m["code"], "rate_limited", "{m}");
+                limited += 1;
+                seen += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(limited, 2, "burst of 2, then limited");
+}
+
+// ---------------------------------------------------------------- closing
+
+async fn closes_exactly_once(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let id = create(&app, 1_500, json!({"reserve": 120})).await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    let bob = client(&app, id, "bob", Role::Bidder);
+    until(&alice, "state", |v| v.state.is_some()).await;
+    until(&bob, "state", |v| v.state.is_some()).await;
+    let a = alice.bid(110);
+    until(&alice, "result", |v| v.results.contains_key(&a)).await;
+    let b = bob.bid(130);
+    until(&bob, "result", |v| {
+        v.results.get(&b) == Some(&Outcome::Accepted)
+    })
+    .await;
+    let v = until(&alice, "closed", |v| {
+        v.state.as_ref().is_some_and(|s| s.status == "closed")
+    })
+    .await;
+    let r = v.state.and_then(|s| s.result).expect("result in state");
+    assert_eq!(r.winner.as_deref(), Some("bob"));
+    assert_eq!(r.amount, Some(130));
+    assert!(r.reserve_met);
+    // A bid after the end is answered `closed` and terminates (never redelivered forever).
+    let late = alice.bid(500);
+    let v = until(&alice, "late result", |v| v.results.contains_key(&late)).await;
+    assert_eq!(v.results.get(&late), Some(&Outcome::Closed));
+    let res: Value = app
+        .get(
+            &format!("/api/auction/auctions/{id}/result"),
+            Some(&app.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(res["winner"], "bob");
+    // Exactly once: the scheduler keeps running, the closed message count stays one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let closes = alice
+        .view()
+        .log
+        .iter()
+        .filter(|m| matches!(m, ServerMsg::Closed { .. }))
+        .count();
+    assert_eq!(closes, 1);
+    let closed_seq: Vec<i64> = alice
+        .view()
+        .log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Closed { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    let state: Value = app
+        .get(
+            &format!("/api/auction/auctions/{id}/state"),
+            Some(&app.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        state["seq"].as_i64(),
+        closed_seq.first().copied(),
+        "the close was the last room event"
+    );
+    alice.stop().await;
+    bob.stop().await;
+}
+
+#[tokio::test]
+async fn auction_closes_exactly_once_with_its_winner_embedded() {
+    closes_exactly_once(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn auction_closes_exactly_once_with_its_winner_real() {
+    closes_exactly_once(Backend::Real).await;
+}
+
+#[tokio::test]
+async fn reserve_not_met_means_no_winner_and_soft_close_extends() {
+    let app = app(Backend::Embedded).await.expect("app");
+    let id = create(
+        &app,
+        2_000,
+        json!({"reserve": 10_000, "soft_close_window_seconds": 5, "soft_close_extension_seconds": 3}),
+    )
+    .await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    let first = until(&alice, "state", |v| v.state.is_some()).await;
+    let ends = first.state.expect("state").ends_at_ms;
+    let b = alice.bid(200);
+    let v = until(&alice, "extended", |v| {
+        v.log
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Extended { .. }))
+    })
+    .await;
+    assert_eq!(v.results.get(&b), Some(&Outcome::Accepted));
+    let new_end = v.state.as_ref().expect("state").ends_at_ms;
+    assert!(
+        new_end > ends,
+        "bid inside the window moved the end: {ends} -> {new_end}"
+    );
+    let v = until(&alice, "closed", |v| {
+        v.state.as_ref().is_some_and(|s| s.status == "closed")
+    })
+    .await;
+    let r = v.state.and_then(|s| s.result).expect("result");
+    assert_eq!(r.winner, None, "reserve not met");
+    assert!(!r.reserve_met);
+    alice.stop().await;
+}
+
+async fn backlog_is_applied_before_close(backend: Backend) {
+    // Bids stored before the end are applied even when the worker only comes back after it
+    // (A8): a web-only instance takes the bids; the worker+scheduler starts after ends_at.
+    let Some(web) = builder(backend)
+        .role(ProcessRole::Web)
+        .spawn()
+        .await
+        .expect("spawn")
+    else {
+        return;
+    };
+    let id = create(&web, 1_500, json!({})).await;
+    let alice = client(&web, id, "alice", Role::Bidder);
+    let bob = client(&web, id, "bob", Role::Bidder);
+    let mut acked = Vec::new();
+    for (c, amount) in [(&alice, 100), (&bob, 120), (&alice, 150), (&bob, 170)] {
+        let b = c.bid(amount);
+        until(c, "ack", |v| v.acks.contains_key(&b)).await;
+        acked.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(
+        web.get(
+            &format!("/api/auction/auctions/{id}/result"),
+            Some(&web.token(Role::Viewer))
+        )
+        .await
+        .status(),
+        404,
+        "nothing applied or closed without a worker"
+    );
+    let worker = builder(backend)
+        .share(&web)
+        .role(ProcessRole::All)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("worker");
+    // Read the result through the database: on the embedded backend the room broadcast is
+    // in-process, so clients of the web instance would not hear the worker's `closed`.
+    let viewer = worker.token(Role::Viewer);
+    let r = bulwark_tests::services::eventually(WAIT, || async {
+        let res = worker
+            .get(&format!("/api/auction/auctions/{id}/result"), Some(&viewer))
+            .await;
+        if res.status() != 200 {
+            return None;
+        }
+        res.json::<Value>().await.ok()
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(
+        (r["winner"].as_str(), r["amount"].as_i64()),
+        (Some("bob"), Some(170)),
+        "every bid before the end counted"
+    );
+    let state: Value = worker
+        .get(
+            &format!("/api/auction/auctions/{id}/state"),
+            Some(&worker.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(state["bid_count"], 4);
+    alice.stop().await;
+    bob.stop().await;
+}
+
+#[tokio::test]
+async fn backlog_before_the_end_is_applied_before_the_close_embedded() {
+    backlog_is_applied_before_close(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn backlog_before_the_end_is_applied_before_the_close_real() {
+    backlog_is_applied_before_close(Backend::Real).await;
+}
+
+// ---------------------------------------------------------------- presence, fan-out, drain
+
+async fn presence_and_fanout(backend: Backend) {
+    let Some(a) = app(backend).await else { return };
+    let id = create(&a, 60_000, json!({})).await;
+    let c1 = client(&a, id, "carol", Role::Bidder);
+    let c2 = client(&a, id, "dave", Role::Viewer);
+    until(&c1, "state", |v| v.state.is_some()).await;
+    until(&c2, "state", |v| v.state.is_some()).await;
+    let viewer = a.token(Role::Viewer);
+    let p: Value = a
+        .get(
+            &format!("/api/auction/auctions/{id}/presence"),
+            Some(&viewer),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(p["connections"], 2, "{p}");
+    assert_eq!(p["users"], 2);
+    c2.stop().await;
+    let gone = bulwark_tests::services::eventually(WAIT, || async {
+        let p: Value = a
+            .get(
+                &format!("/api/auction/auctions/{id}/presence"),
+                Some(&viewer),
+            )
+            .await
+            .json()
+            .await
+            .ok()?;
+        (p["connections"] == 1).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "a closed socket leaves the room");
+    c1.stop().await;
+}
+
+#[tokio::test]
+async fn presence_lists_connections_embedded() {
+    presence_and_fanout(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn presence_lists_connections_real() {
+    presence_and_fanout(Backend::Real).await;
+}
+
+#[tokio::test]
+async fn two_web_instances_share_rooms_presence_and_drain_moves_clients() {
+    // A3, A4, A11 with real services: a bid on instance B is seen on instance A; presence
+    // lists both; draining B tells its clients 1012, they reconnect to A and get the state,
+    // and no acknowledged bid is lost.
+    let Some(a) = app(Backend::Real).await else {
+        return;
+    };
+    let mut b = builder(Backend::Real)
+        .share(&a)
+        .role(ProcessRole::Web)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("b");
+    let id = create(&a, 60_000, json!({})).await;
+    let on_a = client(&a, id, "erin", Role::Bidder);
+    let on_b = AuctionClient::start(ClientConfig {
+        endpoints: vec![ws_base(&b), ws_base(&a)],
+        ..ClientConfig::new("", id, token_for(&a, "frank", Role::Bidder))
+    });
+    until(&on_a, "state", |v| v.state.is_some()).await;
+    until(&on_b, "state", |v| v.state.is_some()).await;
+    let p: Value = a
+        .get(
+            &format!("/api/auction/auctions/{id}/presence"),
+            Some(&a.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(p["connections"], 2, "presence spans instances: {p}");
+    let instances: std::collections::HashSet<&str> = p["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["instance"].as_str())
+        .collect();
+    assert_eq!(instances.len(), 2);
+
+    let fb = on_b.bid(300);
+    until(&on_b, "result", |v| v.results.contains_key(&fb)).await;
+    until(&on_a, "cross-instance broadcast", |v| {
+        highest(v) == Some(300)
+    })
+    .await;
+
+    // Drain B while frank keeps bidding.
+    let f2 = on_b.bid(400);
+    b.stop().await.expect("stop b");
+    let v = until(&on_b, "reconnected to A", |v| {
+        v.connects >= 2 && v.connected
+    })
+    .await;
+    assert_eq!(v.last_close, Some(1012), "told to reconnect elsewhere");
+    let v = until(&on_b, "f2 settled", |v| v.results.contains_key(&f2)).await;
+    assert_eq!(v.results.get(&f2), Some(&Outcome::Accepted));
+    let f3 = on_b.bid(500);
+    until(&on_b, "bid after move", |v| {
+        v.results.get(&f3) == Some(&Outcome::Accepted)
+    })
+    .await;
+    until(&on_a, "sees it", |v| highest(v) == Some(500)).await;
+    on_a.stop().await;
+    on_b.stop().await;
+}
