@@ -138,10 +138,20 @@ pub fn bulwark_binary() -> PathBuf {
 
 /// Start `bulwark serve` in `dir` with extra environment; stdout/stderr to `dir/log`.
 pub fn spawn_bulwark(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
-    let log = std::fs::File::create(dir.join("log")).expect("log file");
+    spawn_bulwark_with(dir, port, &[], env)
+}
+
+/// Start `bulwark serve <args>` (e.g. `--role worker`) in `dir` with extra environment.
+pub fn spawn_bulwark_with(dir: &Path, port: u16, args: &[&str], env: &[(&str, String)]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))
+        .expect("log file");
     let log2 = log.try_clone().expect("log file");
     let mut cmd = Command::new(bulwark_binary());
     cmd.arg("serve")
+        .args(args)
         .current_dir(dir)
         .env("BULWARK__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("BULWARK__TELEMETRY__LOG_FORMAT", "json")
