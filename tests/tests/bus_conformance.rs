@@ -573,7 +573,41 @@ macro_rules! conformance {
     };
 }
 
+// K4: `pending` counts what a consumer has not finished — waiting plus delivered-unacked —
+// honouring its subject filter (the consumer-lag metric relies on it).
+async fn pending_counts_waiting_and_unacked(b: &Backend) -> anyhow::Result<()> {
+    let bus = b.ready().await?;
+    let mut filtered = spec("lagging", ACK_WAIT * 10, 5);
+    filtered.filter_subject = Some("k4.lag.>".into());
+    let consumer = bus.consumer(&filtered).await?;
+    ensure!(consumer.pending().await? == 0, "nothing published yet");
+    for i in 0..3 {
+        publish(&*bus, &format!("k4.lag.{i}"), None, "x").await?;
+    }
+    publish(&*bus, "k4.other", None, "not for this filter").await?;
+    let deadline = tokio::time::Instant::now() + SOON;
+    // NATS updates consumer state asynchronously; wait for it to settle.
+    while consumer.pending().await? != 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(consumer.pending().await? == 3, "three waiting");
+    let d = fetch_one(&*consumer, SOON).await?;
+    ensure!(
+        consumer.pending().await? == 3,
+        "a delivered, unacked message still counts"
+    );
+    d.ack().await?;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while consumer.pending().await? != 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = consumer.pending().await?;
+    ensure!(left == 2, "two left after one ack, got {left}");
+    Ok(())
+}
+
 conformance!(
+    pending_counts_waiting_and_unacked,
     acked_is_never_redelivered,
     unacked_is_redelivered_after_ack_wait,
     nak_redelivers_after_delay,

@@ -194,6 +194,11 @@ pub fn describe_kernel_metrics(bus: &str) {
         "bulwark_bus_acks_total",
         "Consumer acknowledgements by kind (ack, nak, progress, term)."
     );
+    metrics::describe_gauge!(
+        "bulwark_bus_consumer_pending",
+        "Messages a durable consumer has not finished (waiting plus unacked), by stream and \
+         consumer; reported by the process consuming it."
+    );
     describe_counter!(
         "bulwark_kv_errors_total",
         "Key-value store errors by store and operation."

@@ -765,6 +765,60 @@ impl EmbeddedConsumer {
 
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
+    async fn pending(&self) -> Result<u64, BusError> {
+        let inner = &self.inner;
+        let backend = inner.backend();
+        let (stream, durable) = (self.spec.stream.clone(), self.spec.durable.clone());
+        let cursor = inner
+            .db
+            .query_one(stmt(
+                backend,
+                "SELECT cursor_seq FROM bus_consumers WHERE stream = ? AND durable = ?",
+                vec![stream.clone().into(), durable.clone().into()],
+            ))
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| {
+                BusError::Invalid(format!("consumer `{stream}/{durable}` no longer exists"))
+            })?;
+        let cursor: i64 = get(&cursor, "cursor_seq")?;
+        // Subjects only: the filter is matched here, as in `claim_new`.
+        let rows = inner
+            .db
+            .query_all(stmt(
+                backend,
+                "SELECT subject FROM bus_messages WHERE stream = ? AND seq > ?",
+                vec![stream.clone().into(), cursor.into()],
+            ))
+            .await
+            .map_err(storage)?;
+        let mut waiting = 0u64;
+        for r in &rows {
+            let subject: String = get(r, "subject")?;
+            if self
+                .spec
+                .filter_subject
+                .as_deref()
+                .is_none_or(|f| subject_matches(f, &subject))
+            {
+                waiting += 1;
+            }
+        }
+        let unacked = inner
+            .db
+            .query_one(stmt(
+                backend,
+                "SELECT COUNT(*) AS n FROM bus_deliveries WHERE stream = ? AND durable = ?",
+                vec![stream.into(), durable.into()],
+            ))
+            .await
+            .map_err(storage)?
+            .map(|r| get::<i64>(&r, "n"))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(waiting + u64::try_from(unacked).unwrap_or(0))
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());

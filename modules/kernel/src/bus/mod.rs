@@ -176,6 +176,9 @@ impl Delivery {
 pub trait Consumer: Send + Sync {
     /// Up to `max` deliveries, waiting at most `wait` for the first one.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
+    /// Messages this consumer has not finished: not yet delivered plus delivered and not
+    /// acked (its lag, for `bulwark_bus_consumer_pending`).
+    async fn pending(&self) -> Result<u64, BusError>;
 }
 
 /// The bus every module uses.

@@ -551,6 +551,11 @@ async fn collect(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, BusE
 
 #[async_trait]
 impl Consumer for NatsConsumer {
+    async fn pending(&self) -> Result<u64, BusError> {
+        let info = self.consumer.get_info().await.map_err(unavailable)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());
