@@ -855,3 +855,76 @@ async fn two_web_instances_share_rooms_presence_and_drain_moves_clients() {
     on_a.stop().await;
     on_b.stop().await;
 }
+
+#[test]
+fn asyncapi_document_names_every_message_and_error_code() {
+    // The AsyncAPI twin of protocol.rs must not drift: every server message tag, every error
+    // code and every outcome the Rust types produce appears in it.
+    use bulwark_auction::protocol::{ErrorCode, Outcome};
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/protocol/auction.asyncapi.yaml"
+    ))
+    .expect("docs/protocol/auction.asyncapi.yaml");
+    let samples = [
+        ServerMsg::Ack {
+            id: "a".into(),
+            status: AckStatus::Stored,
+        },
+        ServerMsg::BidResult {
+            id: "a".into(),
+            outcome: Outcome::Accepted,
+            reason: None,
+            highest: None,
+        },
+        ServerMsg::BidPlaced {
+            seq: 1,
+            amount: 1,
+            bidder: "b".into(),
+            received_at_ms: 0,
+            ends_at_ms: 0,
+        },
+        ServerMsg::Extended {
+            seq: 1,
+            ends_at_ms: 0,
+        },
+        ServerMsg::Closed {
+            seq: 1,
+            winner: None,
+            amount: None,
+            reserve_met: false,
+        },
+        ServerMsg::Error {
+            code: ErrorCode::BadMessage,
+            message: String::new(),
+            id: None,
+        },
+    ];
+    let mut kinds: Vec<&str> = samples.iter().map(|m| m.kind()).collect();
+    kinds.extend(["state", "bid", "sync"]);
+    for k in kinds {
+        assert!(
+            doc.contains(&format!("const: {k}}}")),
+            "message `{k}` missing from the AsyncAPI document"
+        );
+    }
+    for code in [
+        ErrorCode::BadMessage,
+        ErrorCode::InvalidBid,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+    ] {
+        let name = serde_json::to_value(code).expect("json");
+        let name = name.as_str().expect("string");
+        assert!(doc.contains(name), "error code `{name}` missing");
+    }
+    for o in [
+        Outcome::Accepted,
+        Outcome::TooLow,
+        Outcome::Closed,
+        Outcome::NotStarted,
+    ] {
+        assert!(doc.contains(o.as_str()), "outcome `{}` missing", o.as_str());
+    }
+}

@@ -465,8 +465,17 @@ pub async fn socket(
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(create, list, get_one, state, bids, result, presence, socket),
+    paths(create, list, get_one, state, bids, result, presence, socket, page),
     components(schemas(CreateAuction, AuctionView, BidView, RoomState, ResultView, Highest,
         crate::protocol::PlacedBid, Presence, PresenceEntry, Page<AuctionView>, Page<BidView>))
 )]
 pub struct AuctionApi;
+
+/// The browser client (A9, A10): bid, watch live bids, countdown from the server clock. The
+/// token comes from `?token=` once and is kept in session storage.
+#[utoipa::path(get, path = "/auction/{id}", tag = "auction",
+    params(("id" = i64, Path, description = "Auction id")),
+    responses((status = 200, description = "HTML page", content_type = "text/html")))]
+pub async fn page(Path(_id): Path<i64>) -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../assets/auction.html"))
+}

@@ -134,6 +134,35 @@ fn describe_metrics() {
         "bulwark_auction_partitions_owned",
         "Bid partitions this worker process owns."
     );
+    // Series exist from the start (at 0), so dashboards and alerts see a rate of 0, not
+    // "no data", and a scrape shows every name.
+    use metrics::counter;
+    for name in [
+        "bulwark_auction_redeliveries_total",
+        "bulwark_auction_slow_clients_total",
+        "bulwark_auction_closed_total",
+        "bulwark_auction_created_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for cause in ["lagged", "gap"] {
+        counter!("bulwark_auction_resyncs_total", "cause" => cause).increment(0);
+    }
+    for layer in ["stream", "database"] {
+        counter!("bulwark_auction_duplicates_total", "layer" => layer).increment(0);
+    }
+    for outcome in ["accepted", "too_low", "closed", "not_started"] {
+        counter!("bulwark_auction_bids_total", "outcome" => outcome).increment(0);
+    }
+    for reason in [
+        "bad_message",
+        "invalid_bid",
+        "forbidden",
+        "rate_limited",
+        "unavailable",
+    ] {
+        counter!("bulwark_auction_rejections_total", "reason" => reason).increment(0);
+    }
 }
 
 /// The module value the app registers.
@@ -183,6 +212,7 @@ impl Module for AuctionModule {
             .route("/api/auction/auctions/{id}/result", get(api::result))
             .route("/api/auction/auctions/{id}/presence", get(api::presence))
             .route("/ws/auction/{id}", get(api::socket))
+            .route("/auction/{id}", get(api::page))
             .with_state(inner.clone())
             .merge(status);
         let sd = &ctx.shutdown;

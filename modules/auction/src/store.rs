@@ -278,95 +278,123 @@ async fn existing_bid(
         .await
 }
 
-async fn duplicate_of(db: &DatabaseConnection, b: bid::Model) -> Result<Applied, DbErr> {
-    let highest = get(db, b.auction_id).await?.and_then(|a| a.highest_amount);
-    Ok(Applied::Duplicate(Judgement {
-        outcome: Outcome::parse(&b.outcome).unwrap_or(Outcome::TooLow),
-        reason: b.reason,
-        highest,
-    }))
+/// Apply one bid exactly once (A6, A7). See [`apply_bids`].
+pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Applied, DbErr> {
+    let mut out = apply_bids(db, std::slice::from_ref(cmd)).await?;
+    out.pop()
+        .ok_or_else(|| DbErr::Custom("apply_bids returned nothing".into()))
 }
 
-/// Apply one bid exactly once (A6, A7): insert it under its unique client id, and when it is
-/// the new highest update the auction (with a soft-close extension) in the same transaction.
-pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Applied, DbErr> {
-    for _ in 0..CAS_ATTEMPTS {
-        if let Some(b) = existing_bid(db, cmd).await? {
-            return duplicate_of(db, b).await;
-        }
-        let txn = begin_on(db, cmd.auction_id).await?;
-        let Some(a) = get(&txn, cmd.auction_id).await? else {
-            return Ok(Applied::UnknownAuction);
+/// Apply a run of bids on **one** auction, in order, exactly once each (A6, A7), in one
+/// transaction: each bid is inserted under its unique client id and judged against the state
+/// the previous ones left; the auction row (highest, seq, soft-close end) is written once at
+/// the end with a compare-and-set on its version. One commit for the run is what lets a hot
+/// auction take hundreds of bids per second on one ordered partition.
+///
+/// Every command must name the same auction (the caller groups them).
+pub async fn apply_bids(
+    db: &DatabaseConnection,
+    cmds: &[BidCommand],
+) -> Result<Vec<Applied>, DbErr> {
+    let Some(first) = cmds.first() else {
+        return Ok(Vec::new());
+    };
+    let auction_id = first.auction_id;
+    if cmds.iter().any(|c| c.auction_id != auction_id) {
+        return Err(DbErr::Custom("apply_bids: one auction per run".into()));
+    }
+    'attempt: for _ in 0..CAS_ATTEMPTS {
+        let txn = begin_on(db, auction_id).await?;
+        let Some(start) = get(&txn, auction_id).await? else {
+            txn.rollback().await?;
+            return Ok(cmds.iter().map(|_| Applied::UnknownAuction).collect());
         };
-        let judgement = judge(&a, cmd);
-        let accepted = judgement.outcome == Outcome::Accepted;
-        let mut seq = a.seq;
-        let mut ends_at = a.ends_at_ms;
-        let mut room = Vec::new();
-        let bid_seq = if accepted {
-            seq += 1;
-            Some(seq)
-        } else {
-            None
-        };
-        let inserted = bid::ActiveModel {
-            auction_id: Set(cmd.auction_id),
-            bidder: Set(cmd.bidder.clone()),
-            client_bid_id: Set(cmd.client_bid_id.clone()),
-            amount: Set(cmd.amount),
-            received_at_ms: Set(cmd.received_at_ms),
-            processed_at_ms: Set(now_ms()),
-            outcome: Set(judgement.outcome.as_str().into()),
-            reason: Set(judgement.reason.clone()),
-            seq: Set(bid_seq),
-            stream_seq: Set(cmd.stream_seq),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await;
-        let inserted = match inserted {
-            Ok(b) => b,
-            Err(e) if is_unique_violation(&e) => {
-                // Another delivery of the same bid won the race; read its judgement.
-                txn.rollback().await?;
+        let mut a = start.clone();
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            if let Some(b) = existing_bid(&txn, cmd).await? {
+                out.push(Applied::Duplicate(Judgement {
+                    outcome: Outcome::parse(&b.outcome).unwrap_or(Outcome::TooLow),
+                    reason: b.reason,
+                    highest: a.highest_amount,
+                }));
                 continue;
             }
-            Err(e) => return Err(e),
-        };
-        if accepted {
-            if cmd.received_at_ms >= a.ends_at_ms - a.soft_close_window_ms {
-                let extended = cmd.received_at_ms + a.soft_close_extension_ms;
-                if extended > ends_at {
-                    ends_at = extended;
+            let judgement = judge(&a, cmd);
+            let accepted = judgement.outcome == Outcome::Accepted;
+            let bid_seq = accepted.then_some(a.seq + 1);
+            let inserted = bid::ActiveModel {
+                auction_id: Set(cmd.auction_id),
+                bidder: Set(cmd.bidder.clone()),
+                client_bid_id: Set(cmd.client_bid_id.clone()),
+                amount: Set(cmd.amount),
+                received_at_ms: Set(cmd.received_at_ms),
+                processed_at_ms: Set(now_ms()),
+                outcome: Set(judgement.outcome.as_str().into()),
+                reason: Set(judgement.reason.clone()),
+                seq: Set(bid_seq),
+                stream_seq: Set(cmd.stream_seq),
+                ..Default::default()
+            }
+            .insert(&txn)
+            .await;
+            let inserted = match inserted {
+                Ok(b) => b,
+                Err(e) if is_unique_violation(&e) => {
+                    // Another process applied one of these bids meanwhile: start over; the
+                    // duplicate check will see it.
+                    txn.rollback().await?;
+                    continue 'attempt;
                 }
-            }
-            room.push(ServerMsg::BidPlaced {
-                seq,
-                amount: cmd.amount,
-                bidder: cmd.bidder.clone(),
-                received_at_ms: cmd.received_at_ms,
-                ends_at_ms: ends_at,
-            });
-            if ends_at != a.ends_at_ms {
-                seq += 1;
-                room.push(ServerMsg::Extended {
-                    seq,
-                    ends_at_ms: ends_at,
+                Err(e) => return Err(e),
+            };
+            let mut room = Vec::new();
+            if accepted {
+                a.seq += 1;
+                let before = a.ends_at_ms;
+                if cmd.received_at_ms >= a.ends_at_ms - a.soft_close_window_ms {
+                    a.ends_at_ms = a
+                        .ends_at_ms
+                        .max(cmd.received_at_ms + a.soft_close_extension_ms);
+                }
+                room.push(ServerMsg::BidPlaced {
+                    seq: a.seq,
+                    amount: cmd.amount,
+                    bidder: cmd.bidder.clone(),
+                    received_at_ms: cmd.received_at_ms,
+                    ends_at_ms: a.ends_at_ms,
                 });
+                if a.ends_at_ms != before {
+                    a.seq += 1;
+                    room.push(ServerMsg::Extended {
+                        seq: a.seq,
+                        ends_at_ms: a.ends_at_ms,
+                    });
+                }
+                a.highest_amount = Some(cmd.amount);
+                a.highest_bidder = Some(cmd.bidder.clone());
+                a.highest_bid_id = Some(inserted.id);
+                a.bid_count += 1;
             }
+            out.push(Applied::Fresh { judgement, room });
+        }
+        if a != start {
             let updated = auction::Entity::update_many()
-                .col_expr(auction::Column::Version, Expr::value(a.version + 1))
-                .col_expr(auction::Column::Seq, Expr::value(seq))
-                .col_expr(auction::Column::EndsAtMs, Expr::value(ends_at))
-                .col_expr(auction::Column::HighestAmount, Expr::value(cmd.amount))
+                .col_expr(auction::Column::Version, Expr::value(start.version + 1))
+                .col_expr(auction::Column::Seq, Expr::value(a.seq))
+                .col_expr(auction::Column::EndsAtMs, Expr::value(a.ends_at_ms))
+                .col_expr(
+                    auction::Column::HighestAmount,
+                    Expr::value(a.highest_amount),
+                )
                 .col_expr(
                     auction::Column::HighestBidder,
-                    Expr::value(cmd.bidder.clone()),
+                    Expr::value(a.highest_bidder.clone()),
                 )
-                .col_expr(auction::Column::HighestBidId, Expr::value(inserted.id))
-                .col_expr(auction::Column::BidCount, Expr::value(a.bid_count + 1))
-                .filter(auction::Column::Id.eq(a.id))
-                .filter(auction::Column::Version.eq(a.version))
+                .col_expr(auction::Column::HighestBidId, Expr::value(a.highest_bid_id))
+                .col_expr(auction::Column::BidCount, Expr::value(a.bid_count))
+                .filter(auction::Column::Id.eq(auction_id))
+                .filter(auction::Column::Version.eq(start.version))
                 .filter(auction::Column::Status.eq("open"))
                 .exec(&txn)
                 .await?;
@@ -376,11 +404,10 @@ pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Appl
             }
         }
         txn.commit().await?;
-        return Ok(Applied::Fresh { judgement, room });
+        return Ok(out);
     }
     Err(DbErr::Custom(format!(
-        "auction {}: lost the version race {CAS_ATTEMPTS} times",
-        cmd.auction_id
+        "auction {auction_id}: lost the version race {CAS_ATTEMPTS} times"
     )))
 }
 

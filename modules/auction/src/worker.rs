@@ -140,14 +140,7 @@ async fn own(
                 continue;
             }
         };
-        let mut rest = batch.into_iter();
-        for d in rest.by_ref() {
-            if deadline.is_cancelled() {
-                let _ = d.nak(Duration::ZERO).await;
-                continue;
-            }
-            process(inner, d).await;
-        }
+        process_batch(inner, batch, deadline).await;
     }
 }
 
@@ -172,101 +165,140 @@ async fn broadcast(inner: &Inner, auction_id: i64, to: Option<String>, msg: Serv
     }
 }
 
-/// Apply one delivery; ack only after the database commit.
-pub async fn process(inner: &Inner, d: Delivery) {
-    if d.delivered > 1 {
-        metrics::counter!("bulwark_auction_redeliveries_total").increment(1);
+/// Apply a fetched batch in stream order; ack each delivery only after its database commit.
+/// Consecutive bids on one auction are applied in one transaction ([`store::apply_bids`]).
+pub async fn process_batch(inner: &Inner, batch: Vec<Delivery>, deadline: &CancellationToken) {
+    let mut run: Vec<(Delivery, BidCommand)> = Vec::new();
+    for d in batch {
+        if deadline.is_cancelled() {
+            flush(inner, &mut run).await;
+            let _ = d.nak(Duration::ZERO).await;
+            continue;
+        }
+        if d.delivered > 1 {
+            metrics::counter!("bulwark_auction_redeliveries_total").increment(1);
+        }
+        match serde_json::from_slice::<Command>(&d.payload) {
+            Ok(Command::Bid {
+                auction_id,
+                bidder,
+                id,
+                amount,
+                received_at_ms,
+            }) => {
+                if run.first().is_some_and(|(_, c)| c.auction_id != auction_id) {
+                    flush(inner, &mut run).await;
+                }
+                let stream_seq = i64::try_from(d.sequence).ok();
+                run.push((
+                    d,
+                    BidCommand {
+                        auction_id,
+                        bidder,
+                        client_bid_id: id,
+                        amount,
+                        received_at_ms,
+                        stream_seq,
+                    },
+                ));
+            }
+            Ok(Command::Close {
+                auction_id,
+                ends_at_ms,
+            }) => {
+                flush(inner, &mut run).await;
+                close(inner, d, auction_id, ends_at_ms).await;
+            }
+            Err(e) => {
+                flush(inner, &mut run).await;
+                tracing::error!(message = "Unreadable bid command; terminated.", sequence = d.sequence, error = %e);
+                metrics::counter!("bulwark_auction_bids_total", "outcome" => "malformed")
+                    .increment(1);
+                let _ = d.term().await;
+            }
+        }
     }
-    let cmd: Command = match serde_json::from_slice(&d.payload) {
-        Ok(c) => c,
+    flush(inner, &mut run).await;
+}
+
+/// Apply a run of bids on one auction, then answer each bidder, tell the room, and ack.
+async fn flush(inner: &Inner, run: &mut Vec<(Delivery, BidCommand)>) {
+    if run.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let cmds: Vec<BidCommand> = run.iter().map(|(_, c)| c.clone()).collect();
+    let auction_id = cmds[0].auction_id;
+    let results = match store::apply_bids(&inner.db, &cmds).await {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!(message = "Unreadable bid command; terminated.", sequence = d.sequence, error = %e);
-            metrics::counter!("bulwark_auction_bids_total", "outcome" => "malformed").increment(1);
-            let _ = d.term().await;
+            tracing::warn!(message = "Applying bids failed; will retry.", auction = auction_id, bids = cmds.len(), error = %e);
+            for (d, _) in run.drain(..) {
+                let _ = d.nak(Duration::from_secs(1)).await;
+            }
             return;
         }
     };
-    let started = Instant::now();
-    match cmd {
-        Command::Bid {
-            auction_id,
-            bidder,
-            id,
-            amount,
-            received_at_ms,
-        } => {
-            let bc = BidCommand {
-                auction_id,
-                bidder: bidder.clone(),
-                client_bid_id: id.clone(),
-                amount,
-                received_at_ms,
-                stream_seq: i64::try_from(d.sequence).ok(),
-            };
-            match store::apply_bid(&inner.db, &bc).await {
-                Ok(Applied::Fresh { judgement, room }) => {
-                    metrics::histogram!("bulwark_auction_bid_apply_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("bulwark_auction_bids_total", "outcome" => judgement.outcome.as_str()).increment(1);
-                    let result = ServerMsg::BidResult {
-                        id,
-                        outcome: judgement.outcome,
-                        reason: judgement.reason,
-                        highest: judgement.highest,
-                    };
-                    broadcast(inner, auction_id, Some(bidder), result).await;
-                    for m in room {
-                        broadcast(inner, auction_id, None, m).await;
-                    }
-                    ack(d).await;
+    let took = started.elapsed().as_secs_f64();
+    for ((d, cmd), applied) in run.drain(..).zip(results) {
+        match applied {
+            Applied::Fresh { judgement, room } => {
+                metrics::histogram!("bulwark_auction_bid_apply_seconds").record(took);
+                metrics::counter!("bulwark_auction_bids_total", "outcome" => judgement.outcome.as_str()).increment(1);
+                let result = ServerMsg::BidResult {
+                    id: cmd.client_bid_id,
+                    outcome: judgement.outcome,
+                    reason: judgement.reason,
+                    highest: judgement.highest,
+                };
+                broadcast(inner, auction_id, Some(cmd.bidder), result).await;
+                for m in room {
+                    broadcast(inner, auction_id, None, m).await;
                 }
-                Ok(Applied::Duplicate(j)) => {
-                    metrics::counter!("bulwark_auction_duplicates_total", "layer" => "database")
-                        .increment(1);
-                    let result = ServerMsg::BidResult {
-                        id,
-                        outcome: j.outcome,
-                        reason: j.reason,
-                        highest: j.highest,
-                    };
-                    broadcast(inner, auction_id, Some(bidder), result).await;
-                    ack(d).await;
-                }
-                Ok(Applied::UnknownAuction) => {
-                    tracing::warn!(
-                        message = "Bid for an unknown auction; terminated.",
-                        auction = auction_id
-                    );
-                    metrics::counter!("bulwark_auction_bids_total", "outcome" => "unknown_auction")
-                        .increment(1);
-                    let _ = d.term().await;
-                }
-                Err(e) => {
-                    tracing::warn!(message = "Applying a bid failed; will retry.", auction = auction_id, error = %e);
-                    let _ = d.nak(Duration::from_secs(1)).await;
-                }
+                ack(d).await;
+            }
+            Applied::Duplicate(j) => {
+                metrics::counter!("bulwark_auction_duplicates_total", "layer" => "database")
+                    .increment(1);
+                let result = ServerMsg::BidResult {
+                    id: cmd.client_bid_id,
+                    outcome: j.outcome,
+                    reason: j.reason,
+                    highest: j.highest,
+                };
+                broadcast(inner, auction_id, Some(cmd.bidder), result).await;
+                ack(d).await;
+            }
+            Applied::UnknownAuction => {
+                tracing::warn!(
+                    message = "Bid for an unknown auction; terminated.",
+                    auction = auction_id
+                );
+                metrics::counter!("bulwark_auction_bids_total", "outcome" => "unknown_auction")
+                    .increment(1);
+                let _ = d.term().await;
             }
         }
-        Command::Close {
-            auction_id,
-            ends_at_ms,
-        } => match store::close(&inner.db, auction_id, ends_at_ms).await {
-            Ok(Closed::Now(msg)) => {
-                metrics::counter!("bulwark_auction_closed_total").increment(1);
-                tracing::info!(message = "Auction closed.", auction = auction_id);
-                broadcast(inner, auction_id, None, msg).await;
-                ack(d).await;
-            }
-            Ok(Closed::Already(msg)) => {
-                broadcast(inner, auction_id, None, msg).await;
-                ack(d).await;
-            }
-            Ok(Closed::NotDue | Closed::UnknownAuction) => ack(d).await,
-            Err(e) => {
-                tracing::warn!(message = "Closing failed; will retry.", auction = auction_id, error = %e);
-                let _ = d.nak(Duration::from_secs(1)).await;
-            }
-        },
+    }
+}
+
+async fn close(inner: &Inner, d: Delivery, auction_id: i64, ends_at_ms: i64) {
+    match store::close(&inner.db, auction_id, ends_at_ms).await {
+        Ok(Closed::Now(msg)) => {
+            metrics::counter!("bulwark_auction_closed_total").increment(1);
+            tracing::info!(message = "Auction closed.", auction = auction_id);
+            broadcast(inner, auction_id, None, msg).await;
+            ack(d).await;
+        }
+        Ok(Closed::Already(msg)) => {
+            broadcast(inner, auction_id, None, msg).await;
+            ack(d).await;
+        }
+        Ok(Closed::NotDue | Closed::UnknownAuction) => ack(d).await,
+        Err(e) => {
+            tracing::warn!(message = "Closing failed; will retry.", auction = auction_id, error = %e);
+            let _ = d.nak(Duration::from_secs(1)).await;
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! axum's graceful shutdown does not see upgraded connections, so [`serve`] runs each socket on
 //! the [`Shutdown`] tracker. The socket is split: the handler reads `inbound` and writes
 //! through `outbound`, a bounded queue drained by a writer task. When the drain reaches its
-//! closing phase the writer sends close code 1012 (service restart: reconnect elsewhere).
+//! closing phase the writer sends close code 1012 (service restart: reconnect elsewhere); from
+//! the start of the drain, new upgrades are refused with 503.
 //! A handler whose client cannot keep up sees `try_send` fail and decides (resync or close).
 
 use std::future::Future;
@@ -77,6 +78,20 @@ where
     F: FnOnce(TrackedSocket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    if shutdown.is_draining() {
+        // Readiness already fails; a load balancer that still routes here learns it now and
+        // the client's next attempt goes elsewhere.
+        use axum::response::IntoResponse as _;
+        let mut res = crate::problem::Problem::unavailable(
+            "this instance is shutting down; reconnect (another instance will answer)",
+        )
+        .into_response();
+        res.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return res;
+    }
     let shutdown = shutdown.clone();
     ws.max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
