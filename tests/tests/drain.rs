@@ -68,7 +68,10 @@ async fn websockets_are_closed_with_1012_on_drain() {
         .find_map(|l| l.strip_prefix(r#"bulwark_websocket_connections{module="probe"} "#))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
-    assert!(open >= 5.0, "5 tracked sockets, gauge says {open}: {metrics}");
+    assert!(
+        open >= 5.0,
+        "5 tracked sockets, gauge says {open}: {metrics}"
+    );
     let mut app = app;
     let stopping = tokio::spawn(async move { app.stop().await });
     for mut ws in clients {

@@ -14,7 +14,7 @@ use futures::{SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::protocol::{AckStatus, ClientMsg, Outcome, ServerMsg, State};
+use crate::protocol::{AckStatus, ClientMsg, ErrorCode, Outcome, ServerMsg, State};
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -61,7 +61,14 @@ pub struct View {
     pub connected: bool,
     /// Every server message, in arrival order (tests inspect it).
     pub log: Vec<ServerMsg>,
+    /// Bids the server refused for good (not resent).
+    pub rejected: HashMap<String, ErrorCode>,
+    /// When each unanswered bid was last sent.
+    pub sent_at: HashMap<String, std::time::Instant>,
 }
+
+/// A bid without `ack` or `bid_result` this long on a live connection is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(3);
 
 enum Cmd {
     Send(ClientMsg),
@@ -100,7 +107,11 @@ impl AuctionClient {
 
     /// Place (or resend) a bid with a chosen id.
     pub fn bid_with_id(&self, id: &str, amount: i64) {
-        lock(&self.view).unacked.insert(id.to_owned(), amount);
+        {
+            let mut v = lock(&self.view);
+            v.unacked.insert(id.to_owned(), amount);
+            v.sent_at.insert(id.to_owned(), std::time::Instant::now());
+        }
         let _ = self.cmds.send(Cmd::Send(ClientMsg::Bid {
             id: id.to_owned(),
             amount,
@@ -221,6 +232,12 @@ async fn run(
             }
         }
         let mut close_code = None;
+        // Resend what stays unanswered on a live connection too: an `ack` lost to an error
+        // (`unavailable`, `rate_limited`) or a `bid_result` lost on the way. Same ids, so the
+        // server answers from what it stored.
+        let mut patrol = tokio::time::interval(RESEND_AFTER / 2);
+        patrol.tick().await;
+
         // Only `break` (reconnect) and `return` (stopped) leave this loop.
         if resent {
             loop {
@@ -238,7 +255,38 @@ async fn run(
                             }
                         }
                     },
-                    frame = stream.next() => match frame {
+                    _ = patrol.tick() => {
+                    let again: Vec<(String, i64)> = {
+                        let mut v = lock(&view);
+                        let now = std::time::Instant::now();
+                        let due: Vec<(String, i64)> = v
+                            .unacked
+                            .iter()
+                            .chain(v.unresolved.iter())
+                            .filter(|(k, _)| {
+                                v.sent_at
+                                    .get(*k)
+                                    .is_none_or(|t| now.duration_since(*t) >= RESEND_AFTER)
+                            })
+                            .map(|(k, a)| (k.clone(), *a))
+                            .collect();
+                        for (k, _) in &due {
+                            v.sent_at.insert(k.clone(), now);
+                        }
+                        due
+                    };
+                    let mut broken = false;
+                    for (id, amount) in again {
+                        if send(&mut sink, &ClientMsg::Bid { id, amount }).await.is_err() {
+                            broken = true;
+                            break;
+                        }
+                    }
+                    if broken {
+                        break;
+                    }
+                }
+                frame = stream.next() => match frame {
                         Some(Ok(Message::Text(t))) => {
                             let Ok(msg) = serde_json::from_str::<ServerMsg>(t.as_str()) else { continue };
                             let need_sync = apply(&mut lock(&view), msg);
@@ -298,10 +346,26 @@ fn apply(v: &mut View, msg: ServerMsg) -> bool {
         ServerMsg::BidResult { id, outcome, .. } => {
             v.unacked.remove(&id);
             v.unresolved.remove(&id);
+            v.sent_at.remove(&id);
             v.results.insert(id, outcome);
             false
         }
-        ServerMsg::Error { .. } => false,
+        ServerMsg::Error { code, id, .. } => {
+            // A bid the server will never take (bad id or amount, wrong role) is not resent;
+            // `rate_limited` and `unavailable` are, with the same id.
+            if let Some(id) = id
+                && matches!(
+                    code,
+                    ErrorCode::InvalidBid | ErrorCode::Forbidden | ErrorCode::BadMessage
+                )
+            {
+                v.unacked.remove(&id);
+                v.unresolved.remove(&id);
+                v.sent_at.remove(&id);
+                v.rejected.insert(id, code);
+            }
+            false
+        }
         room => {
             let Some(state) = v.state.as_mut() else {
                 return true;
@@ -364,6 +428,46 @@ fn apply(v: &mut View, msg: ServerMsg) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_bids_are_dropped_but_retryable_ones_kept() {
+        let mut v = View::default();
+        for id in ["bad", "busy"] {
+            v.unacked.insert(id.into(), 5);
+        }
+        let err = |code, id: &str| ServerMsg::Error {
+            code,
+            message: String::new(),
+            id: Some(id.into()),
+        };
+        apply(&mut v, err(ErrorCode::InvalidBid, "bad"));
+        apply(&mut v, err(ErrorCode::RateLimited, "busy"));
+        assert!(!v.unacked.contains_key("bad"));
+        assert_eq!(v.rejected.get("bad"), Some(&ErrorCode::InvalidBid));
+        assert!(
+            v.unacked.contains_key("busy"),
+            "rate-limited bids are resent"
+        );
+        // An ack moves a bid to `unresolved` until its result arrives.
+        apply(
+            &mut v,
+            ServerMsg::Ack {
+                id: "busy".into(),
+                status: AckStatus::Stored,
+            },
+        );
+        assert!(v.unresolved.contains_key("busy"));
+        apply(
+            &mut v,
+            ServerMsg::BidResult {
+                id: "busy".into(),
+                outcome: Outcome::Accepted,
+                reason: None,
+                highest: Some(5),
+            },
+        );
+        assert!(v.unresolved.is_empty() && v.unacked.is_empty());
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {
