@@ -928,3 +928,76 @@ fn asyncapi_document_names_every_message_and_error_code() {
         assert!(doc.contains(o.as_str()), "outcome `{}` missing", o.as_str());
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
+    // Bounded memory per socket: a client that keeps asking for states but never reads is
+    // closed (4008) once its queue stays full for slow_client_timeout, and the connection is
+    // dropped; other clients are unaffected.
+    let app = builder(Backend::Embedded)
+        .set("auction.send_queue", 1)
+        .set("auction.slow_client_timeout", "200ms")
+        .set("auction.state_bids", 500)
+        .set("auction.bids_per_second", 1000.0)
+        .set("auction.bid_burst", 1000.0)
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let id = create(&app, 600_000, json!({"title": "x".repeat(200)})).await;
+    // Make states big: many accepted bids, each listed in `state` (up to 500).
+    let filler = client(&app, id, "filler", Role::Bidder);
+    for i in 0..300 {
+        filler.bid(100 + i * 10);
+    }
+    until(&filler, "300 results", |v| v.results.len() == 300).await;
+    let url = format!(
+        "ws://{}/ws/auction/{id}?access_token={}",
+        app.addr,
+        token_for(&app, "sleepy", Role::Viewer)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    // Ask for thousands of ~30 KB states and read none of them.
+    let sync = Message::text(r#"{"type":"sync"}"#);
+    let mut sent = 0;
+    for _ in 0..3000 {
+        if tokio::time::timeout(Duration::from_millis(500), ws.send(sync.clone()))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let cut = bulwark_tests::services::eventually(WAIT, || async {
+        let m = metrics(&app).await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("bulwark_auction_slow_clients_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert!(
+        cut.is_some(),
+        "the unread socket was closed as slow after {sent} syncs"
+    );
+    // Reading now drains what the kernel still flushed, then the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection ended");
+    // The room still works for others.
+    let b = filler.bid(1_000_000);
+    let v = until(&filler, "bid after", |v| v.results.contains_key(&b)).await;
+    assert_eq!(v.results.get(&b), Some(&Outcome::Accepted));
+    filler.stop().await;
+}

@@ -63,6 +63,8 @@ pub struct View {
     pub log: Vec<ServerMsg>,
     /// Bids the server refused for good (not resent).
     pub rejected: HashMap<String, ErrorCode>,
+    /// Placement order of each bid, so resends keep the bidder's order.
+    pub order: HashMap<String, u64>,
     /// When each unanswered bid was last sent.
     pub sent_at: HashMap<String, std::time::Instant>,
 }
@@ -111,6 +113,8 @@ impl AuctionClient {
             let mut v = lock(&self.view);
             v.unacked.insert(id.to_owned(), amount);
             v.sent_at.insert(id.to_owned(), std::time::Instant::now());
+            let next = v.order.len() as u64;
+            v.order.entry(id.to_owned()).or_insert(next);
         }
         let _ = self.cmds.send(Cmd::Send(ClientMsg::Bid {
             id: id.to_owned(),
@@ -161,6 +165,18 @@ impl AuctionClient {
 
 fn lock(v: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
     v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The given bids as `(id, amount)`, in the order they were placed.
+fn in_placement_order<'a>(
+    v: &View,
+    bids: impl Iterator<Item = (&'a String, &'a i64)>,
+) -> Vec<(String, i64)> {
+    let mut out: Vec<(u64, String, i64)> = bids
+        .map(|(k, a)| (v.order.get(k).copied().unwrap_or(u64::MAX), k.clone(), *a))
+        .collect();
+    out.sort();
+    out.into_iter().map(|(_, k, a)| (k, a)).collect()
 }
 
 /// Full jitter: a uniform delay in [0, min(cap, base · 2^attempt)].
@@ -214,11 +230,7 @@ async fn run(
             let mut v = lock(&view);
             v.connects += 1;
             v.connected = true;
-            v.unacked
-                .iter()
-                .chain(v.unresolved.iter())
-                .map(|(k, a)| (k.clone(), *a))
-                .collect()
+            in_placement_order(&v, v.unacked.iter().chain(v.unresolved.iter()))
         };
         notify();
         let mut resent = true;
@@ -259,17 +271,14 @@ async fn run(
                     let again: Vec<(String, i64)> = {
                         let mut v = lock(&view);
                         let now = std::time::Instant::now();
-                        let due: Vec<(String, i64)> = v
-                            .unacked
-                            .iter()
-                            .chain(v.unresolved.iter())
-                            .filter(|(k, _)| {
+                        let due = in_placement_order(
+                            &v,
+                            v.unacked.iter().chain(v.unresolved.iter()).filter(|(k, _)| {
                                 v.sent_at
                                     .get(*k)
                                     .is_none_or(|t| now.duration_since(*t) >= RESEND_AFTER)
-                            })
-                            .map(|(k, a)| (k.clone(), *a))
-                            .collect();
+                            }),
+                        );
                         for (k, _) in &due {
                             v.sent_at.insert(k.clone(), now);
                         }

@@ -170,6 +170,10 @@ pub fn describe_kernel_metrics(bus: &str) {
         "WebSockets closed with 1012 during a drain."
     );
     describe_counter!(
+        "bulwark_websocket_dropped_unread_total",
+        "WebSockets dropped because the client stopped reading and the last frames could not be flushed."
+    );
+    describe_counter!(
         "bulwark_bus_published_total",
         "Durable publishes by outcome (stored, duplicate, error)."
     );

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::{CLOSE_SERVICE_RESTART, Shutdown};
 
+/// How long a finished socket's writer may take to flush before the connection is dropped.
+const WRITER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Limits of one socket.
 #[derive(Debug, Clone, Copy)]
 pub struct SocketLimits {
@@ -140,7 +143,14 @@ where
             });
             shutdown.spawn(async move {
                 handler(TrackedSocket { inbound, outbound: tx, closing }).await;
-                let _ = writer.await;
+                // The writer flushes what is queued and the close frame. A client that stopped
+                // reading blocks it on a full TCP buffer: give up after WRITER_GRACE and drop the
+                // connection, so a dead reader holds no task or buffer.
+                let abort = writer.abort_handle();
+                if tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+                    abort.abort();
+                    metrics::counter!("bulwark_websocket_dropped_unread_total", "module" => module).increment(1);
+                }
                 gauge.decrement(1.0);
             });
         })
