@@ -342,32 +342,43 @@ async fn resend_after_window(backend: Backend) {
     let b = alice.bid(200);
     until(&alice, "result", |v| v.results.contains_key(&b)).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    let db_dups = || async {
+        metrics(&app)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("bulwark_auction_duplicates_total{layer=\"database\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = db_dups().await;
+    let log_len = alice.view().log.len();
     alice.bid_with_id(&b, 200);
-    let (_, v) = alice
+    let (ok, v) = alice
         .wait_until(WAIT, |v| {
-            v.log
+            v.log[log_len..]
                 .iter()
-                .filter(|m| matches!(m, ServerMsg::BidResult { id, .. } if *id == b))
-                .count()
-                == 2
+                .any(|m| matches!(m, ServerMsg::BidResult { id, .. } if *id == b))
         })
         .await;
-    assert_eq!(
-        v.acks.get(&b),
-        Some(&AckStatus::Stored),
-        "the stream forgot it"
-    );
-    assert_eq!(
-        v.results.get(&b),
-        Some(&Outcome::Accepted),
-        "original outcome"
-    );
-    let m = metrics(&app).await;
+    assert!(ok, "the resend got an outcome: {:?}", &v.log[log_len..]);
+    let after: Vec<&ServerMsg> = v.log[log_len..].iter().collect();
     assert!(
-        m.lines()
-            .any(|l| l.starts_with("bulwark_auction_duplicates_total{layer=\"database\"}")),
-        "database-layer duplicate counted"
+        after
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Ack { id, status: AckStatus::Stored } if *id == b)),
+        "the stream no longer knew the id, so it stored it again: {after:?}"
     );
+    assert!(
+        after.iter().any(
+            |m| matches!(m, ServerMsg::BidResult { id, outcome: Outcome::Accepted, .. } if *id == b)
+        ),
+        "the original outcome came back: {after:?}"
+    );
+    let caught = bulwark_tests::services::eventually(WAIT, || async {
+        (db_dups().await > before).then_some(())
+    })
+    .await;
+    assert!(caught.is_some(), "the database's unique key caught it");
     let state = v.state.expect("state");
     assert_eq!(state.bid_count, 1);
     alice.stop().await;
@@ -951,45 +962,51 @@ async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
         filler.bid(100 + i * 10);
     }
     until(&filler, "300 results", |v| v.results.len() == 300).await;
-    let url = format!(
-        "ws://{}/ws/auction/{id}?access_token={}",
-        app.addr,
-        token_for(&app, "sleepy", Role::Viewer)
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    // Ask for thousands of ~30 KB states and read none of them.
-    let sync = Message::text(r#"{"type":"sync"}"#);
+    // A raw WebSocket client that never reads (tungstenite would buffer reads for us).
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let before = slow_count(&app).await;
+    let token = token_for(&app, "sleepy", Role::Viewer);
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.expect("tcp");
+    tcp.write_all(
+        format!(
+            "GET /ws/auction/{id}?access_token={token} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            app.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("upgrade request");
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.expect("response");
+    assert_eq!(&head, b"HTTP/1.1 101", "upgraded");
+    // `{"type":"sync"}` as a masked text frame; a zero mask leaves the payload as is.
+    let payload = br#"{"type":"sync"}"#;
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
     let mut sent = 0;
-    for _ in 0..3000 {
-        if tokio::time::timeout(Duration::from_millis(500), ws.send(sync.clone()))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            break;
+    for _ in 0..5000 {
+        match tokio::time::timeout(Duration::from_millis(500), tcp.write_all(&frame)).await {
+            Ok(Ok(())) => sent += 1,
+            _ => break,
         }
-        sent += 1;
     }
     let cut = bulwark_tests::services::eventually(WAIT, || async {
-        let m = metrics(&app).await;
-        m.lines()
-            .find_map(|l| l.strip_prefix("bulwark_auction_slow_clients_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|n| *n >= 1.0)
+        (slow_count(&app).await > before).then_some(())
     })
     .await;
     assert!(
         cut.is_some(),
-        "the unread socket was closed as slow after {sent} syncs"
+        "the unread socket was closed as slow (sent {sent} syncs)"
     );
-    // Reading now drains what the kernel still flushed, then the connection ends.
-    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+    // The kernel drops the connection when it cannot flush the last frames: reading now
+    // reaches its end instead of blocking.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = vec![0u8; 1 << 16];
         loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     })
@@ -1000,4 +1017,13 @@ async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
     let v = until(&filler, "bid after", |v| v.results.contains_key(&b)).await;
     assert_eq!(v.results.get(&b), Some(&Outcome::Accepted));
     filler.stop().await;
+}
+
+async fn slow_count(app: &TestApp) -> f64 {
+    metrics(app)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("bulwark_auction_slow_clients_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

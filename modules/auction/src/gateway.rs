@@ -73,6 +73,8 @@ struct Socket {
     out: tokio::sync::mpsc::Sender<Message>,
     last_seq: i64,
     bad_frames: u32,
+    /// The client left its queue full for `slow_client_timeout`.
+    slow: std::sync::atomic::AtomicBool,
 }
 
 impl Socket {
@@ -85,15 +87,22 @@ impl Socket {
                 return true;
             }
         };
-        let ok = self
+        match self
             .out
             .send_timeout(Message::text(text), self.inner.cfg.slow_client_timeout)
             .await
-            .is_ok();
-        if ok {
-            count_out(msg.kind());
+        {
+            Ok(()) => {
+                count_out(msg.kind());
+                true
+            }
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.slow.store(true, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+            // The writer ended: the connection is gone (or closed by the drain).
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => false,
         }
-        ok
     }
 
     async fn send_state(&mut self) -> Result<bool, sea_orm::DbErr> {
@@ -290,6 +299,7 @@ pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: Tra
         out: outbound,
         last_seq: 0,
         bad_frames: 0,
+        slow: std::sync::atomic::AtomicBool::new(false),
     };
     let beat = |inner: Arc<Inner>, set: String, member: String| async move {
         if let Err(e) = inner
@@ -374,7 +384,7 @@ pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: Tra
         }
     };
     match end {
-        End::Slow => {
+        End::Slow if s.slow.load(std::sync::atomic::Ordering::Relaxed) => {
             metrics::counter!("bulwark_auction_slow_clients_total").increment(1);
             let _ = s
                 .out
@@ -385,7 +395,7 @@ pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: Tra
                 .out
                 .try_send(close(close_code::PROTOCOL_ABUSE, "too many invalid frames"));
         }
-        End::Client | End::Draining => {}
+        End::Slow | End::Client | End::Draining => {}
     }
     drop(room);
     inner.hub.leave(auction_id);
