@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bulwark_kernel::auth::Authenticator;
 use bulwark_kernel::config::Settings;
-use bulwark_kernel::module::{Context, Module, ModuleParts, ProcessRole, Worker};
+use bulwark_kernel::module::{Context, Module, ModuleParts, ProcessRole, Worker, WorkerKind};
 use bulwark_kernel::readiness::{FnCheck, Readiness, ReadinessCheck};
 use bulwark_kernel::shutdown::Shutdown;
 use bulwark_kernel::{bus, db, http, kv, telemetry};
@@ -176,6 +176,32 @@ impl Application {
             }
             workers.extend(w.into_iter().filter(|w| role.runs(w.kind)));
             checks.extend(readiness);
+        }
+        // Pool use for the platform dashboard, every 5 s in every role.
+        {
+            let (db, db_read, max, separate_read) = (
+                ctx.db.clone(),
+                ctx.db_read.clone(),
+                k.database.max_connections,
+                k.database.read_url.is_some(),
+            );
+            let stop = shutdown.closing_token();
+            workers.push(Worker {
+                name: "db-pool-gauges".into(),
+                kind: WorkerKind::Web,
+                run: Box::pin(async move {
+                    loop {
+                        db::record_pool_metrics(&db, "primary", max);
+                        if separate_read {
+                            db::record_pool_metrics(&db_read, "read", max);
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                        }
+                    }
+                }),
+            });
         }
         let readiness = Readiness::new(checks, shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);

@@ -112,6 +112,29 @@ pub fn sqlite_path(url: &str) -> Option<String> {
     }
 }
 
+/// Record the pool's size, idle connections and configured maximum as
+/// `bulwark_db_pool_connections{pool, state="in_use|idle"}` and `bulwark_db_pool_max_connections{pool}`.
+/// `pool` is `primary` or `read`.
+pub fn record_pool_metrics(db: &DatabaseConnection, pool: &'static str, max: u32) {
+    let (size, idle) = match db.get_database_backend() {
+        DbBackend::Postgres => {
+            let p = db.get_postgres_connection_pool();
+            (p.size(), p.num_idle())
+        }
+        DbBackend::Sqlite => {
+            let p = db.get_sqlite_connection_pool();
+            (p.size(), p.num_idle())
+        }
+        _ => return,
+    };
+    let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+    metrics::gauge!("bulwark_db_pool_connections", "pool" => pool, "state" => "idle")
+        .set(f64::from(idle));
+    metrics::gauge!("bulwark_db_pool_connections", "pool" => pool, "state" => "in_use")
+        .set(f64::from(size - idle));
+    metrics::gauge!("bulwark_db_pool_max_connections", "pool" => pool).set(f64::from(max));
+}
+
 /// Is this connection SQLite?
 pub fn is_sqlite(db: &DatabaseConnection) -> bool {
     db.get_database_backend() == DbBackend::Sqlite

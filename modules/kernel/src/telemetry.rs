@@ -169,6 +169,14 @@ pub fn describe_kernel_metrics(bus: &str) {
         "bulwark_websocket_closed_for_restart_total",
         "WebSockets closed with 1012 during a drain."
     );
+    metrics::describe_gauge!(
+        "bulwark_db_pool_connections",
+        "Database pool connections by pool (primary, read) and state (in_use, idle)."
+    );
+    metrics::describe_gauge!(
+        "bulwark_db_pool_max_connections",
+        "Configured maximum of each database pool (database.max_connections)."
+    );
     describe_counter!(
         "bulwark_websocket_dropped_unread_total",
         "WebSockets dropped because the client stopped reading and the last frames could not be flushed."
