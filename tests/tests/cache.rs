@@ -27,6 +27,9 @@ fn policy(strategy: Strategy, ttl_ms: u64) -> NamespacePolicy {
         fallback: Fallback::Load,
         early_refresh_beta: None,
         max_value_bytes: 1024,
+        error_ttl: Duration::ZERO,
+        min_uses: 1,
+        min_uses_window: Duration::from_secs(600),
     }
 }
 
@@ -576,4 +579,165 @@ async fn waiters_give_up_after_lock_wait_and_apply_the_fallback() {
             slow.await.expect("join").expect("the holder still answers");
         }
     }
+}
+
+fn failing_loader(
+    count: &Arc<AtomicUsize>,
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, String>> + Send + 'static {
+    let count = count.clone();
+    move || {
+        Box::pin(async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            Err("origin down".to_owned())
+        })
+    }
+}
+
+#[tokio::test]
+async fn loader_errors_are_remembered_briefly_and_never_replace_a_good_value() {
+    // Issue 3 faults: a failed load is cached for error_ttl only; a stale value beats an error.
+    for store in stores().await {
+        let mut p = policy(Strategy::Lock, 150);
+        p.error_ttl = Duration::from_millis(400);
+        p.fallback = Fallback::Load;
+        let cache = Cache::new(&config(&[("ns", p)]), store);
+        let count = Arc::new(AtomicUsize::new(0));
+        // No value yet: the error comes back, and for error_ttl the loader is not run again.
+        for _ in 0..5 {
+            let r = cache
+                .get_or_load("ns", "fresh", failing_loader(&count))
+                .await;
+            assert!(
+                matches!(r, Err(CacheError::Loader(ref m)) if m == "origin down"),
+                "{r:?}"
+            );
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "one load per error_ttl");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = cache
+            .get_or_load("ns", "fresh", failing_loader(&count))
+            .await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "retried after error_ttl");
+
+        // A good value that went stale is served while the origin fails, and stays.
+        let good = Arc::new(AtomicUsize::new(0));
+        cache
+            .get_or_load("ns", "k", counting_loader(&good, "good", 0))
+            .await
+            .expect("first load");
+        tokio::time::sleep(Duration::from_millis(250)).await; // past ttl, inside stale_ttl
+        let fails = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            let (v, outcome) = cache
+                .get_or_load("ns", "k", failing_loader(&fails))
+                .await
+                .expect("stale beats an error");
+            assert_eq!((v.as_ref(), outcome), (&b"good"[..], Outcome::Stale));
+        }
+        assert_eq!(
+            fails.load(Ordering::SeqCst),
+            1,
+            "the failure was remembered"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_are_admitted_only_after_min_uses() {
+    // C4 admission (nginx min_uses): long-tail keys read once are served but never stored.
+    for store in stores().await {
+        let mut p = policy(Strategy::Lock, 10_000);
+        p.min_uses = 3;
+        let cache = Cache::new(&config(&[("tail", p)]), store);
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut outcomes = Vec::new();
+        for _ in 0..4 {
+            let (v, o) = cache
+                .get_or_load("tail", "k", counting_loader(&count, "v", 0))
+                .await
+                .expect("served");
+            assert_eq!(v, "v");
+            outcomes.push(o);
+        }
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Miss, Outcome::Miss, Outcome::Miss, Outcome::Hit],
+            "stored on the third request, hit on the fourth"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        // A thousand keys read once each leave nothing behind in L1.
+        let before = cache.l1_bytes().await;
+        for i in 0..1000 {
+            cache
+                .get_or_load(
+                    "tail",
+                    &format!("once-{i}"),
+                    counting_loader(&count, "v", 0),
+                )
+                .await
+                .expect("served");
+        }
+        assert_eq!(cache.l1_bytes().await, before, "nothing admitted");
+    }
+}
+
+#[tokio::test]
+async fn redis_down_degrades_to_l1_and_single_flight_and_recovers() {
+    // Issue 3 faults: with the shared tier gone, each process still loads a key once, serves
+    // it from L1, says it is degraded, and recovers by itself when Redis is back.
+    let port = bulwark_tests::procs::free_port();
+    let Some(mut redis) = bulwark_tests::procs::start_redis(port) else {
+        return;
+    };
+    let mut cfg = bulwark_tests::services::default_settings().kernel.redis;
+    cfg.url = Some(SecretUrl::new(format!("redis://127.0.0.1:{port}/0")));
+    cfg.key_prefix = format!("{}:", bulwark_tests::services::unique("deg"));
+    cfg.command_timeout = Duration::from_millis(500);
+    let store: Arc<dyn KvStore> = Arc::new(
+        bulwark_kernel::kv::redis::RedisStore::connect(&cfg)
+            .await
+            .expect("redis"),
+    );
+    let cache = Cache::new(&config(&[("ns", policy(Strategy::Lock, 10_000))]), store);
+    cache
+        .get_or_load("ns", "warm", counting_loader(&Arc::default(), "w", 0))
+        .await
+        .expect("up");
+    assert!(!cache.is_degraded());
+    redis.kill9();
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (cache, count) = (cache.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("ns", "k", counting_loader(&count, "v", 300))
+                .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await
+                .expect("join")
+                .expect("served while Redis is down")
+                .0,
+            "v"
+        );
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1, "single-flight still holds");
+    assert!(cache.is_degraded(), "degraded while Redis is down");
+    let (_, o) = cache
+        .get_or_load("ns", "k", counting_loader(&count, "v", 0))
+        .await
+        .expect("L1");
+    assert_eq!(o, Outcome::Hit, "served from L1");
+    let _redis = bulwark_tests::procs::start_redis(port).expect("restart");
+    let recovered = bulwark_tests::services::eventually(Duration::from_secs(20), || async {
+        let _ = cache
+            .get_or_load("ns", "other", counting_loader(&Arc::default(), "o", 0))
+            .await;
+        (!cache.is_degraded()).then_some(())
+    })
+    .await;
+    assert!(recovered.is_some(), "recovers without a restart");
 }

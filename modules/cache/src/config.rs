@@ -76,6 +76,18 @@ pub struct NamespacePolicy {
     /// Larger values are served but not cached.
     #[serde(default = "default_max_value_bytes")]
     pub max_value_bytes: usize,
+    /// A failed load is remembered this long: requests in that time get the error (or a stale
+    /// value) without running the loader again, so a failing origin is not hammered.
+    /// A failure never replaces a good value. `0s` disables it.
+    #[serde(default = "default_error_ttl", with = "humantime_serde")]
+    pub error_ttl: Duration,
+    /// Admission (like nginx `proxy_cache_min_uses`): a key is stored only once it was requested
+    /// this many times within `min_uses_window` in this process; before that it is loaded and
+    /// served but not cached, so keys read once (the long tail) do not push hot keys out.
+    #[serde(default = "default_min_uses")]
+    pub min_uses: u32,
+    #[serde(default = "default_min_uses_window", with = "humantime_serde")]
+    pub min_uses_window: Duration,
 }
 
 fn default_jitter() -> f64 {
@@ -98,6 +110,15 @@ fn default_fallback() -> Fallback {
 }
 fn default_max_value_bytes() -> usize {
     512 * 1024
+}
+fn default_error_ttl() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_min_uses() -> u32 {
+    1
+}
+fn default_min_uses_window() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// The `[cache]` section.
@@ -175,6 +196,18 @@ impl CacheConfig {
                 return Err(ConfigError::new(
                     key("lock_lease"),
                     "must be greater than 0",
+                ));
+            }
+            if p.min_uses == 0 {
+                return Err(ConfigError::new(
+                    key("min_uses"),
+                    "must be at least 1 (1 caches on the first use)",
+                ));
+            }
+            if p.min_uses > 1 && p.min_uses_window.is_zero() {
+                return Err(ConfigError::new(
+                    key("min_uses_window"),
+                    "must be greater than 0 when min_uses is above 1",
                 ));
             }
             if let Some(beta) = p.early_refresh_beta

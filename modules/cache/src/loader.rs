@@ -131,7 +131,16 @@ struct Inner {
     policies: BTreeMap<String, NamespacePolicy>,
     inflight: Mutex<HashMap<String, Fill>>,
     observed: BTreeMap<String, Observed>,
+    /// Recent loader failures: key -> (remembered until, ms; message). Pruned when large.
+    errors: Mutex<HashMap<String, (u64, String)>>,
+    /// Requests per key in the current admission window: key -> (window start ms, count).
+    uses: Mutex<HashMap<String, (u64, u32)>>,
+    /// The shared tier (L2) failed on its last use; cleared by the next success.
+    degraded: std::sync::atomic::AtomicBool,
 }
+
+/// Bound on the bookkeeping maps; past it, stale entries are dropped.
+const BOOKKEEPING_MAX: usize = 100_000;
 
 /// What this process saw of a namespace, to hold against its declaration (C4).
 #[derive(Default)]
@@ -222,6 +231,14 @@ fn describe_metrics() {
         "Bytes used per tier (L1 as weighed, L2 from the store)."
     );
     describe_gauge!(
+        "bulwark_cache_degraded",
+        "1 while the shared tier (Redis) is failing: L1 and per-process single-flight still protect the origin."
+    );
+    describe_counter!(
+        "bulwark_cache_admission_rejections_total",
+        "Loaded values not stored because the key had fewer than min_uses requests in its window."
+    );
+    describe_gauge!(
         "bulwark_cache_memory_limit_bytes",
         Unit::Bytes,
         "Configured limit per tier (L2 only when Redis maxmemory is set)."
@@ -259,12 +276,20 @@ impl Cache {
             .build();
         metrics::gauge!("bulwark_cache_memory_limit_bytes", "tier" => "l1")
             .set(cfg.l1_max_bytes as f64);
+        metrics::gauge!("bulwark_cache_degraded").set(0.0);
+        for ns in cfg.namespaces.keys() {
+            metrics::counter!("bulwark_cache_admission_rejections_total", "namespace" => ns.clone())
+                .increment(0);
+        }
         Self {
             inner: Arc::new(Inner {
                 kv,
                 l1,
                 policies: cfg.namespaces.clone(),
                 inflight: Mutex::default(),
+                errors: Mutex::default(),
+                uses: Mutex::default(),
+                degraded: std::sync::atomic::AtomicBool::new(false),
                 observed: cfg
                     .namespaces
                     .keys()
@@ -347,11 +372,96 @@ impl Cache {
         self.inner.l1.weighted_size()
     }
 
+    /// Note an L2 failure: the `degraded` gauge and one log line per transition.
+    fn l2_failed(&self, error: &bulwark_kernel::kv::KvError) {
+        if matches!(error, bulwark_kernel::kv::KvError::Unavailable(_))
+            && !self.inner.degraded.swap(true, Ordering::Relaxed)
+        {
+            metrics::gauge!("bulwark_cache_degraded").set(1.0);
+            tracing::warn!(
+                message = "Cache degraded: the shared tier is unavailable; serving from L1 with per-process single-flight.",
+                %error
+            );
+        }
+    }
+
+    fn l2_ok(&self) {
+        if self.inner.degraded.swap(false, Ordering::Relaxed) {
+            metrics::gauge!("bulwark_cache_degraded").set(0.0);
+            tracing::info!(message = "Cache recovered: the shared tier answers again.");
+        }
+    }
+
+    /// Is the cache degraded (shared tier failing) right now?
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// A failure of `l1_key`'s loader still remembered at `now`.
+    fn recent_error(&self, l1_key: &str, now: u64) -> Option<String> {
+        let errors = self.inner.errors.lock().unwrap_or_else(|p| p.into_inner());
+        errors
+            .get(l1_key)
+            .filter(|(until, _)| now < *until)
+            .map(|(_, m)| m.clone())
+    }
+
+    fn remember_error(&self, l1_key: &str, policy: &NamespacePolicy, message: &str) {
+        if policy.error_ttl.is_zero() {
+            return;
+        }
+        let now = now_ms();
+        let mut errors = self.inner.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errors.len() >= BOOKKEEPING_MAX {
+            errors.retain(|_, (until, _)| *until > now);
+        }
+        errors.insert(
+            l1_key.to_owned(),
+            (
+                now + policy.error_ttl.as_millis() as u64,
+                message.to_owned(),
+            ),
+        );
+    }
+
+    /// Count one request of `l1_key` for admission; returns the count in the current window.
+    fn count_use(&self, l1_key: &str, policy: &NamespacePolicy) -> u32 {
+        if policy.min_uses <= 1 {
+            return u32::MAX;
+        }
+        let now = now_ms();
+        let window = policy.min_uses_window.as_millis() as u64;
+        let mut uses = self.inner.uses.lock().unwrap_or_else(|p| p.into_inner());
+        if uses.len() >= BOOKKEEPING_MAX {
+            uses.retain(|_, (start, _)| now.saturating_sub(*start) < window);
+        }
+        let (start, count) = uses.entry(l1_key.to_owned()).or_insert((now, 0));
+        if now.saturating_sub(*start) >= window {
+            *start = now;
+            *count = 0;
+        }
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    fn admitted(&self, l1_key: &str, policy: &NamespacePolicy) -> bool {
+        if policy.min_uses <= 1 {
+            return true;
+        }
+        let uses = self.inner.uses.lock().unwrap_or_else(|p| p.into_inner());
+        uses.get(l1_key).is_some_and(|(_, c)| *c >= policy.min_uses)
+    }
+
     async fn lookup(&self, l1_key: &str, l2_key: &str) -> Option<Arc<Entry>> {
         if let Some(e) = self.inner.l1.get(l1_key).await {
             return Some(e);
         }
-        match self.inner.kv.get(l2_key).await {
+        let got = self.inner.kv.get(l2_key).await;
+        match &got {
+            Ok(_) => self.l2_ok(),
+            Err(e) => self.l2_failed(e),
+        }
+        match got {
             Ok(Some(raw)) => match Entry::decode(raw) {
                 Some(e) => {
                     let e = Arc::new(e);
@@ -390,6 +500,7 @@ impl Cache {
         let policy = self.policy(namespace)?.clone();
         let l1_key = format!("{namespace}:{key}");
         let l2_key = format!("cache:{namespace}:{key}");
+        self.count_use(&l1_key, &policy);
         let now = now_ms();
         let found = self
             .lookup(&l1_key, &l2_key)
@@ -415,8 +526,25 @@ impl Cache {
                 Ok((e.value.clone(), Outcome::Stale))
             }
             stale => {
-                self.fill(namespace, &l1_key, &l2_key, &policy, loader, stale)
-                    .await
+                // A load that failed moments ago is not retried until error_ttl passed; a good
+                // stale value is served instead of an error.
+                if let Some(message) = self.recent_error(&l1_key, now) {
+                    match stale {
+                        Some(e) => Ok((e.value.clone(), Outcome::Stale)),
+                        None => Err(CacheError::Loader(message)),
+                    }
+                } else {
+                    match self
+                        .fill(namespace, &l1_key, &l2_key, &policy, loader, stale.clone())
+                        .await
+                    {
+                        Err(CacheError::Loader(_)) if stale.is_some() => Ok((
+                            stale.map(|e| e.value.clone()).unwrap_or_default(),
+                            Outcome::Stale,
+                        )),
+                        other => other,
+                    }
+                }
             }
         };
         if let Ok((_, outcome)) = &result {
@@ -499,8 +627,19 @@ impl Cache {
                 .await?;
             return Ok((e.value.clone(), Outcome::Miss));
         }
+        if !self.admitted(l1_key, policy) {
+            // Not stored anyway (admission): no one waits for it, load locally.
+            let e = self
+                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                .await?;
+            return Ok((e.value.clone(), Outcome::Miss));
+        }
         let lock_key = format!("cache-fill:{l2_key}");
-        match self.inner.kv.try_lock(&lock_key, policy.lock_lease).await {
+        let locked = self.inner.kv.try_lock(&lock_key, policy.lock_lease).await;
+        if let Err(e) = &locked {
+            self.l2_failed(e);
+        }
+        match locked {
             Ok(Some(guard)) => {
                 let r = self
                     .single_flight(
@@ -581,10 +720,17 @@ impl Cache {
                     l2_key.to_owned(),
                     policy.clone(),
                 );
-                let task =
-                    tokio::spawn(
-                        async move { this.load(&ns, &l1, &l2, &policy, loader, fence).await },
-                    );
+                // The load runs in its own task: a cancelled request does not cancel it, and
+                // the task forgets itself when done even if every waiter went away.
+                let task = tokio::spawn(async move {
+                    let r = this.load(&ns, &l1, &l2, &policy, loader, fence).await;
+                    this.inner
+                        .inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&l1);
+                    r
+                });
                 let fut: BoxFuture<'static, Result<Arc<Entry>, CacheError>> = async move {
                     task.await.unwrap_or_else(|e| {
                         Err(CacheError::Loader(format!("load task failed: {e}")))
@@ -596,13 +742,7 @@ impl Cache {
                 shared
             }
         };
-        let result = fill.await;
-        self.inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(l1_key);
-        result
+        fill.await
     }
 
     async fn load<F, Fut>(
@@ -632,6 +772,7 @@ impl Cache {
             Err(e) => {
                 metrics::counter!("bulwark_cache_loads_total", "namespace" => namespace.to_owned(), "outcome" => "error")
                     .increment(1);
+                self.remember_error(l1_key, policy, &e);
                 return Err(CacheError::Loader(e));
             }
         };
@@ -646,6 +787,12 @@ impl Cache {
         });
         if entry.value.len() > policy.max_value_bytes {
             // Served, not cached.
+            return Ok(entry);
+        }
+        if !self.admitted(l1_key, policy) {
+            // Served, not cached: too few requests yet to earn a place (min_uses).
+            metrics::counter!("bulwark_cache_admission_rejections_total", "namespace" => namespace.to_owned())
+                .increment(1);
             return Ok(entry);
         }
         // Guarded write-back: a filler whose lock was lost (lease expired, someone else took
@@ -667,6 +814,9 @@ impl Cache {
             .await
         {
             tracing::debug!(message = "L2 write failed; value kept in L1 only.", %error);
+            self.l2_failed(&error);
+        } else {
+            self.l2_ok();
         }
         self.inner.l1.insert(l1_key.to_owned(), entry.clone()).await;
         Ok(entry)
