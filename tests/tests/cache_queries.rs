@@ -283,3 +283,144 @@ params = [{{ name = "n", type = "int" }}]
     assert_eq!(seen, Some(1), "PostgreSQL ran slow_report once");
     drop(procs);
 }
+
+#[tokio::test]
+async fn a_killed_lock_holder_is_replaced_after_its_lease() {
+    // C3 with real processes: process A takes the fill lock and starts a 3 s query; A is killed
+    // (SIGKILL) mid-load. Process B's request waits, takes the lock over once A's 2 s lease ran
+    // out, and loads. B's fallback is `unavailable` with lock_wait 20 s, so only the takeover
+    // can answer 200 — waiting for a fill that never comes would answer 503.
+    let (Some(db), Some(redis), Some(nats)) = (
+        TestDatabase::postgres().await.expect("pg"),
+        redis_url(),
+        nats_url(),
+    ) else {
+        return;
+    };
+    let conn = sea_orm::Database::connect(db.url.clone())
+        .await
+        .expect("connect");
+    conn.execute(Statement::from_string(
+        conn.get_database_backend(),
+        "CREATE FUNCTION slow_answer(n int) RETURNS TABLE(v int) LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(3); RETURN QUERY SELECT n; END $$".to_owned(),
+    ))
+    .await
+    .expect("setup");
+    let prefix = unique("lease");
+    let config = format!(
+        r#"
+[database]
+url = "{url}"
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}:"
+[bus]
+url = "{nats}"
+prefix = "{prefix}"
+[auth]
+hs256_secret = "{TEST_SECRET}"
+[drain]
+grace = "0s"
+[cache.namespaces.reports]
+class = "expensive"
+reason = "a slow report"
+ttl = "60s"
+strategy = "lock"
+lock_wait = "20s"
+lock_lease = "2s"
+fallback = "unavailable"
+[cache.queries.slow]
+namespace = "reports"
+sql = "SELECT v FROM slow_answer(:n::int)"
+params = [{{ name = "n", type = "int" }}]
+"#,
+        url = db.url
+    );
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("bulwark.toml"), &config).expect("config");
+        let port = free_port();
+        procs.push(spawn_bulwark(
+            dir.path(),
+            port,
+            &[("BULWARK_CONFIG", "bulwark.toml".into())],
+        ));
+        ports.push(port);
+        dirs.push(dir);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    for port in &ports {
+        let ready = eventually(Duration::from_secs(30), || async {
+            client
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        })
+        .await;
+        assert!(ready.is_some(), "process on {port} not ready");
+    }
+    let mut cfg = bulwark_tests::services::default_settings().kernel.auth;
+    cfg.hs256_secret = None;
+    let token = Authenticator::hs256(TEST_SECRET.as_bytes(), cfg)
+        .issue("lease", Role::Viewer, Duration::from_secs(600))
+        .expect("token");
+    let url = |port: u16| format!("http://127.0.0.1:{port}/api/cache/queries/slow?n=5");
+    // A starts the load (and holds the lock) ...
+    let a = {
+        let (client, token, url) = (client.clone(), token.clone(), url(ports[0]));
+        tokio::spawn(async move { client.get(url).bearer_auth(token).send().await })
+    };
+    let running = eventually(Duration::from_secs(10), || async {
+        let rows = conn
+            .query_all(Statement::from_string(
+                conn.get_database_backend(),
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%slow_answer%' AND state = 'active' AND pid <> pg_backend_pid()".to_owned(),
+            ))
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "process A started the query");
+    // ... and dies holding it.
+    procs[0].kill9();
+    assert!(
+        a.await.expect("join").is_err(),
+        "A's client saw the process die"
+    );
+    let res = client
+        .get(url(ports[1]))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request to B");
+    assert_eq!(
+        res.status(),
+        200,
+        "B took the lock over after the lease instead of waiting for a dead filler"
+    );
+    assert_eq!(res.text().await.expect("body"), r#"[{"v":5}]"#);
+    let metrics = client
+        .get(format!("http://127.0.0.1:{}/metrics", ports[1]))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("bulwark_cache_lock_timeouts_total{") && !l.ends_with(" 0")),
+        "no waiter timed out"
+    );
+}

@@ -657,8 +657,31 @@ impl Cache {
             Ok(None) => {
                 let waited = Instant::now();
                 let deadline = waited + policy.lock_wait;
+                let mut polls = 0u32;
                 while Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
+                    polls += 1;
+                    // Every 100 ms: if the holder died, its lease ran out and the lock is free;
+                    // take it over and load (a crashed filler blocks no longer than its lease).
+                    if polls.is_multiple_of(10)
+                        && let Ok(Some(guard)) =
+                            self.inner.kv.try_lock(&lock_key, policy.lock_lease).await
+                    {
+                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
+                            .record(waited.elapsed().as_secs_f64());
+                        let r = self
+                            .single_flight(
+                                namespace,
+                                l1_key,
+                                l2_key,
+                                policy,
+                                loader,
+                                Some((lock_key.clone(), guard.fencing_token)),
+                            )
+                            .await;
+                        let _ = self.inner.kv.release_lock(&guard).await;
+                        return r.map(|e| (e.value.clone(), Outcome::Miss));
+                    }
                     if let Ok(Some(raw)) = self.inner.kv.get(l2_key).await
                         && let Some(e) = Entry::decode(raw)
                         && now_ms() < e.soft_expires_ms
