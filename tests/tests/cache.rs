@@ -445,15 +445,26 @@ async fn admin_api_invalidates_and_rejects_bad_input() {
         .await
         .expect("req");
     assert_eq!(unknown.status(), 404);
-    let bad = post(app.token(Role::Admin), r#"{"namespace":"reports"}"#)
-        .await
-        .expect("req");
-    assert_eq!(bad.status(), 400);
-    let body: serde_json::Value = bad.json().await.expect("problem");
-    assert!(
-        body["detail"].as_str().unwrap_or("").contains("key"),
-        "{body}"
-    );
+    let by_tag = post(
+        app.token(Role::Admin),
+        r#"{"namespace":"reports","tag":"region-eu"}"#,
+    )
+    .await
+    .expect("req");
+    assert_eq!(by_tag.status(), 204, "invalidation by tag");
+    for body in [
+        r#"{"namespace":"reports"}"#,
+        r#"{"namespace":"reports","key":"a","tag":"b"}"#,
+        r#"{"namespace":"reports","key":7}"#,
+    ] {
+        let bad = post(app.token(Role::Admin), body).await.expect("req");
+        assert_eq!(bad.status(), 400, "{body}");
+        let problem: serde_json::Value = bad.json().await.expect("problem");
+        assert!(
+            problem["detail"].as_str().unwrap_or("").contains("key"),
+            "{body}: {problem}"
+        );
+    }
     let stats = app
         .get("/api/cache/stats", Some(&app.token(Role::Viewer)))
         .await;
@@ -740,4 +751,95 @@ async fn redis_down_degrades_to_l1_and_single_flight_and_recovers() {
     })
     .await;
     assert!(recovered.is_some(), "recovers without a restart");
+}
+
+#[tokio::test]
+async fn invalidating_a_tag_drops_every_key_filed_under_it() {
+    // C7 by tag: two pages showing product 7 are dropped together; another page stays.
+    for store in stores().await {
+        let cache = Cache::new(&config(&[("pages", policy(Strategy::Lock, 60_000))]), store);
+        let count = Arc::new(AtomicUsize::new(0));
+        for (key, tags) in [
+            ("home", &["product-7", "product-9"][..]),
+            ("product-7", &["product-7"][..]),
+            ("about", &[][..]),
+        ] {
+            cache
+                .get_or_load_tagged("pages", key, tags, counting_loader(&count, "v", 0))
+                .await
+                .expect("load");
+        }
+        let n = cache
+            .invalidate_tag("pages", "product-7")
+            .await
+            .expect("tag");
+        assert_eq!(n, 2);
+        for (key, expected) in [
+            ("home", Outcome::Miss),
+            ("product-7", Outcome::Miss),
+            ("about", Outcome::Hit),
+        ] {
+            let (_, o) = cache
+                .get_or_load("pages", key, counting_loader(&count, "v", 0))
+                .await
+                .expect("get");
+            assert_eq!(o, expected, "{key}");
+        }
+        assert_eq!(
+            cache
+                .invalidate_tag("pages", "nobody")
+                .await
+                .expect("empty tag"),
+            0
+        );
+        assert!(matches!(
+            cache.invalidate_tag("nope", "t").await,
+            Err(CacheError::UnknownNamespace(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_key_invalidated_while_loading_is_not_written_back() {
+    // The leases lesson: a load that began before an invalidation may carry the old value;
+    // it is served to its waiters but not stored, here and when another instance invalidates.
+    for store in stores().await {
+        let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
+        let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let follower = {
+            let stop = stop.clone();
+            tokio::spawn(
+                a.clone()
+                    .follow_invalidations(async move { stop.notified().await }),
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await; // the follower subscribed
+        for invalidator in [&a, &b] {
+            let key = bulwark_tests::services::unique("k");
+            let count = Arc::new(AtomicUsize::new(0));
+            let loading = {
+                let (a, key, count) = (a.clone(), key.clone(), count.clone());
+                tokio::spawn(async move {
+                    a.get_or_load("ns", &key, counting_loader(&count, "old", 500))
+                        .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            invalidator
+                .invalidate("ns", &key)
+                .await
+                .expect("invalidate");
+            let (v, o) = loading.await.expect("join").expect("served");
+            assert_eq!((v.as_ref(), o), (&b"old"[..], Outcome::Miss));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, o) = a
+                .get_or_load("ns", &key, counting_loader(&count, "new", 0))
+                .await
+                .expect("again");
+            assert_eq!(o, Outcome::Miss, "the outdated load was not stored");
+        }
+        stop.notify_waiters();
+        let _ = follower.await;
+    }
 }

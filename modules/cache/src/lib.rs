@@ -40,10 +40,13 @@ fn load_config(settings: &Settings) -> Result<CacheConfig, ConfigError> {
 #[serde(deny_unknown_fields)]
 struct InvalidateRequest {
     namespace: String,
-    key: String,
+    /// One key; or
+    key: Option<String>,
+    /// every key filed under this tag (`get_or_load_tagged`).
+    tag: Option<String>,
 }
 
-/// Drop a key from every tier of every instance (role admin).
+/// Drop a key, or every key of a tag, from every tier of every instance (role admin).
 #[utoipa::path(post, path = "/api/cache/invalidate", tag = "cache", security(("bearer" = [])),
     request_body = InvalidateRequest,
     responses(
@@ -56,11 +59,30 @@ async fn invalidate(
     State(cache): State<Cache>,
     ApiJson(req): ApiJson<InvalidateRequest>,
 ) -> Result<axum::http::StatusCode, Problem> {
-    cache
-        .invalidate(&req.namespace, &req.key)
-        .await
-        .map_err(|e| Problem::not_found(e.to_string()))?;
+    match (req.key, req.tag) {
+        (Some(key), None) => cache
+            .invalidate(&req.namespace, &key)
+            .await
+            .map_err(invalidate_problem)?,
+        (None, Some(tag)) => {
+            cache
+                .invalidate_tag(&req.namespace, &tag)
+                .await
+                .map_err(invalidate_problem)?;
+        }
+        _ => {
+            return Err(Problem::bad_request("give exactly one of `key` and `tag`")
+                .extension("field", serde_json::json!("key")));
+        }
+    }
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+fn invalidate_problem(e: CacheError) -> Problem {
+    match e {
+        CacheError::UnknownNamespace(_) => Problem::not_found(e.to_string()),
+        other => Problem::unavailable(other.to_string()),
+    }
 }
 
 /// L1 usage (role viewer).

@@ -137,6 +137,9 @@ struct Inner {
     uses: Mutex<HashMap<String, (u64, u32)>>,
     /// The shared tier (L2) failed on its last use; cleared by the next success.
     degraded: std::sync::atomic::AtomicBool,
+    /// Invalidations seen per key (here or broadcast): a load that started before one must
+    /// not write its (possibly outdated) value back. Pruned when large.
+    generations: Mutex<HashMap<String, u64>>,
 }
 
 /// Bound on the bookkeeping maps; past it, stale entries are dropped.
@@ -245,6 +248,10 @@ fn describe_metrics() {
     );
 }
 
+fn tag_set(namespace: &str, tag: &str) -> String {
+    format!("cache-tag:{namespace}:{tag}")
+}
+
 fn namespace_of(l1_key: &str) -> String {
     l1_key
         .split_once(':')
@@ -290,6 +297,7 @@ impl Cache {
                 errors: Mutex::default(),
                 uses: Mutex::default(),
                 degraded: std::sync::atomic::AtomicBool::new(false),
+                generations: Mutex::default(),
                 observed: cfg
                     .namespaces
                     .keys()
@@ -390,6 +398,29 @@ impl Cache {
             metrics::gauge!("bulwark_cache_degraded").set(0.0);
             tracing::info!(message = "Cache recovered: the shared tier answers again.");
         }
+    }
+
+    fn generation(&self, l1_key: &str) -> u64 {
+        let g = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.get(l1_key).copied().unwrap_or(0)
+    }
+
+    fn bump_generation(&self, l1_key: &str) {
+        let mut g = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if g.len() >= BOOKKEEPING_MAX {
+            // Only loads in flight need their key's count; dropping all costs at most one
+            // outdated write-back, which the next invalidation or the TTL corrects.
+            g.clear();
+        }
+        *g.entry(l1_key.to_owned()).or_insert(0) += 1;
     }
 
     /// Is the cache degraded (shared tier failing) right now?
@@ -669,6 +700,16 @@ impl Cache {
                     {
                         metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
+                        // The holder may have filled and released just now: look again first.
+                        if let Ok(Some(raw)) = self.inner.kv.get(l2_key).await
+                            && let Some(e) = Entry::decode(raw)
+                            && now_ms() < e.soft_expires_ms
+                        {
+                            let _ = self.inner.kv.release_lock(&guard).await;
+                            let e = Arc::new(e);
+                            self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                            return Ok((e.value.clone(), Outcome::Miss));
+                        }
                         let r = self
                             .single_flight(
                                 namespace,
@@ -782,6 +823,7 @@ impl Cache {
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
         let started = Instant::now();
+        let generation = self.generation(l1_key);
         let loaded = loader().await;
         let elapsed = started.elapsed();
         metrics::histogram!("bulwark_cache_load_duration_seconds", "namespace" => namespace.to_owned())
@@ -818,8 +860,16 @@ impl Cache {
                 .increment(1);
             return Ok(entry);
         }
-        // Guarded write-back: a filler whose lock was lost (lease expired, someone else took
-        // it) does not write.
+        // Guarded write-back: a filler whose key was invalidated while it loaded does not
+        // write (what it read may predate the write that caused the invalidation) ...
+        if self.generation(l1_key) != generation {
+            tracing::debug!(
+                message = "Key invalidated while loading; result served, not written.",
+                key = l2_key
+            );
+            return Ok(entry);
+        }
+        // ... nor does a filler whose lock was lost (lease expired, someone else took it).
         if let Some((lock_key, token)) = &fence
             && self.inner.kv.current_fencing_token(lock_key).await.ok() != Some(*token)
         {
@@ -845,6 +895,56 @@ impl Cache {
         Ok(entry)
     }
 
+    /// [`Cache::get_or_load`], and file a loaded key under `tags` so that
+    /// [`Cache::invalidate_tag`] can drop every key of a tag at once (e.g. all pages that show
+    /// one product). The tag index lives in the shared store with the entry's lifetime.
+    pub async fn get_or_load_tagged<F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<(Bytes, Outcome), CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let result = self.get_or_load(namespace, key, loader).await?;
+        if result.1 == Outcome::Miss {
+            let policy = self.policy(namespace)?;
+            let lifetime = policy.ttl.mul_f64(1.0 + policy.jitter) + policy.stale_ttl;
+            for tag in tags {
+                if let Err(error) = self
+                    .inner
+                    .kv
+                    .presence_heartbeat(&tag_set(namespace, tag), key, lifetime)
+                    .await
+                {
+                    tracing::warn!(message = "Tag index not updated; invalidate the key itself.", tag = %tag, %error);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Invalidate every key filed under `tag` in `namespace` (C7), on every instance. Returns
+    /// how many keys were invalidated.
+    pub async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<usize, CacheError> {
+        self.policy(namespace)?;
+        let set = tag_set(namespace, tag);
+        let keys = self
+            .inner
+            .kv
+            .presence_members(&set)
+            .await
+            .map_err(|e| CacheError::Unavailable(format!("tag index: {e}")))?;
+        for key in &keys {
+            self.invalidate(namespace, key).await?;
+            let _ = self.inner.kv.presence_remove(&set, key).await;
+        }
+        Ok(keys.len())
+    }
+
     /// Active invalidation (C7): drop the key from L2 and this L1, and tell every instance.
     pub async fn invalidate(&self, namespace: &str, key: &str) -> Result<(), CacheError> {
         self.policy(namespace)?;
@@ -852,6 +952,7 @@ impl Cache {
             o.invalidations.fetch_add(1, Ordering::Relaxed);
         }
         let l1_key = format!("{namespace}:{key}");
+        self.bump_generation(&l1_key);
         self.inner.l1.invalidate(&l1_key).await;
         let _ = self
             .inner
@@ -880,7 +981,11 @@ impl Cache {
             tokio::select! {
                 _ = &mut stop => break,
                 msg = stream.next() => match msg {
-                    Some(key) => self.inner.l1.invalidate(String::from_utf8_lossy(&key).as_ref()).await,
+                    Some(key) => {
+                        let key = String::from_utf8_lossy(&key).into_owned();
+                        self.bump_generation(&key);
+                        self.inner.l1.invalidate(&key).await;
+                    }
                     None => break,
                 }
             }
