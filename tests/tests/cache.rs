@@ -30,6 +30,7 @@ fn policy(strategy: Strategy, ttl_ms: u64) -> NamespacePolicy {
         error_ttl: Duration::ZERO,
         min_uses: 1,
         min_uses_window: Duration::from_secs(600),
+        l1: true,
     }
 }
 
@@ -842,4 +843,38 @@ async fn a_key_invalidated_while_loading_is_not_written_back() {
         stop.notify_waiters();
         let _ = follower.await;
     }
+}
+
+#[tokio::test]
+async fn an_l2_only_namespace_sees_invalidations_at_once_without_a_broadcast() {
+    // `l1 = false`: no process copy, so another instance's invalidation needs no broadcast.
+    let Some(store) = stores().await.into_iter().find(|s| s.kind() == "redis") else {
+        return;
+    };
+    let mut p = policy(Strategy::Lock, 60_000);
+    p.l1 = false;
+    let cfg = config(&[("shared", p), ("local", policy(Strategy::Lock, 60_000))]);
+    let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+    let count = Arc::new(AtomicUsize::new(0));
+    for ns in ["shared", "local"] {
+        a.get_or_load(ns, "k", counting_loader(&count, "v", 0))
+            .await
+            .expect("load");
+        b.invalidate(ns, "k").await.expect("invalidate");
+    }
+    // No follower runs: only the L2-only namespace notices.
+    let (_, shared) = a
+        .get_or_load("shared", "k", counting_loader(&count, "v", 0))
+        .await
+        .expect("get");
+    let (_, local) = a
+        .get_or_load("local", "k", counting_loader(&count, "v", 0))
+        .await
+        .expect("get");
+    assert_eq!((shared, local), (Outcome::Miss, Outcome::Hit));
+    assert_eq!(
+        a.l1_bytes().await > 0,
+        true,
+        "only the local namespace is in L1"
+    );
 }

@@ -88,6 +88,11 @@ pub struct NamespacePolicy {
     pub min_uses: u32,
     #[serde(default = "default_min_uses_window", with = "humantime_serde")]
     pub min_uses_window: Duration,
+    /// Keep a copy in the process (L1). `false` makes the namespace L2-only: every read goes
+    /// to Redis, so an invalidation takes effect everywhere at once (no broadcast window), at
+    /// the cost of a round trip per read.
+    #[serde(default = "default_true")]
+    pub l1: bool,
 }
 
 fn default_jitter() -> f64 {
@@ -113,6 +118,9 @@ fn default_max_value_bytes() -> usize {
 }
 fn default_error_ttl() -> Duration {
     Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_min_uses() -> u32 {
     1

@@ -146,13 +146,49 @@ struct Inner {
 const BOOKKEEPING_MAX: usize = 100_000;
 
 /// What this process saw of a namespace, to hold against its declaration (C4).
-#[derive(Default)]
 struct Observed {
     hits: AtomicU64,
     stale: AtomicU64,
     misses: AtomicU64,
     invalidations: AtomicU64,
+    /// Registered once: the hot path records without building labels or looking them up.
+    requests: [metrics::Counter; 3],
+    durations: [metrics::Histogram; 3],
 }
+
+impl Observed {
+    fn new(namespace: &str) -> Self {
+        let results = [Outcome::Hit, Outcome::Stale, Outcome::Miss];
+        Self {
+            hits: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            requests: results.map(|o| {
+                metrics::counter!("bulwark_cache_requests_total", "namespace" => namespace.to_owned(), "result" => o.label())
+            }),
+            durations: results.map(|o| {
+                metrics::histogram!("bulwark_cache_request_duration_seconds", "namespace" => namespace.to_owned(), "result" => o.label())
+            }),
+        }
+    }
+
+    fn record(&self, outcome: Outcome, seconds: f64) {
+        let i = match outcome {
+            Outcome::Hit => 0,
+            Outcome::Stale => 1,
+            Outcome::Miss => 2,
+        };
+        [&self.hits, &self.stale, &self.misses][i].fetch_add(1, Ordering::Relaxed);
+        self.requests[i].increment(1);
+        self.durations[i].record(seconds);
+    }
+}
+
+/// Bytes an L1 entry costs beyond its key and value: moka's node, hash and expiry bookkeeping,
+/// the `Entry` and its `Arc`, allocator rounding. Calibrated with `scripts/bench-cache`
+/// (benchmark 5: 1M entries, RSS growth vs accounted bytes), so `l1_max_bytes` bounds real memory.
+const ENTRY_OVERHEAD_BYTES: usize = 512;
 
 /// Declared versus observed behaviour of one namespace (`GET /api/cache/policies`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -265,7 +301,7 @@ impl Cache {
         let l1 = moka::future::Cache::builder()
             .max_capacity(cfg.l1_max_bytes)
             .weigher(|k: &String, v: &Arc<Entry>| {
-                u32::try_from(k.len() + v.value.len() + 64).unwrap_or(u32::MAX)
+                u32::try_from(k.len() + v.value.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
             })
             .expire_after(ByHardExpiry)
             .eviction_listener(|k: Arc<String>, _v, cause| {
@@ -301,7 +337,7 @@ impl Cache {
                 observed: cfg
                     .namespaces
                     .keys()
-                    .map(|n| (n.clone(), Observed::default()))
+                    .map(|n| (n.clone(), Observed::new(n)))
                     .collect(),
             }),
         }
@@ -483,8 +519,8 @@ impl Cache {
         uses.get(l1_key).is_some_and(|(_, c)| *c >= policy.min_uses)
     }
 
-    async fn lookup(&self, l1_key: &str, l2_key: &str) -> Option<Arc<Entry>> {
-        if let Some(e) = self.inner.l1.get(l1_key).await {
+    async fn lookup(&self, l1_key: &str, l2_key: &str, use_l1: bool) -> Option<Arc<Entry>> {
+        if use_l1 && let Some(e) = self.inner.l1.get(l1_key).await {
             return Some(e);
         }
         let got = self.inner.kv.get(l2_key).await;
@@ -496,7 +532,9 @@ impl Cache {
             Ok(Some(raw)) => match Entry::decode(raw) {
                 Some(e) => {
                     let e = Arc::new(e);
-                    self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                    if use_l1 {
+                        self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                    }
                     Some(e)
                 }
                 None => {
@@ -528,13 +566,24 @@ impl Cache {
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
         let started = Instant::now();
-        let policy = self.policy(namespace)?.clone();
+        let policy = self.policy(namespace)?;
         let l1_key = format!("{namespace}:{key}");
-        let l2_key = format!("cache:{namespace}:{key}");
-        self.count_use(&l1_key, &policy);
+        self.count_use(&l1_key, policy);
         let now = now_ms();
+        // Fast path: a fresh L1 hit with no early refresh due needs nothing else.
+        if policy.l1
+            && let Some(e) = self.inner.l1.get(&l1_key).await
+            && now < e.soft_expires_ms
+            && policy.early_refresh_beta.is_none()
+        {
+            if let Some(o) = self.inner.observed.get(namespace) {
+                o.record(Outcome::Hit, started.elapsed().as_secs_f64());
+            }
+            return Ok((e.value.clone(), Outcome::Hit));
+        }
+        let l2_key = format!("cache:{namespace}:{key}");
         let found = self
-            .lookup(&l1_key, &l2_key)
+            .lookup(&l1_key, &l2_key, policy.l1)
             .await
             .filter(|e| now < e.hard_expires_ms);
         let result = match found {
@@ -548,12 +597,12 @@ impl Cache {
                         rand::random::<f64>(),
                     )
                 {
-                    self.refresh_in_background(namespace, &l1_key, &l2_key, &policy, loader);
+                    self.refresh_in_background(namespace, &l1_key, &l2_key, policy, loader);
                 }
                 Ok((e.value.clone(), Outcome::Hit))
             }
             Some(e) if policy.strategy == Strategy::Swr => {
-                self.refresh_in_background(namespace, &l1_key, &l2_key, &policy, loader);
+                self.refresh_in_background(namespace, &l1_key, &l2_key, policy, loader);
                 Ok((e.value.clone(), Outcome::Stale))
             }
             stale => {
@@ -566,7 +615,7 @@ impl Cache {
                     }
                 } else {
                     match self
-                        .fill(namespace, &l1_key, &l2_key, &policy, loader, stale.clone())
+                        .fill(namespace, &l1_key, &l2_key, policy, loader, stale.clone())
                         .await
                     {
                         Err(CacheError::Loader(_)) if stale.is_some() => Ok((
@@ -578,20 +627,10 @@ impl Cache {
                 }
             }
         };
-        if let Ok((_, outcome)) = &result {
-            if let Some(o) = self.inner.observed.get(namespace) {
-                let counter = match outcome {
-                    Outcome::Hit => &o.hits,
-                    Outcome::Stale => &o.stale,
-                    Outcome::Miss => &o.misses,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            let ns = namespace.to_owned();
-            metrics::counter!("bulwark_cache_requests_total", "namespace" => ns.clone(), "result" => outcome.label())
-                .increment(1);
-            metrics::histogram!("bulwark_cache_request_duration_seconds", "namespace" => ns, "result" => outcome.label())
-                .record(started.elapsed().as_secs_f64());
+        if let Ok((_, outcome)) = &result
+            && let Some(o) = self.inner.observed.get(namespace)
+        {
+            o.record(*outcome, started.elapsed().as_secs_f64());
         }
         result
     }
@@ -707,7 +746,9 @@ impl Cache {
                         {
                             let _ = self.inner.kv.release_lock(&guard).await;
                             let e = Arc::new(e);
-                            self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                            if policy.l1 {
+                                self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                            }
                             return Ok((e.value.clone(), Outcome::Miss));
                         }
                         let r = self
@@ -730,7 +771,9 @@ impl Cache {
                         metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
                         let e = Arc::new(e);
-                        self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                        if policy.l1 {
+                            self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                        }
                         return Ok((e.value.clone(), Outcome::Miss));
                     }
                 }
@@ -891,7 +934,9 @@ impl Cache {
         } else {
             self.l2_ok();
         }
-        self.inner.l1.insert(l1_key.to_owned(), entry.clone()).await;
+        if policy.l1 {
+            self.inner.l1.insert(l1_key.to_owned(), entry.clone()).await;
+        }
         Ok(entry)
     }
 

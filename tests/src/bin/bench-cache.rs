@@ -37,6 +37,7 @@ fn policy(strategy: Strategy, ttl: Duration) -> NamespacePolicy {
         error_ttl: Duration::ZERO,
         min_uses: 1,
         min_uses_window: Duration::from_secs(600),
+        l1: true,
     }
 }
 
@@ -125,11 +126,10 @@ async fn l2_hit() {
             return;
         }
     };
-    // One byte of L1: nothing fits, every lookup goes to Redis.
-    let cache = Cache::new(
-        &config(1, policy(Strategy::Swr, Duration::from_secs(3600))),
-        kv,
-    );
+    // An L2-only namespace (`l1 = false`): every lookup goes to Redis.
+    let mut p = policy(Strategy::Swr, Duration::from_secs(3600));
+    p.l1 = false;
+    let cache = Cache::new(&config(64 << 20, p), kv);
     cache
         .get_or_load("bench", "k", || async { Ok(value()) })
         .await
