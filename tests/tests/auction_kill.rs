@@ -30,6 +30,7 @@ fn env_for(app: &TestApp) -> Vec<(&'static str, String)> {
         ("BULWARK__AUCTION__BIDS_PER_SECOND", "1000".to_owned()),
         ("BULWARK__AUCTION__BID_BURST", "1000".to_owned()),
         ("BULWARK__DRAIN__GRACE", "0s".to_owned()),
+        ("BULWARK__AUCTION__PRESENCE_TTL", "3s".to_owned()),
     ];
     if let Some(u) = &k.redis.url {
         env.push(("BULWARK__REDIS__URL", u.expose().to_owned()));
@@ -187,6 +188,25 @@ async fn killing_web_and_worker_processes_loses_no_acknowledged_bid() {
         state["bid_count"].as_u64(),
         Some(accepted as u64),
         "accepted bids as the client saw them = as the database has them"
+    );
+    // A3: the killed web process cannot remove its presence entry; it expires (TTL 3 s) and
+    // only the live connection, on the in-process instance, remains.
+    let presence = bulwark_tests::services::eventually(Duration::from_secs(20), || async {
+        let p: Value = web_a
+            .get(
+                &format!("/api/auction/auctions/{id}/presence"),
+                Some(&viewer),
+            )
+            .await
+            .json()
+            .await
+            .ok()?;
+        (p["connections"] == 1).then_some(p)
+    })
+    .await;
+    assert!(
+        presence.is_some(),
+        "the dead instance's presence entry expired"
     );
     client.stop().await;
 }
