@@ -878,3 +878,61 @@ async fn an_l2_only_namespace_sees_invalidations_at_once_without_a_broadcast() {
         "only the local namespace is in L1"
     );
 }
+
+#[tokio::test]
+async fn waiters_behind_another_instance_poll_the_store_once_per_process() {
+    // Issue 3 faults, "waiters are bounded": 500 requests in one process wait for another
+    // instance's slow fill. They share one wait, so Redis sees about one GET per request (the
+    // lookup) plus one poller — not 500 pollers (≈ 25,000 GETs over the half second).
+    let port = bulwark_tests::procs::free_port();
+    let Some(_redis) = bulwark_tests::procs::start_redis(port) else {
+        return;
+    };
+    let mut rcfg = bulwark_tests::services::default_settings().kernel.redis;
+    rcfg.url = Some(SecretUrl::new(format!("redis://127.0.0.1:{port}/0")));
+    rcfg.key_prefix = "w:".into();
+    let store: Arc<dyn KvStore> = Arc::new(
+        bulwark_kernel::kv::redis::RedisStore::connect(&rcfg)
+            .await
+            .expect("redis"),
+    );
+    let cfg = config(&[("ns", policy(Strategy::Lock, 60_000))]);
+    let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+    let count = Arc::new(AtomicUsize::new(0));
+    let filler = {
+        let (a, count) = (a.clone(), count.clone());
+        tokio::spawn(async move {
+            a.get_or_load("ns", "k", counting_loader(&count, "v", 600))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await; // A holds the fill lock
+    let gets = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "commandstats"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = gets();
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let (b, count) = (b.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            b.get_or_load("ns", "k", counting_loader(&count, "v", 0))
+                .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join").expect("value").0, "v");
+    }
+    filler.await.expect("join").expect("filled");
+    let polled = gets() - before;
+    assert_eq!(count.load(Ordering::SeqCst), 1, "one load in the cluster");
+    assert!(polled < 2_000, "{polled} GETs: waiters share one poller");
+}

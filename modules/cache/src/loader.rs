@@ -124,12 +124,17 @@ pub fn xfetch_should_refresh(
 }
 
 type Fill = Shared<BoxFuture<'static, Result<Arc<Entry>, CacheError>>>;
+type Answer = Shared<BoxFuture<'static, Result<(Bytes, Outcome), CacheError>>>;
 
 struct Inner {
     kv: Arc<dyn KvStore>,
     l1: moka::future::Cache<String, Arc<Entry>>,
     policies: BTreeMap<String, NamespacePolicy>,
     inflight: Mutex<HashMap<String, Fill>>,
+    /// Misses being answered (lock attempt, wait, load) per key: one per key per process, so
+    /// a thousand requests behind another instance's fill poll the shared store once, not a
+    /// thousand times.
+    answering: Mutex<HashMap<String, Answer>>,
     observed: BTreeMap<String, Observed>,
     /// Recent loader failures: key -> (remembered until, ms; message). Pruned when large.
     errors: Mutex<HashMap<String, (u64, String)>>,
@@ -330,6 +335,7 @@ impl Cache {
                 l1,
                 policies: cfg.namespaces.clone(),
                 inflight: Mutex::default(),
+                answering: Mutex::default(),
                 errors: Mutex::default(),
                 uses: Mutex::default(),
                 degraded: std::sync::atomic::AtomicBool::new(false),
@@ -615,7 +621,7 @@ impl Cache {
                     }
                 } else {
                     match self
-                        .fill(namespace, &l1_key, &l2_key, policy, loader, stale.clone())
+                        .answer_once(namespace, &l1_key, &l2_key, policy, loader, stale.clone())
                         .await
                     {
                         Err(CacheError::Loader(_)) if stale.is_some() => Ok((
@@ -633,6 +639,61 @@ impl Cache {
             o.record(*outcome, started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// [`Cache::fill`] once per key per process: concurrent misses join the first one's
+    /// answer (and its wait for another instance's fill) instead of each polling the store.
+    async fn answer_once<F, Fut>(
+        &self,
+        namespace: &str,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+        loader: F,
+        stale: Option<Arc<Entry>>,
+    ) -> Result<(Bytes, Outcome), CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let answer = {
+            let mut answering = self
+                .inner
+                .answering
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(a) = answering.get(l1_key) {
+                a.clone()
+            } else {
+                let this = self.clone();
+                let (ns, l1, l2, policy) = (
+                    namespace.to_owned(),
+                    l1_key.to_owned(),
+                    l2_key.to_owned(),
+                    policy.clone(),
+                );
+                // Its own task: a cancelled request does not cancel the others' answer.
+                let task = tokio::spawn(async move {
+                    let r = this.fill(&ns, &l1, &l2, &policy, loader, stale).await;
+                    this.inner
+                        .answering
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&l1);
+                    r
+                });
+                let fut: BoxFuture<'static, Result<(Bytes, Outcome), CacheError>> = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(CacheError::Loader(format!("fill task failed: {e}")))
+                    })
+                }
+                .boxed();
+                let shared = fut.shared();
+                answering.insert(l1_key.to_owned(), shared.clone());
+                shared
+            }
+        };
+        answer.await
     }
 
     fn refresh_in_background<F, Fut>(
