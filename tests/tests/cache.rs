@@ -31,6 +31,7 @@ fn policy(strategy: Strategy, ttl_ms: u64) -> NamespacePolicy {
         min_uses: 1,
         min_uses_window: Duration::from_secs(600),
         l1: true,
+        l1_share: None,
     }
 }
 
@@ -872,11 +873,7 @@ async fn an_l2_only_namespace_sees_invalidations_at_once_without_a_broadcast() {
         .await
         .expect("get");
     assert_eq!((shared, local), (Outcome::Miss, Outcome::Hit));
-    assert_eq!(
-        a.l1_bytes().await > 0,
-        true,
-        "only the local namespace is in L1"
-    );
+    assert!(a.l1_bytes().await > 0, "only the local namespace is in L1");
 }
 
 #[tokio::test]
@@ -935,4 +932,170 @@ async fn waiters_behind_another_instance_poll_the_store_once_per_process() {
     let polled = gets() - before;
     assert_eq!(count.load(Ordering::SeqCst), 1, "one load in the cluster");
     assert!(polled < 2_000, "{polled} GETs: waiters share one poller");
+}
+
+fn l1_share_config(share: Option<f64>) -> CacheConfig {
+    let mut small = policy(Strategy::Swr, 600_000);
+    small.l1_share = share;
+    let mut cfg = config(&[("small", small), ("big", policy(Strategy::Swr, 600_000))]);
+    cfg.l1_max_bytes = 64 * 1024;
+    cfg
+}
+
+#[tokio::test]
+async fn a_namespace_with_an_l1_share_is_not_evicted_by_a_busy_one() {
+    // Issue 3 deliverable 2: L1 bounded in bytes with a per-namespace share.
+    let kv: Arc<dyn KvStore> = Arc::new(NoStore);
+    let cache = Cache::new(&l1_share_config(Some(0.25)), kv);
+    let count = Arc::new(AtomicUsize::new(0));
+    for i in 0..5 {
+        cache
+            .get_or_load(
+                "small",
+                &format!("s{i}"),
+                counting_loader(&count, "small value", 0),
+            )
+            .await
+            .expect("load");
+    }
+    // The busy namespace writes far more than all of L1, each key read several times (so
+    // frequency-based admission would let it push others out).
+    for round in 0..3 {
+        for i in 0..400 {
+            let _ = round;
+            cache
+                .get_or_load(
+                    "big",
+                    &format!("b{i}"),
+                    counting_loader(&count, "big value", 0),
+                )
+                .await
+                .expect("load");
+        }
+        cache.l1_bytes().await; // run moka's maintenance (evictions)
+    }
+    for i in 0..5 {
+        let (_, o) = cache
+            .get_or_load(
+                "small",
+                &format!("s{i}"),
+                counting_loader(&count, "small value", 0),
+            )
+            .await
+            .expect("get");
+        assert_eq!(
+            o,
+            Outcome::Hit,
+            "small key s{i} survived in its reserved share"
+        );
+    }
+    assert!(
+        cache.l1_bytes().await <= 64 * 1024,
+        "L1 stays within l1_max_bytes"
+    );
+}
+
+#[test]
+fn l1_shares_are_validated_naming_the_key() {
+    for (share, key) in [(Some(0.0), "l1_share"), (Some(1.5), "l1_share")] {
+        let err = l1_share_config(share).validate().expect_err("refused");
+        assert!(err.key.ends_with(key), "{err:?}");
+    }
+    // Everything reserved, one namespace without a share: nothing left for it.
+    let mut cfg = l1_share_config(Some(1.0));
+    cfg.namespaces.get_mut("small").expect("small").l1_share = Some(1.0);
+    let err = cfg.validate().expect_err("refused");
+    assert_eq!(err.key, "cache.namespaces.big.l1_share");
+    assert!(l1_share_config(Some(0.5)).validate().is_ok());
+}
+
+/// A shared tier that never holds anything, so these tests measure L1 alone.
+struct NoStore;
+
+#[async_trait::async_trait]
+impl KvStore for NoStore {
+    fn kind(&self) -> &'static str {
+        "none"
+    }
+    async fn get(&self, _: &str) -> Result<Option<Bytes>, bulwark_kernel::kv::KvError> {
+        Ok(None)
+    }
+    async fn set(
+        &self,
+        _: &str,
+        _: Bytes,
+        _: Option<Duration>,
+    ) -> Result<(), bulwark_kernel::kv::KvError> {
+        Ok(())
+    }
+    async fn set_nx(
+        &self,
+        _: &str,
+        _: Bytes,
+        _: Option<Duration>,
+    ) -> Result<bool, bulwark_kernel::kv::KvError> {
+        Ok(true)
+    }
+    async fn delete(&self, _: &str) -> Result<bool, bulwark_kernel::kv::KvError> {
+        Ok(false)
+    }
+    async fn ttl(&self, _: &str) -> Result<Option<Duration>, bulwark_kernel::kv::KvError> {
+        Ok(None)
+    }
+    async fn try_lock(
+        &self,
+        key: &str,
+        _: Duration,
+    ) -> Result<Option<bulwark_kernel::kv::LockGuard>, bulwark_kernel::kv::KvError> {
+        Ok(Some(bulwark_kernel::kv::LockGuard {
+            key: key.to_owned(),
+            owner: "me".into(),
+            fencing_token: 1,
+        }))
+    }
+    async fn extend_lock(
+        &self,
+        _: &bulwark_kernel::kv::LockGuard,
+        _: Duration,
+    ) -> Result<bool, bulwark_kernel::kv::KvError> {
+        Ok(true)
+    }
+    async fn release_lock(
+        &self,
+        _: &bulwark_kernel::kv::LockGuard,
+    ) -> Result<bool, bulwark_kernel::kv::KvError> {
+        Ok(true)
+    }
+    async fn current_fencing_token(&self, _: &str) -> Result<u64, bulwark_kernel::kv::KvError> {
+        Ok(1)
+    }
+    async fn publish(&self, _: &str, _: Bytes) -> Result<(), bulwark_kernel::kv::KvError> {
+        Ok(())
+    }
+    async fn subscribe(
+        &self,
+        _: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Bytes>, bulwark_kernel::kv::KvError> {
+        Ok(Box::pin(futures::stream::pending()))
+    }
+    async fn presence_heartbeat(
+        &self,
+        _: &str,
+        _: &str,
+        _: Duration,
+    ) -> Result<(), bulwark_kernel::kv::KvError> {
+        Ok(())
+    }
+    async fn presence_remove(&self, _: &str, _: &str) -> Result<(), bulwark_kernel::kv::KvError> {
+        Ok(())
+    }
+    async fn presence_members(&self, _: &str) -> Result<Vec<String>, bulwark_kernel::kv::KvError> {
+        Ok(Vec::new())
+    }
+    async fn health(&self) -> Result<(), bulwark_kernel::kv::KvError> {
+        Ok(())
+    }
+    async fn memory(&self) -> Result<(u64, Option<u64>), bulwark_kernel::kv::KvError> {
+        Ok((0, None))
+    }
 }

@@ -93,6 +93,10 @@ pub struct NamespacePolicy {
     /// the cost of a round trip per read.
     #[serde(default = "default_true")]
     pub l1: bool,
+    /// A reserved fraction of `cache.l1_max_bytes` for this namespace's own L1, so that other
+    /// namespaces cannot evict it. Unset: it shares what the reserved fractions leave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l1_share: Option<f64>,
 }
 
 fn default_jitter() -> f64 {
@@ -226,6 +230,35 @@ impl CacheConfig {
                     "must be a positive number",
                 ));
             }
+        }
+        let mut reserved = 0.0;
+        for (name, p) in &self.namespaces {
+            if let Some(share) = p.l1_share {
+                if !(share > 0.0 && share <= 1.0) {
+                    return Err(ConfigError::new(
+                        format!("cache.namespaces.{name}.l1_share"),
+                        "a fraction of cache.l1_max_bytes in (0, 1]",
+                    ));
+                }
+                reserved += share;
+            }
+        }
+        if reserved > 1.0 + 1e-9 {
+            return Err(ConfigError::new(
+                "cache.namespaces",
+                format!("the l1_share values add up to {reserved:.2}; at most 1"),
+            ));
+        }
+        if let Some((name, _)) = self
+            .namespaces
+            .iter()
+            .find(|(_, p)| p.l1_share.is_none() && p.l1)
+            && reserved >= 1.0 - 1e-9
+        {
+            return Err(ConfigError::new(
+                format!("cache.namespaces.{name}.l1_share"),
+                "the other namespaces reserve all of cache.l1_max_bytes; give this one a share too",
+            ));
         }
         for (name, q) in &self.queries {
             q.validate(name, &self.namespaces)?;

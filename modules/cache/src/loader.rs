@@ -128,7 +128,7 @@ type Answer = Shared<BoxFuture<'static, Result<(Bytes, Outcome), CacheError>>>;
 
 struct Inner {
     kv: Arc<dyn KvStore>,
-    l1: moka::future::Cache<String, Arc<Entry>>,
+    l1: L1,
     policies: BTreeMap<String, NamespacePolicy>,
     inflight: Mutex<HashMap<String, Fill>>,
     /// Misses being answered (lock attempt, wait, load) per key: one per key per process, so
@@ -300,28 +300,68 @@ fn namespace_of(l1_key: &str) -> String {
         .unwrap_or_default()
 }
 
+type L1Cache = moka::future::Cache<String, Arc<Entry>>;
+
+/// The in-process tier: one bounded moka cache per namespace with an `l1_share`, one shared by
+/// the others, so a busy namespace cannot evict a small, hot one.
+struct L1 {
+    shares: BTreeMap<String, L1Cache>,
+    rest: L1Cache,
+}
+
+impl L1 {
+    /// The cache holding `l1_key` (`namespace:key`).
+    fn of(&self, l1_key: &str) -> &L1Cache {
+        l1_key
+            .split_once(':')
+            .and_then(|(ns, _)| self.shares.get(ns))
+            .unwrap_or(&self.rest)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &L1Cache> {
+        self.shares.values().chain(std::iter::once(&self.rest))
+    }
+}
+
+fn build_l1(capacity: u64) -> L1Cache {
+    moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .weigher(|k: &String, v: &Arc<Entry>| {
+            u32::try_from(k.len() + v.value.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+        })
+        .expire_after(ByHardExpiry)
+        .eviction_listener(|k: Arc<String>, _v, cause| {
+            use moka::notification::RemovalCause as C;
+            let cause = match cause {
+                C::Size => "size",
+                C::Expired => "expired",
+                C::Explicit => "invalidated",
+                C::Replaced => return,
+            };
+            metrics::counter!("bulwark_cache_evictions_total",
+                "namespace" => namespace_of(&k), "tier" => "l1", "cause" => cause)
+            .increment(1);
+        })
+        .build()
+}
+
 impl Cache {
     pub fn new(cfg: &CacheConfig, kv: Arc<dyn KvStore>) -> Self {
         describe_metrics();
-        let l1 = moka::future::Cache::builder()
-            .max_capacity(cfg.l1_max_bytes)
-            .weigher(|k: &String, v: &Arc<Entry>| {
-                u32::try_from(k.len() + v.value.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
-            })
-            .expire_after(ByHardExpiry)
-            .eviction_listener(|k: Arc<String>, _v, cause| {
-                use moka::notification::RemovalCause as C;
-                let cause = match cause {
-                    C::Size => "size",
-                    C::Expired => "expired",
-                    C::Explicit => "invalidated",
-                    C::Replaced => return,
-                };
-                metrics::counter!("bulwark_cache_evictions_total",
-                    "namespace" => namespace_of(&k), "tier" => "l1", "cause" => cause)
-                .increment(1);
-            })
-            .build();
+        // Namespaces with an `l1_share` get their own bounded L1; the rest share what is left.
+        let mut shares = BTreeMap::new();
+        let mut given = 0u64;
+        for (ns, p) in &cfg.namespaces {
+            if let Some(share) = p.l1_share {
+                let bytes = ((cfg.l1_max_bytes as f64) * share) as u64;
+                given += bytes;
+                shares.insert(ns.clone(), build_l1(bytes.max(1)));
+            }
+        }
+        let l1 = L1 {
+            shares,
+            rest: build_l1(cfg.l1_max_bytes.saturating_sub(given).max(1)),
+        };
         metrics::gauge!("bulwark_cache_memory_limit_bytes", "tier" => "l1")
             .set(cfg.l1_max_bytes as f64);
         metrics::gauge!("bulwark_cache_degraded").set(0.0);
@@ -418,8 +458,12 @@ impl Cache {
 
     /// Bytes held by L1 (as weighed).
     pub async fn l1_bytes(&self) -> u64 {
-        self.inner.l1.run_pending_tasks().await;
-        self.inner.l1.weighted_size()
+        let mut total = 0;
+        for c in self.inner.l1.all() {
+            c.run_pending_tasks().await;
+            total += c.weighted_size();
+        }
+        total
     }
 
     /// Note an L2 failure: the `degraded` gauge and one log line per transition.
@@ -526,7 +570,7 @@ impl Cache {
     }
 
     async fn lookup(&self, l1_key: &str, l2_key: &str, use_l1: bool) -> Option<Arc<Entry>> {
-        if use_l1 && let Some(e) = self.inner.l1.get(l1_key).await {
+        if use_l1 && let Some(e) = self.inner.l1.of(l1_key).get(l1_key).await {
             return Some(e);
         }
         let got = self.inner.kv.get(l2_key).await;
@@ -539,7 +583,11 @@ impl Cache {
                 Some(e) => {
                     let e = Arc::new(e);
                     if use_l1 {
-                        self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                        self.inner
+                            .l1
+                            .of(l1_key)
+                            .insert(l1_key.to_owned(), e.clone())
+                            .await;
                     }
                     Some(e)
                 }
@@ -578,7 +626,7 @@ impl Cache {
         let now = now_ms();
         // Fast path: a fresh L1 hit with no early refresh due needs nothing else.
         if policy.l1
-            && let Some(e) = self.inner.l1.get(&l1_key).await
+            && let Some(e) = self.inner.l1.of(&l1_key).get(&l1_key).await
             && now < e.soft_expires_ms
             && policy.early_refresh_beta.is_none()
         {
@@ -808,7 +856,11 @@ impl Cache {
                             let _ = self.inner.kv.release_lock(&guard).await;
                             let e = Arc::new(e);
                             if policy.l1 {
-                                self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                                self.inner
+                                    .l1
+                                    .of(l1_key)
+                                    .insert(l1_key.to_owned(), e.clone())
+                                    .await;
                             }
                             return Ok((e.value.clone(), Outcome::Miss));
                         }
@@ -833,7 +885,11 @@ impl Cache {
                             .record(waited.elapsed().as_secs_f64());
                         let e = Arc::new(e);
                         if policy.l1 {
-                            self.inner.l1.insert(l1_key.to_owned(), e.clone()).await;
+                            self.inner
+                                .l1
+                                .of(l1_key)
+                                .insert(l1_key.to_owned(), e.clone())
+                                .await;
                         }
                         return Ok((e.value.clone(), Outcome::Miss));
                     }
@@ -996,7 +1052,11 @@ impl Cache {
             self.l2_ok();
         }
         if policy.l1 {
-            self.inner.l1.insert(l1_key.to_owned(), entry.clone()).await;
+            self.inner
+                .l1
+                .of(l1_key)
+                .insert(l1_key.to_owned(), entry.clone())
+                .await;
         }
         Ok(entry)
     }
@@ -1059,7 +1119,7 @@ impl Cache {
         }
         let l1_key = format!("{namespace}:{key}");
         self.bump_generation(&l1_key);
-        self.inner.l1.invalidate(&l1_key).await;
+        self.inner.l1.of(&l1_key).invalidate(&l1_key).await;
         let _ = self
             .inner
             .kv
@@ -1090,7 +1150,7 @@ impl Cache {
                     Some(key) => {
                         let key = String::from_utf8_lossy(&key).into_owned();
                         self.bump_generation(&key);
-                        self.inner.l1.invalidate(&key).await;
+                        self.inner.l1.of(&key).invalidate(&key).await;
                     }
                     None => break,
                 }

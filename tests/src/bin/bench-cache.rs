@@ -38,6 +38,7 @@ fn policy(strategy: Strategy, ttl: Duration) -> NamespacePolicy {
         min_uses: 1,
         min_uses_window: Duration::from_secs(600),
         l1: true,
+        l1_share: None,
     }
 }
 
