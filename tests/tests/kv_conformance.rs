@@ -833,3 +833,43 @@ async fn redis_sentinel_passes_the_same_suite() {
     let url = format!("redis-sentinel://127.0.0.1:{sentinel}/0?sentinelServiceName=mymaster");
     all_properties(&url).await;
 }
+
+/// K6: Redis reports the keys it removed on its own (the cache's L2 evictions come from here);
+/// the in-process store does not count them.
+#[tokio::test]
+async fn redis_reports_its_own_removals() {
+    let memory = bulwark_kernel::kv::memory::MemoryStore::new();
+    assert_eq!(memory.removals().await.expect("memory"), None);
+    let Some((store, _)) = redis_store().await else {
+        return;
+    };
+    let (_, expired_before) = store
+        .removals()
+        .await
+        .expect("INFO stats")
+        .expect("Redis counts removals");
+    for i in 0..20 {
+        store
+            .set(
+                &format!("short-{i}"),
+                Bytes::from_static(b"x"),
+                Some(Duration::from_millis(50)),
+            )
+            .await
+            .expect("set");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        // Reading an expired key removes it at once (lazy expiry), if the active cycle did not.
+        assert_eq!(store.get(&format!("short-{i}")).await.expect("get"), None);
+    }
+    let (_, expired_after) = store
+        .removals()
+        .await
+        .expect("INFO stats")
+        .expect("Redis counts removals");
+    assert!(
+        expired_after >= expired_before + 20,
+        "expired_keys grew by at least 20: {expired_before} -> {expired_after}"
+    );
+}

@@ -447,6 +447,13 @@ impl Cache {
     pub async fn record_memory(&self) {
         let l1 = self.l1_bytes().await;
         metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l1").set(l1 as f64);
+        // Redis's own removals, across its keys (not per namespace: Redis does not say).
+        if let Ok(Some((evicted, expired))) = self.inner.kv.removals().await {
+            metrics::counter!("bulwark_cache_evictions_total", "namespace" => "*", "tier" => "l2", "cause" => "size")
+                .absolute(evicted);
+            metrics::counter!("bulwark_cache_evictions_total", "namespace" => "*", "tier" => "l2", "cause" => "expired")
+                .absolute(expired);
+        }
         if let Ok((used, limit)) = self.inner.kv.memory().await {
             metrics::gauge!("bulwark_cache_memory_bytes", "tier" => "l2").set(used as f64);
             if let Some(limit) = limit {

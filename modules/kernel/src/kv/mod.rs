@@ -81,6 +81,12 @@ pub trait KvStore: Send + Sync {
     async fn health(&self) -> Result<(), KvError>;
     /// Memory used and configured limit in bytes, when the store knows them (Redis INFO).
     async fn memory(&self) -> Result<(u64, Option<u64>), KvError>;
+
+    /// Keys the store removed on its own since it started: `(evicted for memory, expired)`,
+    /// when it counts them (Redis INFO `evicted_keys`, `expired_keys`); `None` otherwise.
+    async fn removals(&self) -> Result<Option<(u64, u64)>, KvError> {
+        Ok(None)
+    }
 }
 
 /// Build the configured store: Redis when `cfg.url` is set, else the in-process store.

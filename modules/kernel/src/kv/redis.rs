@@ -747,6 +747,19 @@ impl KvStore for RedisStore {
         })
         .await
     }
+
+    async fn removals(&self) -> Result<Option<(u64, u64)>, KvError> {
+        self.observe("removals", async {
+            let info = self
+                .cmd(self.inner.client.info::<Value>(Some(InfoKind::Stats)))
+                .await?;
+            let text = bytes(info.clone())
+                .and_then(|b| String::from_utf8(b.to_vec()).ok())
+                .ok_or_else(|| unexpected("INFO", &info))?;
+            Ok(info_field(&text, "evicted_keys").zip(info_field(&text, "expired_keys")))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
