@@ -781,12 +781,8 @@ async fn all_properties(url: &str) {
                 .await
                 .expect("connect");
             eventually(SOON, || async { store.health().await.ok() }).await.expect("healthy");
-            // Known issue (see the closing note of session 1): through Sentinel, a SUBSCRIBE
-            // made right after connect is sometimes lost while the subscriber connection
-            // settles. Settle it first; the standalone run of the suite has no warm-up.
-            let mut warm = store.subscribe("warm-up").await.expect("subscribe warm-up");
-            publish_until_received(&store, &mut warm, "warm-up").await.expect("pub/sub settles");
-            drop(warm);
+            // No pub/sub warm-up: `subscribe` confirms the subscription with a probe round trip
+            // before it returns (the fix for session 1's lost first SUBSCRIBE).
             $p(&store).await;
         )*};
     }

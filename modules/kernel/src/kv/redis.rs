@@ -79,6 +79,9 @@ struct Inner {
     retry: Arc<Notify>,
     prefix: String,
     timeout: Duration,
+    /// A channel only this store subscribes to: publishing a nonce on it and seeing it come
+    /// back proves the subscriber connection is live and carries every wanted channel.
+    probe: String,
 }
 
 impl Drop for Inner {
@@ -155,7 +158,13 @@ impl RedisStore {
         // Nothing is subscribed yet, so the first connection's event needs no resubscribe; a
         // redundant SUBSCRIBE racing the caller's first ones is only a risk.
         while reconnects.try_recv().is_ok() {}
-        let wanted: Wanted = Arc::default();
+        let probe = format!(
+            "{}__subscriber-probe:{}",
+            cfg.key_prefix,
+            uuid::Uuid::new_v4().simple()
+        );
+        // Always wanted, so every (re)subscription carries it along with the real channels.
+        let wanted: Wanted = Arc::new(Mutex::new(HashMap::from([(probe.clone(), 1)])));
         let retry = Arc::new(Notify::new());
         tokio::spawn(keep_subscribed(
             subscriber.clone(),
@@ -179,8 +188,55 @@ impl RedisStore {
                 retry,
                 prefix: cfg.key_prefix.clone(),
                 timeout,
+                probe,
             }),
         })
+    }
+
+    /// Publish nonces on the probe channel until one comes back through the subscriber
+    /// (re-sending SUBSCRIBE for every wanted channel between attempts), or the timeout passes.
+    async fn confirm_subscribed(&self, wanted: &HashMap<String, usize>) -> bool {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.timeout;
+        let channels: Vec<String> = wanted.keys().cloned().collect();
+        let mut attempt = 0u32;
+        while Instant::now() < deadline {
+            let mut rx = inner.subscriber.message_rx();
+            let nonce = uuid::Uuid::new_v4().simple().to_string();
+            if attempt > 0 {
+                let _ = timed(inner.timeout, inner.subscriber.subscribe(channels.clone())).await;
+            }
+            attempt += 1;
+            let sent = timed(
+                inner.timeout,
+                inner
+                    .raw
+                    .publish::<Value, _, _>(inner.probe.clone(), nonce.clone()),
+            )
+            .await;
+            if sent.is_err() {
+                return false;
+            }
+            let wait = Duration::from_millis(250 * u64::from(attempt.min(4)));
+            let got = tokio::time::timeout(wait, async {
+                loop {
+                    match rx.recv().await {
+                        Ok(m) if *m.channel == *inner.probe => {
+                            if bytes(m.value).is_some_and(|b| b.as_ref() == nonce.as_bytes()) {
+                                return true;
+                            }
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return false,
+                    }
+                }
+            })
+            .await;
+            if got == Ok(true) {
+                return true;
+            }
+        }
+        false
     }
 
     fn key(&self, key: &str) -> String {
@@ -610,8 +666,20 @@ impl KvStore for RedisStore {
                         timeout: Some(inner.timeout),
                         ..Options::default()
                     });
-                    match timed(inner.timeout, fast.subscribe(full.clone())).await {
-                        Ok(()) => {}
+                    let channels = vec![full.clone(), inner.probe.clone()];
+                    match timed(inner.timeout, fast.subscribe(channels)).await {
+                        Ok(()) => {
+                            // The SUBSCRIBE was answered, but a connection replaced right after
+                            // (first connect, Sentinel, failover) may not carry it yet: prove it
+                            // with a round trip through the server before returning.
+                            if !self.confirm_subscribed(&wanted).await {
+                                tracing::warn!(
+                                    channel = %full,
+                                    "redis subscription not confirmed; it is retried in the background"
+                                );
+                                inner.retry.notify_one();
+                            }
+                        }
                         // Redis is down or slow: the channel stays wanted and `keep_subscribed`
                         // subscribes it as soon as it can.
                         Err(KvError::Unavailable(reason)) => {
