@@ -123,18 +123,20 @@ pub fn xfetch_should_refresh(
     now_ms as f64 - delta_ms as f64 * beta * u.ln() >= expiry_ms as f64
 }
 
-type Fill = Shared<BoxFuture<'static, Result<Arc<Entry>, CacheError>>>;
-type Answer = Shared<BoxFuture<'static, Result<(Bytes, Outcome), CacheError>>>;
+/// Work on one key that concurrent callers share (see `Cache::join_or_start`).
+type SharedWork<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
+/// Callers of one piece of shared work, by key.
+type WorkMap<T> = Mutex<HashMap<String, SharedWork<T>>>;
 
 struct Inner {
     kv: Arc<dyn KvStore>,
     l1: L1,
     policies: BTreeMap<String, NamespacePolicy>,
-    inflight: Mutex<HashMap<String, Fill>>,
+    inflight: WorkMap<Arc<Entry>>,
     /// Misses being answered (lock attempt, wait, load) per key: one per key per process, so
     /// a thousand requests behind another instance's fill poll the shared store once, not a
     /// thousand times.
-    answering: Mutex<HashMap<String, Answer>>,
+    answering: WorkMap<(Bytes, Outcome)>,
     observed: BTreeMap<String, Observed>,
     /// Recent loader failures: key -> (remembered until, ms; message). Pruned when large.
     errors: Mutex<HashMap<String, (u64, String)>>,
@@ -711,44 +713,57 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        let answer = {
-            let mut answering = self
-                .inner
-                .answering
+        let (ns, l1, l2, policy) = (
+            namespace.to_owned(),
+            l1_key.to_owned(),
+            l2_key.to_owned(),
+            policy.clone(),
+        );
+        self.join_or_start(
+            |inner| &inner.answering,
+            l1_key,
+            move |this| async move { this.fill(&ns, &l1, &l2, &policy, loader, stale).await },
+        )
+        .await
+    }
+
+    /// The shared future of `key` in the map `pick` selects, or a new one running `work` in its
+    /// own task: callers join it, a cancelled caller does not cancel it, and the task removes
+    /// itself from the map when done even if every caller went away.
+    fn join_or_start<T, W, Fut>(
+        &self,
+        pick: fn(&Inner) -> &WorkMap<T>,
+        key: &str,
+        work: W,
+    ) -> SharedWork<T>
+    where
+        T: Clone + Send + Sync + 'static,
+        W: FnOnce(Cache) -> Fut,
+        Fut: Future<Output = Result<T, CacheError>> + Send + 'static,
+    {
+        let mut map = pick(&self.inner).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(key) {
+            return f.clone();
+        }
+        let this = self.clone();
+        let running = work(self.clone());
+        let owned_key = key.to_owned();
+        let task = tokio::spawn(async move {
+            let r = running.await;
+            pick(&this.inner)
                 .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(a) = answering.get(l1_key) {
-                a.clone()
-            } else {
-                let this = self.clone();
-                let (ns, l1, l2, policy) = (
-                    namespace.to_owned(),
-                    l1_key.to_owned(),
-                    l2_key.to_owned(),
-                    policy.clone(),
-                );
-                // Its own task: a cancelled request does not cancel the others' answer.
-                let task = tokio::spawn(async move {
-                    let r = this.fill(&ns, &l1, &l2, &policy, loader, stale).await;
-                    this.inner
-                        .answering
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&l1);
-                    r
-                });
-                let fut: BoxFuture<'static, Result<(Bytes, Outcome), CacheError>> = async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(CacheError::Loader(format!("fill task failed: {e}")))
-                    })
-                }
-                .boxed();
-                let shared = fut.shared();
-                answering.insert(l1_key.to_owned(), shared.clone());
-                shared
-            }
-        };
-        answer.await
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&owned_key);
+            r
+        });
+        let shared = async move {
+            task.await
+                .unwrap_or_else(|e| Err(CacheError::Loader(format!("cache task failed: {e}"))))
+        }
+        .boxed()
+        .shared();
+        map.insert(key.to_owned(), shared.clone());
+        shared
     }
 
     fn refresh_in_background<F, Fut>(
@@ -935,45 +950,18 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        let fill = {
-            let mut inflight = self
-                .inner
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(f) = inflight.get(l1_key) {
-                f.clone()
-            } else {
-                let this = self.clone();
-                let (ns, l1, l2, policy) = (
-                    namespace.to_owned(),
-                    l1_key.to_owned(),
-                    l2_key.to_owned(),
-                    policy.clone(),
-                );
-                // The load runs in its own task: a cancelled request does not cancel it, and
-                // the task forgets itself when done even if every waiter went away.
-                let task = tokio::spawn(async move {
-                    let r = this.load(&ns, &l1, &l2, &policy, loader, fence).await;
-                    this.inner
-                        .inflight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&l1);
-                    r
-                });
-                let fut: BoxFuture<'static, Result<Arc<Entry>, CacheError>> = async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(CacheError::Loader(format!("load task failed: {e}")))
-                    })
-                }
-                .boxed();
-                let shared = fut.shared();
-                inflight.insert(l1_key.to_owned(), shared.clone());
-                shared
-            }
-        };
-        fill.await
+        let (ns, l1, l2, policy) = (
+            namespace.to_owned(),
+            l1_key.to_owned(),
+            l2_key.to_owned(),
+            policy.clone(),
+        );
+        self.join_or_start(
+            |inner| &inner.inflight,
+            l1_key,
+            move |this| async move { this.load(&ns, &l1, &l2, &policy, loader, fence).await },
+        )
+        .await
     }
 
     async fn load<F, Fut>(
