@@ -170,43 +170,13 @@ params = [{{ name = "n", type = "int" }}]
 "#,
         url = db.url
     );
-    let mut procs = Vec::new();
-    let mut ports = Vec::new();
-    let mut dirs = Vec::new();
-    for _ in 0..3 {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("bulwark.toml"), &config).expect("config");
-        let port = free_port();
-        procs.push(spawn_bulwark(
-            dir.path(),
-            port,
-            &[("BULWARK_CONFIG", "bulwark.toml".into())],
-        ));
-        ports.push(port);
-        dirs.push(dir);
-    }
+    let (mut procs, ports, dirs) = start_processes(&config, 3);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(400)
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    for port in &ports {
-        let ready = eventually(Duration::from_secs(30), || async {
-            client
-                .get(format!("http://127.0.0.1:{port}/readyz"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        })
-        .await;
-        assert!(
-            ready.is_some(),
-            "process on {port} not ready: {}",
-            std::fs::read_to_string(dirs[0].path().join("log")).unwrap_or_default()
-        );
-    }
+    wait_ready(&client, &ports, &dirs).await;
     let mut cfg = bulwark_tests::services::default_settings().kernel.auth;
     cfg.hs256_secret = None;
     let token = Authenticator::hs256(TEST_SECRET.as_bytes(), cfg)
@@ -336,38 +306,12 @@ params = [{{ name = "n", type = "int" }}]
 "#,
         url = db.url
     );
-    let mut procs = Vec::new();
-    let mut ports = Vec::new();
-    let mut dirs = Vec::new();
-    for _ in 0..2 {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("bulwark.toml"), &config).expect("config");
-        let port = free_port();
-        procs.push(spawn_bulwark(
-            dir.path(),
-            port,
-            &[("BULWARK_CONFIG", "bulwark.toml".into())],
-        ));
-        ports.push(port);
-        dirs.push(dir);
-    }
+    let (mut procs, ports, dirs) = start_processes(&config, 2);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    for port in &ports {
-        let ready = eventually(Duration::from_secs(30), || async {
-            client
-                .get(format!("http://127.0.0.1:{port}/readyz"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        })
-        .await;
-        assert!(ready.is_some(), "process on {port} not ready");
-    }
+    wait_ready(&client, &ports, &dirs).await;
     let mut cfg = bulwark_tests::services::default_settings().kernel.auth;
     cfg.hs256_secret = None;
     let token = Authenticator::hs256(TEST_SECRET.as_bytes(), cfg)
@@ -423,4 +367,50 @@ params = [{{ name = "n", type = "int" }}]
             .any(|l| l.starts_with("bulwark_cache_lock_timeouts_total{") && !l.ends_with(" 0")),
         "no waiter timed out"
     );
+}
+
+/// `n` bulwark processes on free ports, each in its own directory with `config` as its file.
+fn start_processes(
+    config: &str,
+    n: usize,
+) -> (
+    Vec<bulwark_tests::procs::Proc>,
+    Vec<u16>,
+    Vec<tempfile::TempDir>,
+) {
+    let (mut procs, mut ports, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("bulwark.toml"), config).expect("config");
+        let port = free_port();
+        procs.push(spawn_bulwark(
+            dir.path(),
+            port,
+            &[("BULWARK_CONFIG", "bulwark.toml".into())],
+        ));
+        ports.push(port);
+        dirs.push(dir);
+    }
+    (procs, ports, dirs)
+}
+
+/// Wait until every process answers `/readyz` 200; on failure show the first one's log.
+async fn wait_ready(client: &reqwest::Client, ports: &[u16], dirs: &[tempfile::TempDir]) {
+    for port in ports {
+        let ready = eventually(Duration::from_secs(30), || async {
+            client
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "process on {port} not ready: {}",
+            std::fs::read_to_string(dirs[0].path().join("log")).unwrap_or_default()
+        );
+    }
 }

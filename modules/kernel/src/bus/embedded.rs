@@ -679,19 +679,7 @@ impl EmbeddedConsumer {
         let scan_i64 = i64::try_from(scan).unwrap_or(i64::MAX);
         let mut contended = 0;
         loop {
-            let cursor = inner
-                .db
-                .query_one(stmt(
-                    backend,
-                    "SELECT cursor_seq FROM bus_consumers WHERE stream = ? AND durable = ?",
-                    vec![stream.clone().into(), durable.clone().into()],
-                ))
-                .await
-                .map_err(storage)?
-                .ok_or_else(|| {
-                    BusError::Invalid(format!("consumer `{stream}/{durable}` no longer exists"))
-                })?;
-            let cursor: i64 = get(&cursor, "cursor_seq")?;
+            let cursor = cursor_seq(inner, stream, durable).await?;
             let rows = inner
                 .db
                 .query_all(stmt(
@@ -763,25 +751,30 @@ impl EmbeddedConsumer {
     }
 }
 
+/// The last stream sequence a durable consumer has claimed.
+async fn cursor_seq(inner: &Inner, stream: &str, durable: &str) -> Result<i64, BusError> {
+    let row = inner
+        .db
+        .query_one(stmt(
+            inner.backend(),
+            "SELECT cursor_seq FROM bus_consumers WHERE stream = ? AND durable = ?",
+            vec![stream.into(), durable.into()],
+        ))
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| {
+            BusError::Invalid(format!("consumer `{stream}/{durable}` no longer exists"))
+        })?;
+    get(&row, "cursor_seq")
+}
+
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
     async fn pending(&self) -> Result<u64, BusError> {
         let inner = &self.inner;
         let backend = inner.backend();
         let (stream, durable) = (self.spec.stream.clone(), self.spec.durable.clone());
-        let cursor = inner
-            .db
-            .query_one(stmt(
-                backend,
-                "SELECT cursor_seq FROM bus_consumers WHERE stream = ? AND durable = ?",
-                vec![stream.clone().into(), durable.clone().into()],
-            ))
-            .await
-            .map_err(storage)?
-            .ok_or_else(|| {
-                BusError::Invalid(format!("consumer `{stream}/{durable}` no longer exists"))
-            })?;
-        let cursor: i64 = get(&cursor, "cursor_seq")?;
+        let cursor = cursor_seq(inner, &stream, &durable).await?;
         // Subjects only: the filter is matched here, as in `claim_new`.
         let rows = inner
             .db
