@@ -170,7 +170,7 @@ params = [{{ name = "n", type = "int" }}]
 "#,
         url = db.url
     );
-    let (mut procs, ports, dirs) = start_processes(&config, 3);
+    let (procs, ports, dirs) = start_processes(&config, 3);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(400)
         .timeout(Duration::from_secs(60))
