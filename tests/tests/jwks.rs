@@ -127,3 +127,41 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
         .expect("req");
     assert_eq!(res.status(), 409);
 }
+
+/// A key the provider stops publishing stops authenticating at the next refresh, even for a
+/// token verified (and remembered) before.
+#[tokio::test]
+async fn a_key_rotated_out_stops_authenticating_after_the_next_refresh() {
+    let keys = Arc::new(RwLock::new(
+        serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]}),
+    ));
+    let k = keys.clone();
+    let idp = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let k = k.clone();
+            async move { axum::Json(k.read().await.clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let idp_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, idp).await });
+    let app = TestAppBuilder::new(Backend::Embedded)
+        .set("auth.jwks_url", format!("http://{idp_addr}/jwks.json"))
+        .set("auth.jwks_refresh", "300ms")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let t1 = es256("k1", K1_PEM, "viewer");
+    assert_eq!(app.get("/api/cache/status", Some(&t1)).await.status(), 200);
+    *keys.write().await = serde_json::json!({"keys": [jwk("k2", K2_X, K2_Y)]});
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        app.get("/api/cache/status", Some(&t1)).await.status(),
+        401,
+        "a remembered token must not outlive its key"
+    );
+}

@@ -131,13 +131,13 @@ type WorkMap<T> = Mutex<HashMap<String, SharedWork<T>>>;
 struct Inner {
     kv: Arc<dyn KvStore>,
     l1: L1,
-    policies: BTreeMap<String, NamespacePolicy>,
+    namespaces: BTreeMap<String, Namespace>,
+    clock: WallClock,
     inflight: WorkMap<Arc<Entry>>,
     /// Misses being answered (lock attempt, wait, load) per key: one per key per process, so
     /// a thousand requests behind another instance's fill poll the shared store once, not a
     /// thousand times.
     answering: WorkMap<(Bytes, Outcome)>,
-    observed: BTreeMap<String, Observed>,
     /// Recent loader failures: key -> (remembered until, ms; message). Pruned when large.
     errors: Mutex<HashMap<String, (u64, String)>>,
     /// Requests per key in the current admission window: key -> (window start ms, count).
@@ -147,6 +147,54 @@ struct Inner {
     /// Invalidations seen per key (here or broadcast): a load that started before one must
     /// not write its (possibly outdated) value back. Pruned when large.
     generations: Mutex<HashMap<String, u64>>,
+}
+
+/// One namespace's policy, observations and L1: found with one lookup per request.
+struct Namespace {
+    policy: NamespacePolicy,
+    observed: Observed,
+    l1: L1Cache,
+}
+
+/// Wall-clock milliseconds for expiry checks, from the kernel's coarse monotonic clock (a
+/// memory read in the vDSO, a few ms of resolution — ample against TTLs of seconds) plus an
+/// offset to the wall clock re-read at most once a second, so drift and clock steps show
+/// within a second. A precise `clock_gettime` costs ~25 ns on this kind of VM, a tenth of an
+/// L1 hit.
+struct WallClock {
+    base: coarsetime::Instant,
+    /// Wall-clock ms at `base`.
+    wall_at_base: AtomicU64,
+    /// Ms after `base` of the last re-read.
+    synced_at: AtomicU64,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        let c = Self {
+            base: coarsetime::Instant::now_without_cache_update(),
+            wall_at_base: AtomicU64::new(0),
+            synced_at: AtomicU64::new(0),
+        };
+        c.sync(0);
+        c
+    }
+
+    fn sync(&self, mono_ms: u64) {
+        self.wall_at_base
+            .store(now_ms().saturating_sub(mono_ms), Ordering::Relaxed);
+        self.synced_at.store(mono_ms, Ordering::Relaxed);
+    }
+
+    fn wall_ms(&self) -> u64 {
+        let mono = coarsetime::Instant::now_without_cache_update()
+            .duration_since(self.base)
+            .as_millis();
+        if mono.saturating_sub(self.synced_at.load(Ordering::Relaxed)) >= 1000 {
+            self.sync(mono);
+        }
+        self.wall_at_base.load(Ordering::Relaxed) + mono
+    }
 }
 
 /// Bound on the bookkeeping maps; past it, stale entries are dropped.
@@ -180,7 +228,8 @@ impl Observed {
         }
     }
 
-    fn record(&self, outcome: Outcome, seconds: f64) {
+    /// Count a request; `seconds` when it was timed.
+    fn record(&self, outcome: Outcome, seconds: Option<f64>) {
         let i = match outcome {
             Outcome::Hit => 0,
             Outcome::Stale => 1,
@@ -188,8 +237,28 @@ impl Observed {
         };
         [&self.hits, &self.stale, &self.misses][i].fetch_add(1, Ordering::Relaxed);
         self.requests[i].increment(1);
-        self.durations[i].record(seconds);
+        if let Some(s) = seconds {
+            self.durations[i].record(s);
+        }
     }
+}
+
+/// One L1 hit in this many is timed for `bulwark_cache_request_duration_seconds`. Quantiles
+/// come from bucket ratios, so sampling leaves them unbiased; the histogram's `_count` for
+/// `result="hit"` counts timed hits only (rates come from `bulwark_cache_requests_total`).
+pub const HIT_SAMPLE: u32 = 16;
+
+/// Should this request's latency be timed (if it turns out a hit)? A per-thread counter:
+/// no shared cache line.
+fn sample_hit() -> bool {
+    thread_local! {
+        static TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    TICK.with(|t| {
+        let n = t.get().wrapping_add(1);
+        t.set(n);
+        n.is_multiple_of(HIT_SAMPLE)
+    })
 }
 
 /// Bytes an L1 entry costs beyond its key and value: moka's node, hash and expiry bookkeeping,
@@ -225,10 +294,10 @@ pub struct Cache {
 }
 
 struct ByHardExpiry;
-impl moka::Expiry<String, Arc<Entry>> for ByHardExpiry {
+impl moka::Expiry<L1Key, Arc<Entry>> for ByHardExpiry {
     fn expire_after_create(
         &self,
-        _key: &String,
+        _key: &L1Key,
         value: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
@@ -295,14 +364,52 @@ fn tag_set(namespace: &str, tag: &str) -> String {
     format!("cache-tag:{namespace}:{tag}")
 }
 
-fn namespace_of(l1_key: &str) -> String {
-    l1_key
-        .split_once(':')
-        .map(|(ns, _)| ns.to_owned())
-        .unwrap_or_default()
+/// An L1 key, `namespace:key` (namespace names never contain `:`). Looked up through
+/// [`KeyRef`], so a hit on the fast path builds no string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct L1Key(String);
+
+impl L1Key {
+    fn parts(&self) -> KeyRef<'_> {
+        KeyRef::parse(&self.0)
+    }
 }
 
-type L1Cache = moka::future::Cache<String, Arc<Entry>>;
+impl std::hash::Hash for L1Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+/// A borrowed L1 key; hashes like the [`L1Key`] it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyRef<'a> {
+    namespace: &'a str,
+    key: &'a str,
+}
+
+impl std::hash::Hash for KeyRef<'_> {
+    /// The key alone, in one write: equal keys of two namespaces share a hash (rare, and
+    /// settled by equality), and the hit path hashes once.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.key.as_bytes());
+    }
+}
+
+impl<'a> KeyRef<'a> {
+    fn parse(l1_key: &'a str) -> Self {
+        let (namespace, key) = l1_key.split_once(':').unwrap_or(("", l1_key));
+        Self { namespace, key }
+    }
+}
+
+impl moka::Equivalent<L1Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &L1Key) -> bool {
+        *self == key.parts()
+    }
+}
+
+type L1Cache = moka::future::Cache<L1Key, Arc<Entry>>;
 
 /// The in-process tier: one bounded moka cache per namespace with an `l1_share`, one shared by
 /// the others, so a busy namespace cannot evict a small, hot one.
@@ -312,12 +419,25 @@ struct L1 {
 }
 
 impl L1 {
-    /// The cache holding `l1_key` (`namespace:key`).
-    fn of(&self, l1_key: &str) -> &L1Cache {
-        l1_key
-            .split_once(':')
-            .and_then(|(ns, _)| self.shares.get(ns))
-            .unwrap_or(&self.rest)
+    /// The cache holding `namespace`'s keys.
+    fn of(&self, namespace: &str) -> &L1Cache {
+        self.shares.get(namespace).unwrap_or(&self.rest)
+    }
+
+    async fn get(&self, key: KeyRef<'_>) -> Option<Arc<Entry>> {
+        self.of(key.namespace).get(&key).await
+    }
+
+    async fn insert(&self, l1_key: &str, entry: Arc<Entry>) {
+        let k = KeyRef::parse(l1_key);
+        self.of(k.namespace)
+            .insert(L1Key(l1_key.to_owned()), entry)
+            .await;
+    }
+
+    async fn invalidate(&self, l1_key: &str) {
+        let k = KeyRef::parse(l1_key);
+        self.of(k.namespace).invalidate(&k).await;
     }
 
     fn all(&self) -> impl Iterator<Item = &L1Cache> {
@@ -328,11 +448,11 @@ impl L1 {
 fn build_l1(capacity: u64) -> L1Cache {
     moka::future::Cache::builder()
         .max_capacity(capacity)
-        .weigher(|k: &String, v: &Arc<Entry>| {
-            u32::try_from(k.len() + v.value.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+        .weigher(|k: &L1Key, v: &Arc<Entry>| {
+            u32::try_from(k.0.len() + v.value.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
         })
         .expire_after(ByHardExpiry)
-        .eviction_listener(|k: Arc<String>, _v, cause| {
+        .eviction_listener(|k: Arc<L1Key>, _v, cause| {
             use moka::notification::RemovalCause as C;
             let cause = match cause {
                 C::Size => "size",
@@ -341,7 +461,7 @@ fn build_l1(capacity: u64) -> L1Cache {
                 C::Replaced => return,
             };
             metrics::counter!("bulwark_cache_evictions_total",
-                "namespace" => namespace_of(&k), "tier" => "l1", "cause" => cause)
+                "namespace" => k.parts().namespace.to_owned(), "tier" => "l1", "cause" => cause)
             .increment(1);
         })
         .build()
@@ -364,6 +484,18 @@ impl Cache {
             shares,
             rest: build_l1(cfg.l1_max_bytes.saturating_sub(given).max(1)),
         };
+        let namespaces = cfg
+            .namespaces
+            .iter()
+            .map(|(n, p)| {
+                let ns = Namespace {
+                    policy: p.clone(),
+                    observed: Observed::new(n),
+                    l1: l1.of(n).clone(),
+                };
+                (n.clone(), ns)
+            })
+            .collect();
         metrics::gauge!("bulwark_cache_memory_limit_bytes", "tier" => "l1")
             .set(cfg.l1_max_bytes as f64);
         metrics::gauge!("bulwark_cache_degraded").set(0.0);
@@ -375,38 +507,38 @@ impl Cache {
             inner: Arc::new(Inner {
                 kv,
                 l1,
-                policies: cfg.namespaces.clone(),
+                namespaces,
+                clock: WallClock::new(),
                 inflight: Mutex::default(),
                 answering: Mutex::default(),
                 errors: Mutex::default(),
                 uses: Mutex::default(),
                 degraded: std::sync::atomic::AtomicBool::new(false),
                 generations: Mutex::default(),
-                observed: cfg
-                    .namespaces
-                    .keys()
-                    .map(|n| (n.clone(), Observed::new(n)))
-                    .collect(),
             }),
         }
     }
 
-    fn policy(&self, namespace: &str) -> Result<&NamespacePolicy, CacheError> {
+    fn namespace(&self, namespace: &str) -> Result<&Namespace, CacheError> {
         self.inner
-            .policies
+            .namespaces
             .get(namespace)
             .ok_or_else(|| CacheError::UnknownNamespace(namespace.to_owned()))
+    }
+
+    fn policy(&self, namespace: &str) -> Result<&NamespacePolicy, CacheError> {
+        self.namespace(namespace).map(|n| &n.policy)
     }
 
     /// Declared policy next to observed behaviour, with contradictions flagged (C4).
     pub fn policy_report(&self) -> Vec<PolicyReport> {
         use crate::config::CacheClass;
         self.inner
-            .policies
+            .namespaces
             .iter()
-            .map(|(ns, declared)| {
-                let o = self.inner.observed.get(ns);
-                let get = |f: fn(&Observed) -> &AtomicU64| o.map(|o| f(o).load(Ordering::Relaxed)).unwrap_or(0);
+            .map(|(ns, n)| {
+                let (declared, o) = (&n.policy, &n.observed);
+                let get = |f: fn(&Observed) -> &AtomicU64| f(o).load(Ordering::Relaxed);
                 let (hits, stale, misses, invalidations) =
                     (get(|o| &o.hits), get(|o| &o.stale), get(|o| &o.misses), get(|o| &o.invalidations));
                 let reads = hits + stale + misses;
@@ -579,7 +711,7 @@ impl Cache {
     }
 
     async fn lookup(&self, l1_key: &str, l2_key: &str, use_l1: bool) -> Option<Arc<Entry>> {
-        if use_l1 && let Some(e) = self.inner.l1.of(l1_key).get(l1_key).await {
+        if use_l1 && let Some(e) = self.inner.l1.get(KeyRef::parse(l1_key)).await {
             return Some(e);
         }
         let got = self.inner.kv.get(l2_key).await;
@@ -592,11 +724,7 @@ impl Cache {
                 Some(e) => {
                     let e = Arc::new(e);
                     if use_l1 {
-                        self.inner
-                            .l1
-                            .of(l1_key)
-                            .insert(l1_key.to_owned(), e.clone())
-                            .await;
+                        self.inner.l1.insert(l1_key, e.clone()).await;
                     }
                     Some(e)
                 }
@@ -628,22 +756,30 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        let started = Instant::now();
-        let policy = self.policy(namespace)?;
-        let l1_key = format!("{namespace}:{key}");
-        self.count_use(&l1_key, policy);
-        let now = now_ms();
-        // Fast path: a fresh L1 hit with no early refresh due needs nothing else.
+        // Hit latency is timed for one hit in HIT_SAMPLE (two precise clock reads would add a
+        // sixth to a hit); misses and stale serves are always timed. quanta reads the TSC
+        // where it is invariant, else the monotonic clock.
+        let sampled = sample_hit();
+        let started = sampled.then(quanta::Instant::now);
+        let ns = self.namespace(namespace)?;
+        let policy = &ns.policy;
+        if policy.min_uses > 1 {
+            self.count_use(&format!("{namespace}:{key}"), policy);
+        }
+        let now = self.inner.clock.wall_ms();
+        // Fast path: a fresh L1 hit with no early refresh due needs nothing else, and builds
+        // no key string.
         if policy.l1
-            && let Some(e) = self.inner.l1.of(&l1_key).get(&l1_key).await
-            && now < e.soft_expires_ms
             && policy.early_refresh_beta.is_none()
+            && let Some(e) = ns.l1.get(&KeyRef { namespace, key }).await
+            && now < e.soft_expires_ms
         {
-            if let Some(o) = self.inner.observed.get(namespace) {
-                o.record(Outcome::Hit, started.elapsed().as_secs_f64());
-            }
+            ns.observed
+                .record(Outcome::Hit, started.map(|s| s.elapsed().as_secs_f64()));
             return Ok((e.value.clone(), Outcome::Hit));
         }
+        let started = started.unwrap_or_else(quanta::Instant::now);
+        let l1_key = format!("{namespace}:{key}");
         let l2_key = format!("cache:{namespace}:{key}");
         let found = self
             .lookup(&l1_key, &l2_key, policy.l1)
@@ -690,10 +826,9 @@ impl Cache {
                 }
             }
         };
-        if let Ok((_, outcome)) = &result
-            && let Some(o) = self.inner.observed.get(namespace)
-        {
-            o.record(*outcome, started.elapsed().as_secs_f64());
+        if let Ok((_, outcome)) = &result {
+            ns.observed
+                .record(*outcome, Some(started.elapsed().as_secs_f64()));
         }
         result
     }
@@ -822,6 +957,14 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
+        // The answer before this one may have filled the key between this request's lookup
+        // and now (it finished and left the map): take its value rather than load again.
+        if policy.l1
+            && let Some(e) = self.inner.l1.get(KeyRef::parse(l1_key)).await
+            && now_ms() < e.soft_expires_ms
+        {
+            return Ok((e.value.clone(), Outcome::Miss));
+        }
         if policy.strategy == Strategy::Swr {
             let e = self
                 .single_flight(namespace, l1_key, l2_key, policy, loader, None)
@@ -842,6 +985,12 @@ impl Cache {
         }
         match locked {
             Ok(Some(guard)) => {
+                // Same race across instances: a fill may have completed and released the lock
+                // just before we took it.
+                if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
+                    let _ = self.inner.kv.release_lock(&guard).await;
+                    return Ok((e.value.clone(), Outcome::Miss));
+                }
                 let r = self
                     .single_flight(
                         namespace,
@@ -871,19 +1020,8 @@ impl Cache {
                         metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
                         // The holder may have filled and released just now: look again first.
-                        if let Ok(Some(raw)) = self.inner.kv.get(l2_key).await
-                            && let Some(e) = Entry::decode(raw)
-                            && now_ms() < e.soft_expires_ms
-                        {
+                        if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
                             let _ = self.inner.kv.release_lock(&guard).await;
-                            let e = Arc::new(e);
-                            if policy.l1 {
-                                self.inner
-                                    .l1
-                                    .of(l1_key)
-                                    .insert(l1_key.to_owned(), e.clone())
-                                    .await;
-                            }
                             return Ok((e.value.clone(), Outcome::Miss));
                         }
                         let r = self
@@ -899,20 +1037,9 @@ impl Cache {
                         let _ = self.inner.kv.release_lock(&guard).await;
                         return r.map(|e| (e.value.clone(), Outcome::Miss));
                     }
-                    if let Ok(Some(raw)) = self.inner.kv.get(l2_key).await
-                        && let Some(e) = Entry::decode(raw)
-                        && now_ms() < e.soft_expires_ms
-                    {
+                    if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
                         metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
-                        let e = Arc::new(e);
-                        if policy.l1 {
-                            self.inner
-                                .l1
-                                .of(l1_key)
-                                .insert(l1_key.to_owned(), e.clone())
-                                .await;
-                        }
                         return Ok((e.value.clone(), Outcome::Miss));
                     }
                 }
@@ -934,6 +1061,22 @@ impl Cache {
                 .await
                 .map(|e| (e.value.clone(), Outcome::Miss)),
         }
+    }
+
+    /// A fresh entry for the key in L2 (copied into L1 when the namespace keeps one).
+    async fn fresh_in_l2(
+        &self,
+        l1_key: &str,
+        l2_key: &str,
+        policy: &NamespacePolicy,
+    ) -> Option<Arc<Entry>> {
+        let raw = self.inner.kv.get(l2_key).await.ok()??;
+        let e = Entry::decode(raw).filter(|e| now_ms() < e.soft_expires_ms)?;
+        let e = Arc::new(e);
+        if policy.l1 {
+            self.inner.l1.insert(l1_key, e.clone()).await;
+        }
+        Some(e)
     }
 
     /// One load per key per process; the load runs in its own task.
@@ -1047,11 +1190,7 @@ impl Cache {
             self.l2_ok();
         }
         if policy.l1 {
-            self.inner
-                .l1
-                .of(l1_key)
-                .insert(l1_key.to_owned(), entry.clone())
-                .await;
+            self.inner.l1.insert(l1_key, entry.clone()).await;
         }
         Ok(entry)
     }
@@ -1109,12 +1248,12 @@ impl Cache {
     /// Active invalidation (C7): drop the key from L2 and this L1, and tell every instance.
     pub async fn invalidate(&self, namespace: &str, key: &str) -> Result<(), CacheError> {
         self.policy(namespace)?;
-        if let Some(o) = self.inner.observed.get(namespace) {
-            o.invalidations.fetch_add(1, Ordering::Relaxed);
+        if let Ok(n) = self.namespace(namespace) {
+            n.observed.invalidations.fetch_add(1, Ordering::Relaxed);
         }
         let l1_key = format!("{namespace}:{key}");
         self.bump_generation(&l1_key);
-        self.inner.l1.of(&l1_key).invalidate(&l1_key).await;
+        self.inner.l1.invalidate(&l1_key).await;
         let _ = self
             .inner
             .kv
@@ -1145,11 +1284,87 @@ impl Cache {
                     Some(key) => {
                         let key = String::from_utf8_lossy(&key).into_owned();
                         self.bump_generation(&key);
-                        self.inner.l1.of(&key).invalidate(&key).await;
+                        self.inner.l1.invalidate(&key).await;
                     }
                     None => break,
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher as _;
+
+    #[test]
+    fn a_borrowed_key_finds_its_owned_twin() {
+        let s = std::collections::hash_map::RandomState::new();
+        let owned = L1Key("orders:42:page".to_owned());
+        let probe = KeyRef {
+            namespace: "orders",
+            key: "42:page",
+        };
+        assert_eq!(s.hash_one(&owned), s.hash_one(probe));
+        assert!(moka::Equivalent::equivalent(&probe, &owned));
+        // Same key, other namespace: may share a hash, never equal.
+        let other = KeyRef {
+            namespace: "users",
+            key: "42:page",
+        };
+        assert!(!moka::Equivalent::equivalent(&other, &owned));
+        assert_eq!(KeyRef::parse("orders:42:page"), probe);
+    }
+
+    #[tokio::test]
+    async fn l1_lookups_by_parts_hit_and_miss_correctly() {
+        let l1 = L1 {
+            shares: BTreeMap::new(),
+            rest: build_l1(1 << 20),
+        };
+        let e = Arc::new(Entry {
+            value: Bytes::from_static(b"v"),
+            soft_expires_ms: now_ms() + 60_000,
+            hard_expires_ms: now_ms() + 120_000,
+            delta_ms: 1,
+        });
+        l1.insert("a:k", e.clone()).await;
+        let hit = l1
+            .get(KeyRef {
+                namespace: "a",
+                key: "k",
+            })
+            .await;
+        assert_eq!(hit.as_deref(), Some(&*e));
+        let miss = l1
+            .get(KeyRef {
+                namespace: "b",
+                key: "k",
+            })
+            .await;
+        assert!(miss.is_none(), "another namespace's key must not hit");
+        l1.invalidate("a:k").await;
+        assert!(l1.get(KeyRef::parse("a:k")).await.is_none());
+    }
+
+    #[test]
+    fn the_wall_clock_tracks_the_system_clock() {
+        let c = WallClock::new();
+        for _ in 0..3 {
+            let (ours, system) = (c.wall_ms(), now_ms());
+            // The coarse clock lags by at most a tick (a few ms; 10 ms at HZ=100).
+            assert!(
+                ours.abs_diff(system) <= 25,
+                "derived {ours} vs system {system}"
+            );
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
+
+    #[test]
+    fn one_hit_in_hit_sample_is_timed() {
+        let timed = (0..HIT_SAMPLE * 100).filter(|_| sample_hit()).count();
+        assert_eq!(timed, 100);
     }
 }

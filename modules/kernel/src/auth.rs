@@ -5,6 +5,9 @@
 //! * RS256/ES256 against `auth.jwks_url` (a production identity provider); keys are cached,
 //!   refreshed every `auth.jwks_refresh`, and refetched (rate-limited) on an unknown `kid`.
 //!
+//! A verified token is remembered by its exact text (see [`VerifiedTokens`]) so a client that
+//! sends the same token on every request pays for the signature check about once a minute.
+//!
 //! Handlers take [`Auth<R>`] as an extractor: 401 problem for a missing, malformed, expired or
 //! wrongly signed token; 403 when the role does not satisfy `R`.
 
@@ -152,6 +155,67 @@ enum Keys {
 pub struct Authenticator {
     keys: Keys,
     cfg: AuthConfig,
+    verified: Arc<VerifiedTokens>,
+}
+
+/// How long a verified token is trusted without checking its signature again (at most; never
+/// past its `exp`).
+pub const VERIFIED_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Bound on remembered tokens; past it, expired ones are dropped, and if none were, all are.
+const VERIFIED_TOKENS_MAX: usize = 10_000;
+
+/// Tokens whose signature and claims were checked, by their exact text, with what they proved.
+/// Envoy's JWT filter keeps the same kind of cache (`jwt_cache_config`): the signature check
+/// (an HMAC, or an RSA/ECDSA verification with a JWKS) dominates the cost of an authenticated
+/// request that is otherwise served from memory. Only the identical string hits; an entry lives
+/// until the token's `exp` (plus leeway) and at most [`VERIFIED_TOKEN_TTL`]; a JWKS refresh
+/// forgets them all, so a key rotated out stops authenticating within one refresh.
+#[derive(Default)]
+struct VerifiedTokens {
+    entries: std::sync::Mutex<HashMap<String, VerifiedToken>>,
+}
+
+struct VerifiedToken {
+    identity: Identity,
+    /// `exp` plus leeway, seconds since the epoch.
+    valid_until_secs: u64,
+    trusted_until: Instant,
+}
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<Identity> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let e = entries.get(token)?;
+        (Instant::now() < e.trusted_until && now_secs() <= e.valid_until_secs)
+            .then(|| e.identity.clone())
+    }
+
+    fn put(&self, token: &str, identity: Identity, valid_until_secs: u64) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= VERIFIED_TOKENS_MAX {
+            let secs = now_secs();
+            entries.retain(|_, e| now < e.trusted_until && secs <= e.valid_until_secs);
+            if entries.len() >= VERIFIED_TOKENS_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            token.to_owned(),
+            VerifiedToken {
+                identity,
+                valid_until_secs,
+                trusted_until: now + VERIFIED_TOKEN_TTL,
+            },
+        );
+    }
+
+    fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -178,7 +242,8 @@ impl Authenticator {
     /// else (embedded mode) the secret in `<data_dir>/jwt-secret`, generated if missing.
     pub async fn from_config(cfg: &KernelConfig) -> Result<Self, AuthError> {
         if let Some(url) = &cfg.auth.jwks_url {
-            let jwks = Jwks::new(url.clone(), cfg.auth.jwks_refresh);
+            let verified = Arc::new(VerifiedTokens::default());
+            let jwks = Jwks::new(url.clone(), cfg.auth.jwks_refresh, verified.clone());
             if let Err(error) = jwks.refresh().await {
                 tracing::warn!(message = "JWKS fetch failed at start; will retry.", %error);
             }
@@ -186,6 +251,7 @@ impl Authenticator {
             return Ok(Self {
                 keys: Keys::Jwks(jwks),
                 cfg: cfg.auth.clone(),
+                verified,
             });
         }
         let secret = match &cfg.auth.hs256_secret {
@@ -210,6 +276,7 @@ impl Authenticator {
                 encoding: EncodingKey::from_secret(secret),
             },
             cfg,
+            verified: Arc::default(),
         }
     }
 
@@ -252,6 +319,18 @@ impl Authenticator {
 
     /// Verify a bearer token and return who it names.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if let Some(identity) = self.verified.get(token) {
+            return Ok(identity);
+        }
+        let (identity, exp) = self.verify_signed(token).await?;
+        let valid_until = exp.saturating_add(self.cfg.leeway.as_secs());
+        self.verified.put(token, identity.clone(), valid_until);
+        Ok(identity)
+    }
+
+    /// The full check: signature, algorithm, issuer, audience, expiry, role. Returns the
+    /// identity and the token's `exp`.
+    async fn verify_signed(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         let (key, alg) = match &self.keys {
@@ -291,6 +370,8 @@ impl Authenticator {
             _ => AuthError::Invalid(e.to_string()),
         })?;
         let claims = data.claims;
+        // Required and checked by the validation above.
+        let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
         let subject = claims
             .get("sub")
             .and_then(|v| v.as_str())
@@ -307,7 +388,7 @@ impl Authenticator {
         if roles.is_empty() {
             return Err(AuthError::NoRole(self.cfg.role_claim.clone()));
         }
-        Ok(Identity { subject, roles })
+        Ok((Identity { subject, roles }, exp))
     }
 }
 
@@ -366,10 +447,12 @@ struct Jwks {
     client: reqwest::Client,
     keys: RwLock<HashMap<String, (DecodingKey, Algorithm)>>,
     last_fetch: RwLock<Option<Instant>>,
+    /// Forgotten on every successful refresh.
+    verified: Arc<VerifiedTokens>,
 }
 
 impl Jwks {
-    fn new(url: String, refresh_every: Duration) -> Arc<Self> {
+    fn new(url: String, refresh_every: Duration, verified: Arc<VerifiedTokens>) -> Arc<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -380,6 +463,7 @@ impl Jwks {
             client,
             keys: RwLock::default(),
             last_fetch: RwLock::default(),
+            verified,
         })
     }
 
@@ -413,6 +497,7 @@ impl Jwks {
             }
         }
         *self.keys.write().await = keys;
+        self.verified.clear();
         Ok(())
     }
 
@@ -590,6 +675,30 @@ mod tests {
             a.verify("not-a-jwt").await,
             Err(AuthError::Malformed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_remembered_until_exp_only() {
+        let a = Authenticator::hs256(&[7u8; 32], cfg());
+        let t = a
+            .issue("alice", Role::Viewer, Duration::from_secs(1))
+            .expect("issue");
+        assert!(a.verified.get(&t).is_none());
+        let id = a.verify(&t).await.expect("verify");
+        assert_eq!(
+            a.verified.get(&t),
+            Some(id),
+            "remembered after a good check"
+        );
+        // Refused ones are not remembered.
+        let forged = Authenticator::hs256(&[8u8; 32], cfg())
+            .issue("mallory", Role::Admin, Duration::from_secs(60))
+            .expect("issue");
+        assert!(a.verify(&forged).await.is_err());
+        assert!(a.verified.get(&forged).is_none());
+        // Past `exp` (leeway 0) the remembered check no longer counts.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(matches!(a.verify(&t).await, Err(AuthError::Expired)));
     }
 
     #[test]
