@@ -1099,3 +1099,128 @@ impl KvStore for NoStore {
         Ok((0, None))
     }
 }
+
+/// A store whose value reads (`cache:` keys) see the data at once but answer `delay` later:
+/// a request whose read predates a fill gets its "miss" only after that fill has finished.
+struct SlowReads {
+    inner: Arc<dyn KvStore>,
+    delay: Duration,
+}
+
+type KvResult<T> = Result<T, bulwark_kernel::kv::KvError>;
+
+#[async_trait::async_trait]
+impl KvStore for SlowReads {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn get(&self, key: &str) -> KvResult<Option<Bytes>> {
+        let read = self.inner.get(key).await;
+        if key.starts_with("cache:") {
+            tokio::time::sleep(self.delay).await;
+        }
+        read
+    }
+    async fn set(&self, k: &str, v: Bytes, ttl: Option<Duration>) -> KvResult<()> {
+        self.inner.set(k, v, ttl).await
+    }
+    async fn set_nx(&self, k: &str, v: Bytes, ttl: Option<Duration>) -> KvResult<bool> {
+        self.inner.set_nx(k, v, ttl).await
+    }
+    async fn delete(&self, k: &str) -> KvResult<bool> {
+        self.inner.delete(k).await
+    }
+    async fn ttl(&self, k: &str) -> KvResult<Option<Duration>> {
+        self.inner.ttl(k).await
+    }
+    async fn try_lock(
+        &self,
+        k: &str,
+        lease: Duration,
+    ) -> KvResult<Option<bulwark_kernel::kv::LockGuard>> {
+        self.inner.try_lock(k, lease).await
+    }
+    async fn extend_lock(
+        &self,
+        g: &bulwark_kernel::kv::LockGuard,
+        lease: Duration,
+    ) -> KvResult<bool> {
+        self.inner.extend_lock(g, lease).await
+    }
+    async fn release_lock(&self, g: &bulwark_kernel::kv::LockGuard) -> KvResult<bool> {
+        self.inner.release_lock(g).await
+    }
+    async fn current_fencing_token(&self, k: &str) -> KvResult<u64> {
+        self.inner.current_fencing_token(k).await
+    }
+    async fn publish(&self, c: &str, p: Bytes) -> KvResult<()> {
+        self.inner.publish(c, p).await
+    }
+    async fn subscribe(&self, c: &str) -> KvResult<futures::stream::BoxStream<'static, Bytes>> {
+        self.inner.subscribe(c).await
+    }
+    async fn presence_heartbeat(&self, s: &str, m: &str, ttl: Duration) -> KvResult<()> {
+        self.inner.presence_heartbeat(s, m, ttl).await
+    }
+    async fn presence_remove(&self, s: &str, m: &str) -> KvResult<()> {
+        self.inner.presence_remove(s, m).await
+    }
+    async fn presence_members(&self, s: &str) -> KvResult<Vec<String>> {
+        self.inner.presence_members(s).await
+    }
+    async fn health(&self) -> KvResult<()> {
+        self.inner.health().await
+    }
+    async fn memory(&self) -> KvResult<(u64, Option<u64>)> {
+        self.inner.memory().await
+    }
+}
+
+/// C3 / single-flight: a miss whose lookup predates a fill but whose turn comes after that fill
+/// finished (and left the single-flight map) takes the filled value instead of loading again —
+/// from L1 in the same process (`swr`: no fill lock) and from L2 in another process (`lock`:
+/// looked at right after taking the fill lock).
+#[tokio::test]
+async fn a_miss_overtaken_by_a_finished_fill_does_not_load_again() {
+    for inner in stores().await {
+        let kv: Arc<dyn KvStore> = Arc::new(SlowReads {
+            inner,
+            delay: Duration::from_millis(300),
+        });
+        for (case, strategy, same_process) in [
+            ("swr, same process", Strategy::Swr, true),
+            ("lock, other process", Strategy::Lock, false),
+        ] {
+            let cfg = config(&[("race", policy(strategy, 60_000))]);
+            let a = Cache::new(&cfg, kv.clone());
+            let second = if same_process {
+                a.clone()
+            } else {
+                Cache::new(&cfg, kv.clone())
+            };
+            let key = bulwark_tests::services::unique("k");
+            let loads = Arc::new(AtomicUsize::new(0));
+            // First miss: its read answers at 300 ms, then it loads (50 ms) and writes.
+            let first = {
+                let (a, key, l) = (a.clone(), key.clone(), counting_loader(&loads, "v", 50));
+                tokio::spawn(async move { a.get_or_load("race", &key, l).await })
+            };
+            // The second reads at 150 ms, before that write, and gets its miss at 450 ms,
+            // after the first fill finished.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let got = second
+                .get_or_load("race", &key, counting_loader(&loads, "w", 50))
+                .await
+                .expect("second");
+            let first = first.await.expect("join").expect("first");
+            assert_eq!(first.0, Bytes::from_static(b"v"));
+            assert_eq!(got.0, Bytes::from_static(b"v"), "{case}: the filled value");
+            assert_eq!(
+                loads.load(Ordering::SeqCst),
+                1,
+                "{case} ({}): one load",
+                kv.kind()
+            );
+        }
+    }
+}
