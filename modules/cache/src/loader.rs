@@ -149,9 +149,18 @@ struct Inner {
     generations: Mutex<HashMap<String, u64>>,
 }
 
+/// A request past the L1 fast path: its key's names and its namespace's policy, in an `Arc`
+/// shared with the work it starts (which runs in its own task).
+struct Req {
+    namespace: String,
+    l1_key: String,
+    l2_key: String,
+    policy: Arc<NamespacePolicy>,
+}
+
 /// One namespace's policy, observations and L1: found with one lookup per request.
 struct Namespace {
-    policy: NamespacePolicy,
+    policy: Arc<NamespacePolicy>,
     observed: Observed,
     l1: L1Cache,
 }
@@ -489,7 +498,7 @@ impl Cache {
             .iter()
             .map(|(n, p)| {
                 let ns = Namespace {
-                    policy: p.clone(),
+                    policy: Arc::new(p.clone()),
                     observed: Observed::new(n),
                     l1: l1.of(n).clone(),
                 };
@@ -527,7 +536,7 @@ impl Cache {
     }
 
     fn policy(&self, namespace: &str) -> Result<&NamespacePolicy, CacheError> {
-        self.namespace(namespace).map(|n| &n.policy)
+        self.namespace(namespace).map(|n| &*n.policy)
     }
 
     /// Declared policy next to observed behaviour, with contradictions flagged (C4).
@@ -563,7 +572,7 @@ impl Cache {
                 }
                 PolicyReport {
                     namespace: ns.clone(),
-                    declared: declared.clone(),
+                    declared: (**declared).clone(),
                     reads,
                     hits,
                     stale,
@@ -779,10 +788,14 @@ impl Cache {
             return Ok((e.value.clone(), Outcome::Hit));
         }
         let started = started.unwrap_or_else(quanta::Instant::now);
-        let l1_key = format!("{namespace}:{key}");
-        let l2_key = format!("cache:{namespace}:{key}");
+        let req = Arc::new(Req {
+            namespace: namespace.to_owned(),
+            l1_key: format!("{namespace}:{key}"),
+            l2_key: format!("cache:{namespace}:{key}"),
+            policy: ns.policy.clone(),
+        });
         let found = self
-            .lookup(&l1_key, &l2_key, policy.l1)
+            .lookup(&req.l1_key, &req.l2_key, policy.l1)
             .await
             .filter(|e| now < e.hard_expires_ms);
         let result = match found {
@@ -796,27 +809,24 @@ impl Cache {
                         rand::random::<f64>(),
                     )
                 {
-                    self.refresh_in_background(namespace, &l1_key, &l2_key, policy, loader);
+                    self.refresh_in_background(&req, loader);
                 }
                 Ok((e.value.clone(), Outcome::Hit))
             }
             Some(e) if policy.strategy == Strategy::Swr => {
-                self.refresh_in_background(namespace, &l1_key, &l2_key, policy, loader);
+                self.refresh_in_background(&req, loader);
                 Ok((e.value.clone(), Outcome::Stale))
             }
             stale => {
                 // A load that failed moments ago is not retried until error_ttl passed; a good
                 // stale value is served instead of an error.
-                if let Some(message) = self.recent_error(&l1_key, now) {
+                if let Some(message) = self.recent_error(&req.l1_key, now) {
                     match stale {
                         Some(e) => Ok((e.value.clone(), Outcome::Stale)),
                         None => Err(CacheError::Loader(message)),
                     }
                 } else {
-                    match self
-                        .answer_once(namespace, &l1_key, &l2_key, policy, loader, stale.clone())
-                        .await
-                    {
+                    match self.answer_once(&req, loader, stale.clone()).await {
                         Err(CacheError::Loader(_)) if stale.is_some() => Ok((
                             stale.map(|e| e.value.clone()).unwrap_or_default(),
                             Outcome::Stale,
@@ -837,10 +847,7 @@ impl Cache {
     /// answer (and its wait for another instance's fill) instead of each polling the store.
     async fn answer_once<F, Fut>(
         &self,
-        namespace: &str,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
+        req: &Arc<Req>,
         loader: F,
         stale: Option<Arc<Entry>>,
     ) -> Result<(Bytes, Outcome), CacheError>
@@ -848,16 +855,11 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        let (ns, l1, l2, policy) = (
-            namespace.to_owned(),
-            l1_key.to_owned(),
-            l2_key.to_owned(),
-            policy.clone(),
-        );
+        let owned = req.clone();
         self.join_or_start(
             |inner| &inner.answering,
-            l1_key,
-            move |this| async move { this.fill(&ns, &l1, &l2, &policy, loader, stale).await },
+            &req.l1_key,
+            move |this| async move { this.fill(&owned, loader, stale).await },
         )
         .await
     }
@@ -901,39 +903,30 @@ impl Cache {
         shared
     }
 
-    fn refresh_in_background<F, Fut>(
-        &self,
-        namespace: &str,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
-        loader: F,
-    ) where
+    fn refresh_in_background<F, Fut>(&self, req: &Arc<Req>, loader: F)
+    where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
         let this = self.clone();
-        let (ns, l1, l2, policy) = (
-            namespace.to_owned(),
-            l1_key.to_owned(),
-            l2_key.to_owned(),
-            policy.clone(),
-        );
+        let req = req.clone();
         tokio::spawn(async move {
             // One refresh per cluster: whoever takes the refresh lock refreshes; the rest keep
             // serving stale. If the store is down, refresh locally (single-flight still holds).
-            let lock_key = format!("cache-refresh:{ns}:{l1}");
-            let guard = match this.inner.kv.try_lock(&lock_key, policy.lock_lease).await {
+            let lock_key = format!("cache-refresh:{}:{}", req.namespace, req.l1_key);
+            let guard = match this
+                .inner
+                .kv
+                .try_lock(&lock_key, req.policy.lock_lease)
+                .await
+            {
                 Ok(Some(g)) => Some(g),
                 Ok(None) => return,
                 Err(_) => None,
             };
             let _ = this
                 .single_flight(
-                    &ns,
-                    &l1,
-                    &l2,
-                    &policy,
+                    &req,
                     loader,
                     guard.as_ref().map(|g| (lock_key.clone(), g.fencing_token)),
                 )
@@ -946,10 +939,7 @@ impl Cache {
 
     async fn fill<F, Fut>(
         &self,
-        namespace: &str,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
+        req: &Arc<Req>,
         loader: F,
         stale: Option<Arc<Entry>>,
     ) -> Result<(Bytes, Outcome), CacheError>
@@ -959,27 +949,27 @@ impl Cache {
     {
         // The answer before this one may have filled the key between this request's lookup
         // and now (it finished and left the map): take its value rather than load again.
-        if policy.l1
-            && let Some(e) = self.inner.l1.get(KeyRef::parse(l1_key)).await
+        if req.policy.l1
+            && let Some(e) = self.inner.l1.get(KeyRef::parse(&req.l1_key)).await
             && now_ms() < e.soft_expires_ms
         {
             return Ok((e.value.clone(), Outcome::Miss));
         }
-        if policy.strategy == Strategy::Swr {
-            let e = self
-                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
-                .await?;
+        if req.policy.strategy == Strategy::Swr {
+            let e = self.single_flight(req, loader, None).await?;
             return Ok((e.value.clone(), Outcome::Miss));
         }
-        if !self.admitted(l1_key, policy) {
+        if !self.admitted(&req.l1_key, &req.policy) {
             // Not stored anyway (admission): no one waits for it, load locally.
-            let e = self
-                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
-                .await?;
+            let e = self.single_flight(req, loader, None).await?;
             return Ok((e.value.clone(), Outcome::Miss));
         }
-        let lock_key = format!("cache-fill:{l2_key}");
-        let locked = self.inner.kv.try_lock(&lock_key, policy.lock_lease).await;
+        let lock_key = format!("cache-fill:{}", &req.l2_key);
+        let locked = self
+            .inner
+            .kv
+            .try_lock(&lock_key, req.policy.lock_lease)
+            .await;
         if let Err(e) = &locked {
             self.l2_failed(e);
         }
@@ -987,26 +977,19 @@ impl Cache {
             Ok(Some(guard)) => {
                 // Same race across instances: a fill may have completed and released the lock
                 // just before we took it.
-                if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
+                if let Some(e) = self.fresh_in_l2(req).await {
                     let _ = self.inner.kv.release_lock(&guard).await;
                     return Ok((e.value.clone(), Outcome::Miss));
                 }
                 let r = self
-                    .single_flight(
-                        namespace,
-                        l1_key,
-                        l2_key,
-                        policy,
-                        loader,
-                        Some((lock_key, guard.fencing_token)),
-                    )
+                    .single_flight(req, loader, Some((lock_key, guard.fencing_token)))
                     .await;
                 let _ = self.inner.kv.release_lock(&guard).await;
                 r.map(|e| (e.value.clone(), Outcome::Miss))
             }
             Ok(None) => {
                 let waited = Instant::now();
-                let deadline = waited + policy.lock_wait;
+                let deadline = waited + req.policy.lock_wait;
                 let mut polls = 0u32;
                 while Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1014,22 +997,22 @@ impl Cache {
                     // Every 100 ms: if the holder died, its lease ran out and the lock is free;
                     // take it over and load (a crashed filler blocks no longer than its lease).
                     if polls.is_multiple_of(10)
-                        && let Ok(Some(guard)) =
-                            self.inner.kv.try_lock(&lock_key, policy.lock_lease).await
+                        && let Ok(Some(guard)) = self
+                            .inner
+                            .kv
+                            .try_lock(&lock_key, req.policy.lock_lease)
+                            .await
                     {
-                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
+                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => req.namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
                         // The holder may have filled and released just now: look again first.
-                        if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
+                        if let Some(e) = self.fresh_in_l2(req).await {
                             let _ = self.inner.kv.release_lock(&guard).await;
                             return Ok((e.value.clone(), Outcome::Miss));
                         }
                         let r = self
                             .single_flight(
-                                namespace,
-                                l1_key,
-                                l2_key,
-                                policy,
+                                req,
                                 loader,
                                 Some((lock_key.clone(), guard.fencing_token)),
                             )
@@ -1037,44 +1020,40 @@ impl Cache {
                         let _ = self.inner.kv.release_lock(&guard).await;
                         return r.map(|e| (e.value.clone(), Outcome::Miss));
                     }
-                    if let Some(e) = self.fresh_in_l2(l1_key, l2_key, policy).await {
-                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => namespace.to_owned())
+                    if let Some(e) = self.fresh_in_l2(req).await {
+                        metrics::histogram!("bulwark_cache_lock_wait_seconds", "namespace" => req.namespace.to_owned())
                             .record(waited.elapsed().as_secs_f64());
                         return Ok((e.value.clone(), Outcome::Miss));
                     }
                 }
-                metrics::counter!("bulwark_cache_lock_timeouts_total", "namespace" => namespace.to_owned()).increment(1);
-                match (policy.fallback, stale) {
+                metrics::counter!("bulwark_cache_lock_timeouts_total", "namespace" => req.namespace.to_owned()).increment(1);
+                match (req.policy.fallback, stale) {
                     (Fallback::Stale, Some(e)) => Ok((e.value.clone(), Outcome::Stale)),
                     (Fallback::Unavailable, _) => Err(CacheError::Unavailable(format!(
-                        "no value for `{l1_key}` within lock_wait"
+                        "no value for `{}` within lock_wait",
+                        req.l1_key
                     ))),
                     _ => self
-                        .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                        .single_flight(req, loader, None)
                         .await
                         .map(|e| (e.value.clone(), Outcome::Miss)),
                 }
             }
             // The shared store is down: protect the database per process (single-flight).
             Err(_) => self
-                .single_flight(namespace, l1_key, l2_key, policy, loader, None)
+                .single_flight(req, loader, None)
                 .await
                 .map(|e| (e.value.clone(), Outcome::Miss)),
         }
     }
 
-    /// A fresh entry for the key in L2 (copied into L1 when the namespace keeps one).
-    async fn fresh_in_l2(
-        &self,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
-    ) -> Option<Arc<Entry>> {
-        let raw = self.inner.kv.get(l2_key).await.ok()??;
+    /// A fresh entry for the key in L2 (copied into L1 when the req.namespace keeps one).
+    async fn fresh_in_l2(&self, req: &Req) -> Option<Arc<Entry>> {
+        let raw = self.inner.kv.get(&req.l2_key).await.ok()??;
         let e = Entry::decode(raw).filter(|e| now_ms() < e.soft_expires_ms)?;
         let e = Arc::new(e);
-        if policy.l1 {
-            self.inner.l1.insert(l1_key, e.clone()).await;
+        if req.policy.l1 {
+            self.inner.l1.insert(&req.l1_key, e.clone()).await;
         }
         Some(e)
     }
@@ -1082,10 +1061,7 @@ impl Cache {
     /// One load per key per process; the load runs in its own task.
     async fn single_flight<F, Fut>(
         &self,
-        namespace: &str,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
+        req: &Arc<Req>,
         loader: F,
         fence: Option<(String, u64)>,
     ) -> Result<Arc<Entry>, CacheError>
@@ -1093,26 +1069,18 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
-        let (ns, l1, l2, policy) = (
-            namespace.to_owned(),
-            l1_key.to_owned(),
-            l2_key.to_owned(),
-            policy.clone(),
-        );
+        let owned = req.clone();
         self.join_or_start(
             |inner| &inner.inflight,
-            l1_key,
-            move |this| async move { this.load(&ns, &l1, &l2, &policy, loader, fence).await },
+            &req.l1_key,
+            move |this| async move { this.load(&owned, loader, fence).await },
         )
         .await
     }
 
     async fn load<F, Fut>(
         &self,
-        namespace: &str,
-        l1_key: &str,
-        l2_key: &str,
-        policy: &NamespacePolicy,
+        req: &Arc<Req>,
         loader: F,
         fence: Option<(String, u64)>,
     ) -> Result<Arc<Entry>, CacheError>
@@ -1121,49 +1089,49 @@ impl Cache {
         Fut: Future<Output = Result<Bytes, String>> + Send + 'static,
     {
         let started = Instant::now();
-        let generation = self.generation(l1_key);
+        let generation = self.generation(&req.l1_key);
         let loaded = loader().await;
         let elapsed = started.elapsed();
-        metrics::histogram!("bulwark_cache_load_duration_seconds", "namespace" => namespace.to_owned())
+        metrics::histogram!("bulwark_cache_load_duration_seconds", "namespace" => req.namespace.to_owned())
             .record(elapsed.as_secs_f64());
         let value = match loaded {
             Ok(v) => {
-                metrics::counter!("bulwark_cache_loads_total", "namespace" => namespace.to_owned(), "outcome" => "ok")
+                metrics::counter!("bulwark_cache_loads_total", "namespace" => req.namespace.to_owned(), "outcome" => "ok")
                     .increment(1);
                 v
             }
             Err(e) => {
-                metrics::counter!("bulwark_cache_loads_total", "namespace" => namespace.to_owned(), "outcome" => "error")
+                metrics::counter!("bulwark_cache_loads_total", "namespace" => req.namespace.to_owned(), "outcome" => "error")
                     .increment(1);
-                self.remember_error(l1_key, policy, &e);
+                self.remember_error(&req.l1_key, &req.policy, &e);
                 return Err(CacheError::Loader(e));
             }
         };
         let now = now_ms();
-        let ttl = jittered(policy.ttl, policy.jitter, rand::random::<f64>());
+        let ttl = jittered(req.policy.ttl, req.policy.jitter, rand::random::<f64>());
         let soft = now + ttl.as_millis() as u64;
         let entry = Arc::new(Entry {
             value,
             soft_expires_ms: soft,
-            hard_expires_ms: soft + policy.stale_ttl.as_millis() as u64,
+            hard_expires_ms: soft + req.policy.stale_ttl.as_millis() as u64,
             delta_ms: elapsed.as_millis() as u64,
         });
-        if entry.value.len() > policy.max_value_bytes {
+        if entry.value.len() > req.policy.max_value_bytes {
             // Served, not cached.
             return Ok(entry);
         }
-        if !self.admitted(l1_key, policy) {
+        if !self.admitted(&req.l1_key, &req.policy) {
             // Served, not cached: too few requests yet to earn a place (min_uses).
-            metrics::counter!("bulwark_cache_admission_rejections_total", "namespace" => namespace.to_owned())
+            metrics::counter!("bulwark_cache_admission_rejections_total", "namespace" => req.namespace.to_owned())
                 .increment(1);
             return Ok(entry);
         }
         // Guarded write-back: a filler whose key was invalidated while it loaded does not
         // write (what it read may predate the write that caused the invalidation) ...
-        if self.generation(l1_key) != generation {
+        if self.generation(&req.l1_key) != generation {
             tracing::debug!(
                 message = "Key invalidated while loading; result served, not written.",
-                key = l2_key
+                key = req.l2_key
             );
             return Ok(entry);
         }
@@ -1173,7 +1141,7 @@ impl Cache {
         {
             tracing::warn!(
                 message = "Fill lock lost while loading; result not written.",
-                key = l2_key
+                key = req.l2_key
             );
             return Ok(entry);
         }
@@ -1181,7 +1149,7 @@ impl Cache {
         if let Err(error) = self
             .inner
             .kv
-            .set(l2_key, entry.encode(), Some(l2_ttl))
+            .set(&req.l2_key, entry.encode(), Some(l2_ttl))
             .await
         {
             tracing::debug!(message = "L2 write failed; value kept in L1 only.", %error);
@@ -1189,8 +1157,8 @@ impl Cache {
         } else {
             self.l2_ok();
         }
-        if policy.l1 {
-            self.inner.l1.insert(l1_key, entry.clone()).await;
+        if req.policy.l1 {
+            self.inner.l1.insert(&req.l1_key, entry.clone()).await;
         }
         Ok(entry)
     }
