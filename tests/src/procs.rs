@@ -25,6 +25,12 @@ impl Proc {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
     }
+    /// Send `signal` (a name `kill` knows: `STOP`, `CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
     /// Wait for exit up to `timeout`; the exit code if it exited.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;

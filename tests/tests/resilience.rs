@@ -160,3 +160,44 @@ async fn redis_and_nats_lost_and_regained() {
         "readiness did not recover after Redis returned"
     );
 }
+
+/// A Redis that stops answering (SIGSTOP: the connection stays open, no reply comes) fails
+/// each command after `redis.command_timeout` as `Unavailable` — the client's own per-command
+/// timeout, the only one since the store dropped its second, tokio-side timer — and answers
+/// again after SIGCONT.
+#[tokio::test]
+async fn a_redis_that_stops_answering_fails_commands_after_the_command_timeout() {
+    use bulwark_kernel::kv::{KvError, KvStore};
+    let port = free_port();
+    let Some(redis) = start_redis(port) else {
+        return;
+    };
+    let mut cfg = bulwark_tests::services::default_settings().kernel.redis;
+    cfg.url = Some(SecretUrl::new(format!("redis://127.0.0.1:{port}/0")));
+    cfg.key_prefix = format!("{}:", unique("hang"));
+    cfg.command_timeout = Duration::from_millis(300);
+    let store = bulwark_kernel::kv::redis::RedisStore::connect(&cfg)
+        .await
+        .expect("redis");
+    store
+        .set("k", bytes::Bytes::from_static(b"v"), None)
+        .await
+        .expect("set while up");
+    redis.signal("STOP");
+    let hung = tokio::time::timeout(Duration::from_secs(5), store.get("k")).await;
+    redis.signal("CONT");
+    match hung {
+        Ok(Err(KvError::Unavailable(_))) => {}
+        Ok(other) => panic!("expected Unavailable from a silent Redis, got {other:?}"),
+        Err(_) => panic!("a command to a silent Redis hung past 5 s (command_timeout 300 ms)"),
+    }
+    let back = eventually(Duration::from_secs(10), || async {
+        store.get("k").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        back.as_deref(),
+        Some(&b"v"[..]),
+        "answers again after SIGCONT"
+    );
+}

@@ -157,7 +157,7 @@ async fn l2_hit() {
     // An L2-only namespace (`l1 = false`): every lookup goes to Redis.
     let mut p = policy(Strategy::Swr, Duration::from_secs(3600));
     p.l1 = false;
-    let cache = Cache::new(&config(64 << 20, p), kv);
+    let cache = Cache::new(&config(64 << 20, p), kv.clone());
     cache
         .get_or_load("bench", "k", || async { Ok(value()) })
         .await
@@ -194,7 +194,109 @@ async fn l2_hit() {
         o / 1000.0,
         r / 1000.0
     );
+    // Where the difference lies: the store's own GET (prefix, timeout, metrics) against fred.
+    let (s, r, ratio) = paired(
+        N,
+        || async {
+            let r = kv.get("cache:bench:k").await;
+            std::hint::black_box(&r);
+        },
+        || async {
+            let r: Result<Option<Bytes>, _> = fred.get(&raw_key).await;
+            std::hint::black_box(&r);
+        },
+    )
+    .await;
+    println!(
+        "   of which the store: RedisStore::get {:.1} us/op vs raw fred GET {:.1} us/op = {ratio:.2}x",
+        s / 1000.0,
+        r / 1000.0
+    );
+    if std::env::var_os("BENCH_CACHE_LAYERS").is_some() {
+        l2_layers(&url, &raw_key, &fred).await;
+    }
     let _ = fred.quit().await;
+}
+
+/// Which layer of the store's client costs what (set BENCH_CACHE_LAYERS=1).
+async fn l2_layers(url: &str, key: &str, plain: &fred::clients::Client) {
+    use fred::interfaces::{ClientLike as _, KeysInterface as _};
+    use fred::prelude::*;
+    const N: u32 = 2_000;
+    let timeout = Duration::from_secs(2);
+    let Ok(config) = Config::from_url(url) else {
+        return;
+    };
+    let mut builder = Builder::from_config(config);
+    builder
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 5_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+        });
+    let Ok(built) = builder.build() else { return };
+    if built.init().await.is_err() {
+        return;
+    }
+    let opts = built.with_options(&Options {
+        fail_fast: true,
+        timeout: Some(timeout),
+        ..Options::default()
+    });
+    let layers: [(&str, u8); 4] = [
+        ("configured like the store", 1),
+        ("+ with_options(fail_fast, timeout)", 2),
+        ("+ tokio timeout", 3),
+        ("with_options, no default_command_timeout", 4),
+    ];
+    let bare = {
+        let mut b = Builder::from_config(Config::from_url(url).unwrap_or_default());
+        b.with_performance_config(|_| {});
+        b.build().ok()
+    };
+    if let Some(b) = &bare {
+        let _ = b.init().await;
+    }
+    let bare_opts = bare.as_ref().map(|b| {
+        b.with_options(&Options {
+            fail_fast: true,
+            timeout: Some(timeout),
+            ..Options::default()
+        })
+    });
+    for (name, layer) in layers {
+        let (o, r, ratio) = paired(
+            N,
+            || async {
+                let r: Result<Option<Bytes>, Error> = match layer {
+                    1 => built.get(key).await,
+                    2 => opts.get(key).await,
+                    3 => tokio::time::timeout(timeout, opts.get(key))
+                        .await
+                        .unwrap_or(Ok(None)),
+                    _ => match &bare_opts {
+                        Some(b) => b.get(key).await,
+                        None => Ok(None),
+                    },
+                };
+                std::hint::black_box(&r);
+            },
+            || async {
+                let r: Result<Option<Bytes>, _> = plain.get(key).await;
+                std::hint::black_box(&r);
+            },
+        )
+        .await;
+        println!(
+            "   layer {name}: {:.1} us/op vs plain {:.1} = {ratio:.2}x",
+            o / 1000.0,
+            r / 1000.0
+        );
+    }
+    let _ = built.quit().await;
 }
 
 async fn http_hit() {
