@@ -46,17 +46,15 @@ fn es256(kid: &str, pem: &str, role: &str) -> String {
     .expect("sign")
 }
 
-#[tokio::test]
-async fn es256_tokens_verify_against_a_rotating_jwks() {
-    let keys = Arc::new(RwLock::new(
-        serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]}),
-    ));
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let (k, f) = (keys.clone(), fetches.clone());
+/// A stand-in identity provider serving `keys` at `/jwks.json`, counting fetches.
+async fn start_idp(
+    keys: Arc<RwLock<serde_json::Value>>,
+    fetches: Arc<AtomicUsize>,
+) -> std::net::SocketAddr {
     let idp = axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || {
-            let (k, f) = (k.clone(), f.clone());
+            let (k, f) = (keys.clone(), fetches.clone());
             async move {
                 f.fetch_add(1, Ordering::SeqCst);
                 axum::Json(k.read().await.clone())
@@ -66,8 +64,18 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let idp_addr = listener.local_addr().expect("addr");
+    let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, idp).await });
+    addr
+}
+
+#[tokio::test]
+async fn es256_tokens_verify_against_a_rotating_jwks() {
+    let keys = Arc::new(RwLock::new(
+        serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]}),
+    ));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let idp_addr = start_idp(keys.clone(), fetches.clone()).await;
 
     let app = TestAppBuilder::new(Backend::Embedded)
         .set("auth.jwks_url", format!("http://{idp_addr}/jwks.json"))
@@ -135,19 +143,7 @@ async fn a_key_rotated_out_stops_authenticating_after_the_next_refresh() {
     let keys = Arc::new(RwLock::new(
         serde_json::json!({"keys": [jwk("k1", K1_X, K1_Y)]}),
     ));
-    let k = keys.clone();
-    let idp = axum::Router::new().route(
-        "/jwks.json",
-        axum::routing::get(move || {
-            let k = k.clone();
-            async move { axum::Json(k.read().await.clone()) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let idp_addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, idp).await });
+    let idp_addr = start_idp(keys.clone(), Arc::default()).await;
     let app = TestAppBuilder::new(Backend::Embedded)
         .set("auth.jwks_url", format!("http://{idp_addr}/jwks.json"))
         .set("auth.jwks_refresh", "300ms")

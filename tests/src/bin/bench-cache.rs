@@ -175,6 +175,10 @@ async fn l2_hit() {
         return;
     }
     let raw_key = format!("{prefix}cache:bench:k");
+    let raw_get = || async {
+        let r: Result<Option<Bytes>, _> = fred.get(&raw_key).await;
+        std::hint::black_box(&r);
+    };
     let (o, r, ratio) = paired(
         N,
         || async {
@@ -183,10 +187,7 @@ async fn l2_hit() {
                 .await;
             std::hint::black_box(&r);
         },
-        || async {
-            let r: Result<Option<Bytes>, _> = fred.get(&raw_key).await;
-            std::hint::black_box(&r);
-        },
+        raw_get,
     )
     .await;
     println!(
@@ -201,10 +202,7 @@ async fn l2_hit() {
             let r = kv.get("cache:bench:k").await;
             std::hint::black_box(&r);
         },
-        || async {
-            let r: Result<Option<Bytes>, _> = fred.get(&raw_key).await;
-            std::hint::black_box(&r);
-        },
+        raw_get,
     )
     .await;
     println!(
