@@ -728,10 +728,9 @@ impl Cache {
         uses.get(l1_key).is_some_and(|(_, c)| *c >= policy.min_uses)
     }
 
-    async fn lookup(&self, l1_key: &str, l2_key: &str, use_l1: bool) -> Option<Arc<Entry>> {
-        if use_l1 && let Some(e) = self.inner.l1.get(KeyRef::parse(l1_key)).await {
-            return Some(e);
-        }
+    /// The entry in L2 (copied into L1 when the namespace keeps one); a miss when the store
+    /// fails or holds something unreadable.
+    async fn lookup_l2(&self, l1_key: &str, l2_key: &str, use_l1: bool) -> Option<Arc<Entry>> {
         let got = self.inner.kv.get(l2_key).await;
         match &got {
             Ok(_) => self.l2_ok(),
@@ -787,9 +786,13 @@ impl Cache {
         let now = self.inner.clock.wall_ms();
         // Fast path: a fresh L1 hit with no early refresh due needs nothing else, and builds
         // no key string.
-        if policy.l1
-            && policy.early_refresh_beta.is_none()
-            && let Some(e) = ns.l1.get(&KeyRef { namespace, key }).await
+        let in_l1 = if policy.l1 {
+            ns.l1.get(&KeyRef { namespace, key }).await
+        } else {
+            None
+        };
+        if policy.early_refresh_beta.is_none()
+            && let Some(e) = &in_l1
             && now < e.soft_expires_ms
         {
             ns.observed
@@ -803,10 +806,11 @@ impl Cache {
             l2_key: format!("cache:{namespace}:{key}"),
             policy: ns.policy.clone(),
         });
-        let found = self
-            .lookup(&req.l1_key, &req.l2_key, policy.l1)
-            .await
-            .filter(|e| now < e.hard_expires_ms);
+        let found = match in_l1 {
+            Some(e) => Some(e),
+            None => self.lookup_l2(&req.l1_key, &req.l2_key, policy.l1).await,
+        }
+        .filter(|e| now < e.hard_expires_ms);
         let result = match found {
             Some(e) if now < e.soft_expires_ms => {
                 if let Some(beta) = policy.early_refresh_beta
