@@ -250,11 +250,10 @@ async fn l2_layers(url: &str, key: &str, plain: &fred::clients::Client) {
         ("+ tokio timeout", 3),
         ("with_options, no default_command_timeout", 4),
     ];
-    let bare = {
-        let mut b = Builder::from_config(Config::from_url(url).unwrap_or_default());
-        b.with_performance_config(|_| {});
-        b.build().ok()
-    };
+    // Fred's defaults (no default_command_timeout), per-command options only.
+    let bare = Builder::from_config(Config::from_url(url).unwrap_or_default())
+        .build()
+        .ok();
     if let Some(b) = &bare {
         let _ = b.init().await;
     }
