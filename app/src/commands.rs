@@ -45,6 +45,8 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// List the modules compiled into this binary, one per line, in start order.
+    Modules,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,19 +115,18 @@ impl CliError {
     }
 }
 
-/// Validate the config: the kernel's part and every enabled module's section.
+/// Validate the config: its sections against the module list (`modules::KNOWN` and the
+/// `modules` of this binary), the kernel's part, and every enabled module's section.
 pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::Table, ConfigError> {
-    let kernel = toml::Table::try_from(&settings.kernel)
-        .map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
-    let mut out = kernel;
-    for section in bulwark_kernel::config::MODULE_SECTIONS {
-        if settings.has_section(section) && !modules.iter().any(|m| m.name() == *section) {
-            // Printed, not logged: `config check` runs before logging is set up.
-            eprintln!(
-                "warning: config section `{section}` is for a module not compiled into this binary; ignored"
-            );
-        }
+    let ignored = check_sections(settings, modules)?;
+    for section in ignored {
+        // Printed, not logged: `config check` runs before logging is set up.
+        eprintln!(
+            "warning: config section `{section}` is for a module not compiled into this binary; ignored"
+        );
     }
+    let mut out = toml::Table::try_from(&settings.kernel)
+        .map_err(|e| ConfigError::new("(kernel)", e.to_string()))?;
     for m in modules.iter().filter(|m| settings.module_enabled(m.name())) {
         let value = without_nulls(m.check_config(settings)?);
         let table =
@@ -133,6 +134,16 @@ pub fn check(settings: &Settings, modules: &[Arc<dyn Module>]) -> Result<toml::T
         out.insert(m.name().to_owned(), table);
     }
     Ok(out)
+}
+
+/// Unknown sections and unknown names in `modules.enabled` are refused; returns the sections of
+/// known modules that this binary does not have.
+fn check_sections(
+    settings: &Settings,
+    modules: &[Arc<dyn Module>],
+) -> Result<Vec<String>, ConfigError> {
+    let compiled: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+    settings.check_modules(crate::modules::KNOWN, &compiled)
 }
 
 /// TOML has no null: unset optional keys are left out of the effective config.
@@ -241,7 +252,15 @@ pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsStri
     };
     let result = runtime.block_on(async move {
         let config = matches.get_one::<PathBuf>("config").cloned();
+        if matches.subcommand_name() == Some("modules") {
+            // Needs no config: scripts ask the binary which modules it has.
+            for m in &modules {
+                println!("{}", m.name());
+            }
+            return Ok(());
+        }
         let settings = Settings::load(config.as_deref())?;
+        check_sections(&settings, &modules)?;
         if let Some((name, sub)) = matches.subcommand()
             && let Some(m) = modules.iter().find(|m| m.name() == name)
         {
@@ -282,5 +301,6 @@ async fn run(cli: Cli, settings: Settings, modules: Vec<Arc<dyn Module>>) -> Res
         Command::Token {
             action: TokenAction::Issue { sub, role, ttl },
         } => token_issue(&settings, &sub, role, ttl).await,
+        Command::Modules => Ok(()),
     }
 }

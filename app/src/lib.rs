@@ -12,6 +12,7 @@ use bulwark_kernel::auth::Authenticator;
 use bulwark_kernel::config::Settings;
 use bulwark_kernel::module::{Context, Module, ModuleParts, ProcessRole, Worker, WorkerKind};
 use bulwark_kernel::readiness::{FnCheck, Readiness, ReadinessCheck};
+use bulwark_kernel::services::Services;
 use bulwark_kernel::shutdown::Shutdown;
 use bulwark_kernel::{bus, db, http, kv, telemetry};
 use sea_orm::DatabaseConnection;
@@ -26,6 +27,10 @@ pub fn version_line() -> String {
     };
     format!("{} (modules: {listed})", env!("CARGO_PKG_VERSION"))
 }
+
+/// The PostgreSQL advisory-lock key that serialises migrations between replicas starting at
+/// once (any fixed number no other code of ours locks; this one spells "rams" on a keypad).
+pub const MIGRATION_LOCK_KEY: i64 = 7_262_353;
 
 /// Apply every compiled-in migration set, kernel first.
 ///
@@ -45,22 +50,50 @@ pub async fn migrate_up(
     single.max_connections = 1;
     single.min_connections = 1;
     let conn = db::connect(&single).await.context("migration connection")?;
-    conn.execute_unprepared("SELECT pg_advisory_lock(7262353)")
+    conn.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .await
         .context("take the migration lock")?;
     let result = apply_all(&conn).await;
     let _ = conn
-        .execute_unprepared("SELECT pg_advisory_unlock(7262353)")
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
         .await;
     let _ = conn.close().await;
     result
 }
 
+/// Apply what is pending in each set and log one line per migration applied, or one summary
+/// line when nothing was pending (sea-orm-migration's own per-set lines are filtered out at
+/// `warn`, see `telemetry::init`).
 async fn apply_all(db: &DatabaseConnection) -> anyhow::Result<()> {
+    let mut applied_before = 0usize;
+    let mut applied_now = 0usize;
     for set in bulwark_migrations::sets() {
+        let pending: Vec<String> = set
+            .status(db)
+            .await
+            .with_context(|| format!("migration status of `{}`", set.module()))?
+            .into_iter()
+            .filter_map(|(name, applied)| {
+                applied_before += usize::from(applied);
+                (!applied).then_some(name)
+            })
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
         set.up(db)
             .await
             .with_context(|| format!("migrations of `{}`", set.module()))?;
+        for name in pending {
+            applied_now += 1;
+            tracing::info!(message = "Applied migration.", module = set.module(), migration = %name);
+        }
+    }
+    if applied_now == 0 {
+        tracing::info!(
+            message = "Database schema is up to date.",
+            applied_migrations = applied_before
+        );
     }
     Ok(())
 }
@@ -79,131 +112,52 @@ pub struct Application {
     modules: Vec<&'static str>,
 }
 
+/// What the started modules handed back, merged.
+struct StartedModules {
+    routes: axum::Router,
+    openapi: utoipa::openapi::OpenApi,
+    workers: Vec<Worker>,
+    checks: Vec<Arc<dyn ReadinessCheck>>,
+}
+
 impl Application {
     /// Connect, migrate, start modules and bind the listener(s). Port 0 picks a free port.
     pub async fn build(settings: Settings, role: ProcessRole) -> anyhow::Result<Self> {
         Self::build_with_modules(settings, role, modules::compiled()).await
     }
 
-    /// [`Application::build`] with an explicit module list (the test harness adds modules that
-    /// exercise kernel mechanisms this way).
+    /// [`Application::build`] with an explicit module list, in start order (the test harness
+    /// adds modules that exercise kernel mechanisms this way). `candidates` are the modules
+    /// compiled into this "binary"; `modules.enabled` picks which run.
     pub async fn build_with_modules(
         settings: Settings,
         role: ProcessRole,
         candidates: Vec<Arc<dyn Module>>,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
-        let k = &settings.kernel;
-        let prometheus = telemetry::init(&k.telemetry)?;
+        let kernel = &settings.kernel;
+        let prometheus = telemetry::init(&kernel.telemetry)?;
+        let compiled: Vec<&'static str> = candidates.iter().map(|m| m.name()).collect();
+        let effective = commands::check(&settings, &candidates)?;
         let enabled: Vec<_> = candidates
             .into_iter()
             .filter(|m| settings.module_enabled(m.name()))
             .collect();
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
-        let effective = commands::check(&settings, &enabled)?;
 
-        let db = db::connect(&k.database).await?;
-        if k.database.migrate_on_start {
-            migrate_up(&db, &k.database).await?;
-        }
-        let db_read = db::connect_read(&k.database, &db).await?;
-        let bus = bus::from_config(&k.bus, db.clone()).await.context("bus")?;
-        // Every consumer's dead letters land here (`dlq.<stream>.<durable>`), kept 14 days.
-        bus.ensure_stream(&bus::StreamSpec {
-            name: "DEAD_LETTERS".into(),
-            subjects: vec!["dlq.>".into()],
-            duplicate_window: k.bus.duplicate_window,
-            max_age: Some(std::time::Duration::from_secs(14 * 86400)),
-        })
-        .await
-        .context("declare the DEAD_LETTERS stream")?;
-        let kv = kv::from_config(&k.redis).await.context("redis")?;
-        telemetry::describe_kernel_metrics(bus.kind());
-        let auth = Arc::new(Authenticator::from_config(k).await?);
-        let shutdown = Shutdown::new();
+        let ctx = connect_kernel(&settings, role, Services::new(compiled, names.clone())).await?;
+        let mut checks = kernel_checks(&ctx);
+        let StartedModules {
+            routes,
+            openapi,
+            mut workers,
+            checks: module_checks,
+        } = start_modules(&ctx, &enabled).await?;
+        checks.extend(module_checks);
+        workers.push(pool_gauges(&ctx));
 
-        let ctx = Context {
-            settings: settings.clone(),
-            role,
-            db: db.clone(),
-            db_read,
-            bus: bus.clone(),
-            kv: kv.clone(),
-            auth: auth.clone(),
-            shutdown: shutdown.clone(),
-        };
-
-        let mut checks: Vec<Arc<dyn ReadinessCheck>> = Vec::new();
-        let d = db.clone();
-        checks.push(Arc::new(FnCheck::new("database", move || {
-            let d = d.clone();
-            async move { db::ping(&d).await.map_err(|e| e.to_string()) }
-        })));
-        let b = bus.clone();
-        checks.push(Arc::new(FnCheck::new(
-            format!("bus:{}", bus.kind()),
-            move || {
-                let b = b.clone();
-                async move { b.health().await.map_err(|e| e.to_string()) }
-            },
-        )));
-        let s = kv.clone();
-        checks.push(Arc::new(FnCheck::new(
-            format!("kv:{}", kv.kind()),
-            move || {
-                let s = s.clone();
-                async move { s.health().await.map_err(|e| e.to_string()) }
-            },
-        )));
-
-        let mut routes = axum::Router::new();
-        let mut openapi = http::kernel_openapi(env!("CARGO_PKG_VERSION"));
-        let mut workers = Vec::new();
-        for m in &enabled {
-            let ModuleParts {
-                routes: r,
-                openapi: o,
-                workers: w,
-                readiness,
-            } = m
-                .start(&ctx)
-                .await
-                .with_context(|| format!("start module `{}`", m.name()))?;
-            if role.serves_http() {
-                routes = routes.merge(r);
-                openapi.merge(o);
-            }
-            workers.extend(w.into_iter().filter(|w| role.runs(w.kind)));
-            checks.extend(readiness);
-        }
-        // Pool use for the platform dashboard, every 5 s in every role.
-        {
-            let (db, db_read, max, separate_read) = (
-                ctx.db.clone(),
-                ctx.db_read.clone(),
-                k.database.max_connections,
-                k.database.read_url.is_some(),
-            );
-            let stop = shutdown.closing_token();
-            workers.push(Worker {
-                name: "db-pool-gauges".into(),
-                kind: WorkerKind::Web,
-                run: Box::pin(async move {
-                    loop {
-                        db::record_pool_metrics(&db, "primary", max);
-                        if separate_read {
-                            db::record_pool_metrics(&db_read, "read", max);
-                        }
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-                        }
-                    }
-                }),
-            });
-        }
-        let readiness = Readiness::new(checks, shutdown.clone());
+        let readiness = Readiness::new(checks, ctx.shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
         let effective_config =
             Arc::new(serde_json::to_value(effective).context("render effective config")?);
@@ -213,12 +167,12 @@ impl Application {
             openapi,
             effective_config,
         };
-        let router = http::app(&k.server, kernel_http, auth, routes);
+        let router = http::app(&kernel.server, kernel_http, ctx.auth.clone(), routes);
 
-        let listener = tokio::net::TcpListener::bind(k.server.listen)
+        let listener = tokio::net::TcpListener::bind(kernel.server.listen)
             .await
-            .with_context(|| format!("bind server.listen {}", k.server.listen))?;
-        let (metrics_listener, metrics_router) = match k.server.metrics_listen {
+            .with_context(|| format!("bind server.listen {}", kernel.server.listen))?;
+        let (metrics_listener, metrics_router) = match kernel.server.metrics_listen {
             Some(addr) => (
                 Some(
                     tokio::net::TcpListener::bind(addr)
@@ -231,6 +185,7 @@ impl Application {
         };
         metrics::histogram!("bulwark_startup_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        let shutdown = ctx.shutdown.clone();
         Ok(Self {
             listener,
             metrics_listener,
@@ -244,7 +199,6 @@ impl Application {
             modules: names,
         })
     }
-
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -321,5 +275,126 @@ impl Application {
             .await;
         tracing::info!(message = "Stopped.", drained_cleanly = finished);
         Ok(())
+    }
+}
+
+/// Connect the kernel's services (database and replica, bus, key-value store, auth) and
+/// migrate; the result is the context every module starts with.
+async fn connect_kernel(
+    settings: &Settings,
+    role: ProcessRole,
+    services: Services,
+) -> anyhow::Result<Context> {
+    let kernel = &settings.kernel;
+    let db = db::connect(&kernel.database).await?;
+    if kernel.database.migrate_on_start {
+        migrate_up(&db, &kernel.database).await?;
+    }
+    let db_read = db::connect_read(&kernel.database, &db).await?;
+    let bus = bus::from_config(&kernel.bus, db.clone())
+        .await
+        .context("bus")?;
+    // Every consumer's dead letters land here (`dlq.<stream>.<durable>`), kept 14 days.
+    bus.ensure_stream(&bus::StreamSpec {
+        name: "DEAD_LETTERS".into(),
+        subjects: vec!["dlq.>".into()],
+        duplicate_window: kernel.bus.duplicate_window,
+        max_age: Some(std::time::Duration::from_secs(14 * 86400)),
+    })
+    .await
+    .context("declare the DEAD_LETTERS stream")?;
+    let kv = kv::from_config(&kernel.redis).await.context("redis")?;
+    telemetry::describe_kernel_metrics(bus.kind());
+    let auth = Arc::new(Authenticator::from_config(kernel).await?);
+    Ok(Context {
+        module: "kernel",
+        settings: settings.clone(),
+        role,
+        db,
+        db_read,
+        bus,
+        kv,
+        auth,
+        shutdown: Shutdown::new(),
+        services,
+    })
+}
+
+/// Readiness of the kernel's own dependencies: database, bus and key-value store.
+fn kernel_checks(ctx: &Context) -> Vec<Arc<dyn ReadinessCheck>> {
+    let db = ctx.db.clone();
+    let bus = ctx.bus.clone();
+    let kv = ctx.kv.clone();
+    vec![
+        Arc::new(FnCheck::new("database", move || {
+            let db = db.clone();
+            async move { db::ping(&db).await.map_err(|e| e.to_string()) }
+        })),
+        Arc::new(FnCheck::new(format!("bus:{}", ctx.bus.kind()), move || {
+            let bus = bus.clone();
+            async move { bus.health().await.map_err(|e| e.to_string()) }
+        })),
+        Arc::new(FnCheck::new(format!("kv:{}", ctx.kv.kind()), move || {
+            let kv = kv.clone();
+            async move { kv.health().await.map_err(|e| e.to_string()) }
+        })),
+    ]
+}
+
+/// Start each enabled module in list order (a provider before its consumers) and merge what
+/// they hand back; routes and OpenAPI only where this role serves HTTP, workers by role.
+async fn start_modules(
+    ctx: &Context,
+    enabled: &[Arc<dyn Module>],
+) -> anyhow::Result<StartedModules> {
+    let mut merged = StartedModules {
+        routes: axum::Router::new(),
+        openapi: http::kernel_openapi(env!("CARGO_PKG_VERSION")),
+        workers: Vec::new(),
+        checks: Vec::new(),
+    };
+    for module in enabled {
+        let parts: ModuleParts = module
+            .start(&ctx.for_module(module.name()))
+            .await
+            .with_context(|| format!("start module `{}`", module.name()))?;
+        ctx.services.mark_started(module.name());
+        if ctx.role.serves_http() {
+            merged.routes = merged.routes.merge(parts.routes);
+            merged.openapi.merge(parts.openapi);
+        }
+        merged
+            .workers
+            .extend(parts.workers.into_iter().filter(|w| ctx.role.runs(w.kind)));
+        merged.checks.extend(parts.readiness);
+    }
+    Ok(merged)
+}
+
+/// Pool use for the platform dashboard, every 5 s in every role.
+fn pool_gauges(ctx: &Context) -> Worker {
+    let database = &ctx.settings.kernel.database;
+    let (primary, read, max, separate_read) = (
+        ctx.db.clone(),
+        ctx.db_read.clone(),
+        database.max_connections,
+        database.read_url.is_some(),
+    );
+    let stop = ctx.shutdown.closing_token();
+    Worker {
+        name: "db-pool-gauges".into(),
+        kind: WorkerKind::Web,
+        run: Box::pin(async move {
+            loop {
+                db::record_pool_metrics(&primary, "primary", max);
+                if separate_read {
+                    db::record_pool_metrics(&read, "read", max);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        }),
     }
 }

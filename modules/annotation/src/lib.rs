@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct AnnotationConfig {}
 
+impl bulwark_kernel::config::ModuleConfig for AnnotationConfig {}
+
 /// The module value the app registers.
 pub struct AnnotationModule;
 
@@ -21,12 +23,13 @@ impl Module for AnnotationModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg: AnnotationConfig = settings.section("annotation")?;
-        serde_json::to_value(cfg).map_err(|e| ConfigError::new("annotation", e.to_string()))
+        Ok(settings
+            .module_section::<AnnotationConfig>(self.name())?
+            .effective)
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let effective = self.check_config(&ctx.settings)?;
+        let effective = ctx.section::<AnnotationConfig>()?.effective;
         let (routes, openapi) = status_route(self.name(), effective);
         Ok(ModuleParts {
             routes,

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use bulwark_kernel::bus::{Bus, StreamSpec};
-use bulwark_kernel::config::{ConfigError, Settings};
+use bulwark_kernel::config::{ConfigError, Section, Settings};
 use bulwark_kernel::kv::KvStore;
 use bulwark_kernel::module::{
     Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
@@ -71,12 +71,6 @@ pub fn presence_set(auction_id: i64) -> String {
 /// id can never shadow another bidder's bid.
 pub fn bid_message_id(auction_id: i64, bidder: &str, id: &str) -> String {
     format!("bid.{auction_id}.{}.{id}", bidder.escape_default())
-}
-
-fn load_config(settings: &Settings) -> Result<AuctionConfig, ConfigError> {
-    let cfg: AuctionConfig = settings.section("auction")?;
-    cfg.validate()?;
-    Ok(cfg)
 }
 
 /// Metric descriptions (names are the dashboard's and alerts' contract).
@@ -175,14 +169,16 @@ impl Module for AuctionModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg = load_config(settings)?;
-        serde_json::to_value(cfg).map_err(|e| ConfigError::new("auction", e.to_string()))
+        Ok(settings
+            .module_section::<AuctionConfig>(self.name())?
+            .effective)
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let cfg = load_config(&ctx.settings)?;
-        let effective =
-            serde_json::to_value(&cfg).map_err(|e| ModuleError::Other(e.to_string()))?;
+        let Section {
+            value: cfg,
+            effective,
+        } = ctx.section::<AuctionConfig>()?;
         describe_metrics();
         ctx.bus
             .ensure_stream(&StreamSpec {

@@ -162,6 +162,12 @@ fn default_l1_max_bytes() -> u64 {
     64 * 1024 * 1024
 }
 
+impl bulwark_kernel::config::ModuleConfig for CacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        CacheConfig::validate(self)
+    }
+}
+
 impl CacheConfig {
     /// Rules serde cannot express; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -16,12 +16,13 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bulwark_kernel::auth::{Auth, require};
-use bulwark_kernel::config::{ConfigError, Settings};
+use bulwark_kernel::config::{ConfigError, Section, Settings};
 use bulwark_kernel::http::ApiJson;
 use bulwark_kernel::module::{
     Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
 };
 use bulwark_kernel::problem::Problem;
+use bulwark_kernel::services::ServiceKey;
 use serde::Deserialize;
 
 pub use config::{CacheClass, CacheConfig, Fallback, NamespacePolicy, Strategy};
@@ -30,11 +31,9 @@ pub use loader::{Cache, CacheError, Entry, Outcome};
 /// The module value the app registers.
 pub struct CacheModule;
 
-fn load_config(settings: &Settings) -> Result<CacheConfig, ConfigError> {
-    let cfg: CacheConfig = settings.section("cache")?;
-    cfg.validate()?;
-    Ok(cfg)
-}
+/// The running [`Cache`] of this process, for other modules (`ctx.service(LOADER)`): loads
+/// through it share its single-flight, fill lock, metrics and invalidation broadcast.
+pub const LOADER: ServiceKey<Cache> = ServiceKey::new("cache", "loader");
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -180,15 +179,19 @@ impl Module for CacheModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg = load_config(settings)?;
-        serde_json::to_value(cfg).map_err(|e| ConfigError::new("cache", e.to_string()))
+        Ok(settings
+            .module_section::<CacheConfig>(self.name())?
+            .effective)
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let cfg = load_config(&ctx.settings)?;
-        let effective =
-            serde_json::to_value(&cfg).map_err(|e| ModuleError::Other(e.to_string()))?;
+        let Section {
+            value: cfg,
+            effective,
+        } = ctx.section::<CacheConfig>()?;
         let cache = Cache::new(&cfg, ctx.kv.clone());
+        // The running loader, with its metrics and invalidation broadcast, for other modules.
+        ctx.provide(LOADER, Arc::new(cache.clone()))?;
         let (status, mut openapi) = status_route(self.name(), effective);
         openapi.merge(<CacheApi as utoipa::OpenApi>::openapi());
         let routes = axum::Router::new()

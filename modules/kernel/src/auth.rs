@@ -46,9 +46,9 @@ use crate::problem::Problem;
 pub enum Role {
     /// Everything, including administration.
     Admin,
-    /// Labels data (annotation module); can read what viewers read.
+    /// Labels data; can read what viewers read.
     Annotator,
-    /// Places bids (auction module); can read what viewers read.
+    /// Places bids; can read what viewers read.
     Bidder,
     /// Reads.
     Viewer,
@@ -165,7 +165,7 @@ pub const VERIFIED_TOKEN_TTL: Duration = Duration::from_secs(60);
 const VERIFIED_TOKENS_MAX: usize = 10_000;
 
 /// Tokens whose signature and claims were checked, by their exact text, with what they proved.
-/// Envoy's JWT filter keeps the same kind of cache (`jwt_cache_config`): the signature check
+/// Envoy's JWT filter remembers verified tokens the same way: the signature check
 /// (an HMAC, or an RSA/ECDSA verification with a JWKS) dominates the cost of an authenticated
 /// request that is otherwise served from memory. Only the identical string hits; an entry lives
 /// until the token's `exp` (plus leeway) and at most [`VERIFIED_TOKEN_TTL`]; a JWKS refresh

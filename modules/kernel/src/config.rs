@@ -34,9 +34,6 @@ pub const KERNEL_SECTIONS: &[&str] = &[
     "modules",
 ];
 
-/// Sections owned by modules (whether or not they are compiled into this binary).
-pub const MODULE_SECTIONS: &[&str] = &["cache", "auction", "annotation", "pipeline", "reporting"];
-
 /// A configuration error, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("config key `{key}`: {message}")]
@@ -348,11 +345,30 @@ pub struct ModulesConfig {
     pub enabled: Vec<String>,
 }
 
+/// A module's config section type: every field has a default (a missing section reads as an
+/// empty table) and `validate` checks what serde cannot, naming the full key.
+pub trait ModuleConfig: DeserializeOwned + Serialize {
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// A module's section, read by [`Settings::module_section`].
+#[derive(Debug, Clone)]
+pub struct Section<T> {
+    pub value: T,
+    /// The section as effective config (JSON; secrets redacted).
+    pub effective: serde_json::Value,
+}
+
 /// The merged configuration: the kernel's typed part plus the raw figment for module sections.
 #[derive(Clone)]
 pub struct Settings {
     figment: Figment,
     pub kernel: KernelConfig,
+    /// Top-level sections that are not the kernel's: checked against the app's module list by
+    /// [`Settings::check_modules`].
+    other_sections: Vec<String>,
 }
 
 impl fmt::Debug for Settings {
@@ -387,25 +403,71 @@ impl Settings {
         let top: BTreeMap<String, figment::value::Value> = figment
             .extract()
             .map_err(|e| ConfigError::from_figment(&[], e))?;
-        for key in top.keys() {
-            if !KERNEL_SECTIONS.contains(&key.as_str()) && !MODULE_SECTIONS.contains(&key.as_str())
-            {
+        let other_sections = top
+            .into_keys()
+            .filter(|key| !KERNEL_SECTIONS.contains(&key.as_str()))
+            .collect();
+        let kernel: KernelConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(&[], e))?;
+        let settings = Self {
+            figment,
+            kernel,
+            other_sections,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Check the sections and `modules.enabled` against the modules the app knows: `known`
+    /// are all module names of the codebase, `compiled` those in this binary. The kernel keeps
+    /// no list of modules; the app hands it its own. Returns the sections that belong to a
+    /// known module that is not compiled in (ignored; the caller warns about them).
+    pub fn check_modules(
+        &self,
+        known: &[&str],
+        compiled: &[&str],
+    ) -> Result<Vec<String>, ConfigError> {
+        let is_module = |name: &str| known.contains(&name) || compiled.contains(&name);
+        let mut ignored = Vec::new();
+        for key in &self.other_sections {
+            if !is_module(key) {
                 return Err(ConfigError::new(
                     key.clone(),
                     format!(
                         "unknown section; expected one of: {}, {}",
                         KERNEL_SECTIONS.join(", "),
-                        MODULE_SECTIONS.join(", ")
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if !compiled.contains(&key.as_str()) {
+                ignored.push(key.clone());
+            }
+        }
+        for name in &self.kernel.modules.enabled {
+            if name != "*" && !is_module(name) {
+                return Err(ConfigError::new(
+                    "modules.enabled",
+                    format!(
+                        "unknown module `{name}`; expected `*` or some of: {}",
+                        known.join(", ")
                     ),
                 ));
             }
         }
-        let kernel: KernelConfig = figment
-            .extract()
-            .map_err(|e| ConfigError::from_figment(&[], e))?;
-        let settings = Self { figment, kernel };
-        settings.validate()?;
-        Ok(settings)
+        Ok(ignored)
+    }
+
+    /// Read, validate and render a module's section in one step: the typed value for `start`
+    /// and the effective config (secrets redacted by their types) for `check_config`, the
+    /// status route and `config check`.
+    pub fn module_section<T: ModuleConfig>(&self, name: &str) -> Result<Section<T>, ConfigError> {
+        let value: T = self.section(name)?;
+        value.validate()?;
+        let effective =
+            serde_json::to_value(&value).map_err(|e| ConfigError::new(name, e.to_string()))?;
+        Ok(Section { value, effective })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -491,21 +553,10 @@ impl Settings {
                 "must be at least 32 characters",
             ));
         }
-        for name in &k.modules.enabled {
-            if name != "*" && !MODULE_SECTIONS.contains(&name.as_str()) {
-                return Err(ConfigError::new(
-                    "modules.enabled",
-                    format!(
-                        "unknown module `{name}`; expected `*` or some of: {}",
-                        MODULE_SECTIONS.join(", ")
-                    ),
-                ));
-            }
-        }
         Ok(())
     }
 
-    /// Extract a module's section (`cache`, ...). A missing section deserializes from an empty
+    /// Extract a module's section (named after the module). A missing section deserializes from an empty
     /// table, so modules give every field a default.
     pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
         let sub = if self.figment.contains(name) {
@@ -555,9 +606,40 @@ mod tests {
     #[test]
     fn unknown_section_is_named() {
         let f = Figment::from(Toml::string(DEFAULT_TOML))
-            .merge(Serialized::default("serverr.listen", "x"));
-        let err = Settings::from_figment(f).expect_err("unknown section");
+            .merge(Serialized::default("serverr.listen", "x"))
+            .merge(Serialized::default("cash.x", 1));
+        let s = Settings::from_figment(f).expect("kernel sections are valid");
+        let err = s
+            .check_modules(&["cash"], &[])
+            .expect_err("unknown section");
         assert_eq!(err.key, "serverr");
+    }
+
+    #[test]
+    fn sections_of_modules_not_compiled_in_are_ignored() {
+        let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("m2.x", 1));
+        let s = Settings::from_figment(f).expect("valid");
+        assert_eq!(
+            s.check_modules(&["m1", "m2"], &["m1"]).expect("known"),
+            vec!["m2".to_owned()]
+        );
+        assert!(
+            s.check_modules(&["m1", "m2"], &["m1", "m2"])
+                .expect("known")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn unknown_enabled_module_is_named() {
+        let f = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("modules.enabled", vec!["m1", "m3"]));
+        let s = Settings::from_figment(f).expect("kernel part is valid");
+        let err = s
+            .check_modules(&["m1"], &["m1"])
+            .expect_err("m3 is unknown");
+        assert_eq!(err.key, "modules.enabled");
+        assert!(err.message.contains("`m3`"), "{}", err.message);
     }
 
     #[test]

@@ -238,10 +238,10 @@ type RedHandles = (metrics::Counter, metrics::Histogram);
 fn red_handles(route: &str, method: &'static str, status: u16) -> RedHandles {
     use std::collections::HashMap;
     use std::sync::{OnceLock, RwLock};
-    type Cache = RwLock<HashMap<String, HashMap<(&'static str, u16), RedHandles>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Cache::default);
-    if let Ok(map) = cache.read()
+    type Handles = RwLock<HashMap<String, HashMap<(&'static str, u16), RedHandles>>>;
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    let known = HANDLES.get_or_init(Handles::default);
+    if let Ok(map) = known.read()
         && let Some(h) = map.get(route).and_then(|m| m.get(&(method, status)))
     {
         return h.clone();
@@ -253,7 +253,7 @@ fn red_handles(route: &str, method: &'static str, status: u16) -> RedHandles {
         metrics::histogram!("bulwark_http_request_duration_seconds",
             "module" => module, "route" => route.to_owned(), "method" => method),
     );
-    if let Ok(mut map) = cache.write() {
+    if let Ok(mut map) = known.write() {
         map.entry(route.to_owned())
             .or_default()
             .insert((method, status), handles.clone());
@@ -505,8 +505,8 @@ mod tests {
 
     #[test]
     fn module_labels() {
-        assert_eq!(module_of("/api/cache/stats"), "cache");
-        assert_eq!(module_of("/ws/auction/{id}"), "auction");
+        assert_eq!(module_of("/api/m1/stats"), "m1");
+        assert_eq!(module_of("/ws/m2/{id}"), "m2");
         assert_eq!(module_of("/api/openapi.json"), "kernel");
         assert_eq!(module_of("/livez"), "kernel");
         assert_eq!(module_of("unmatched"), "kernel");

@@ -1,4 +1,5 @@
-//! The Bulwark kernel: everything the five modules share.
+//! The Bulwark kernel: everything the modules share. It names no module: the app hands it
+//! the module list.
 //!
 //! Only this crate talks to the backing services; modules receive them through
 //! [`module::Context`]. See docs/architecture.md for the code map and invariants.
@@ -12,6 +13,7 @@ pub mod kv;
 pub mod module;
 pub mod problem;
 pub mod readiness;
+pub mod services;
 pub mod shutdown;
 pub mod telemetry;
 pub mod ws;

@@ -13,9 +13,10 @@ use sea_orm::DatabaseConnection;
 
 use crate::auth::Authenticator;
 use crate::bus::{Bus, BusError};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, ModuleConfig, Section, Settings};
 use crate::kv::{KvError, KvStore};
 use crate::readiness::ReadinessCheck;
+use crate::services::{ServiceError, ServiceKey, Services};
 use crate::shutdown::Shutdown;
 
 /// Which parts of the product this process runs (`serve --role`).
@@ -28,7 +29,7 @@ pub enum ProcessRole {
     Web,
     /// Bus consumers and executors.
     Worker,
-    /// Time-driven work (closing auctions, pipeline schedules); run one replica.
+    /// Time-driven work (closings, schedules); run one replica.
     Scheduler,
 }
 
@@ -73,9 +74,12 @@ pub struct Worker {
     pub run: BoxFuture<'static, ()>,
 }
 
-/// Everything a module may use. Modules get services only from here.
+/// Everything a module may use. Modules get services only from here: the kernel's as fields,
+/// other modules' through [`Context::service`].
 #[derive(Clone)]
 pub struct Context {
+    /// The module this context was handed to (set by [`Context::for_module`]).
+    pub module: &'static str,
     pub settings: Settings,
     pub role: ProcessRole,
     /// Primary database (writes).
@@ -86,6 +90,41 @@ pub struct Context {
     pub kv: Arc<dyn KvStore>,
     pub auth: Arc<Authenticator>,
     pub shutdown: Shutdown,
+    /// Handles modules offer each other (filled in start order).
+    pub services: Services,
+}
+
+impl Context {
+    /// The same context, handed to `module`.
+    pub fn for_module(&self, module: &'static str) -> Self {
+        Self {
+            module,
+            ..self.clone()
+        }
+    }
+
+    /// This module's config section, typed and as effective config.
+    pub fn section<T: ModuleConfig>(&self) -> Result<Section<T>, ConfigError> {
+        self.settings.module_section(self.module)
+    }
+
+    /// Offer `value` to other modules under `key` (a key named after this module).
+    pub fn provide<T: ?Sized + Send + Sync + 'static>(
+        &self,
+        key: ServiceKey<T>,
+        value: Arc<T>,
+    ) -> Result<(), ServiceError> {
+        self.services.provide(self.module, key, value)
+    }
+
+    /// Another module's service. Fails, naming both modules, when the provider is not compiled
+    /// in, not enabled, starts later, or did not provide it.
+    pub fn service<T: ?Sized + Send + Sync + 'static>(
+        &self,
+        key: ServiceKey<T>,
+    ) -> Result<Arc<T>, ServiceError> {
+        self.services.get(self.module, key)
+    }
 }
 
 /// What a started module hands back.
@@ -119,13 +158,15 @@ pub enum ModuleError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Kv(#[from] KvError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error("{0}")]
     Other(String),
 }
 
 #[async_trait]
 pub trait Module: Send + Sync {
-    /// `cache`, `auction`, ...: the config section, URL prefix and metric namespace.
+    /// The module's name: its config section, URL prefix, cargo feature and metric label.
     fn name(&self) -> &'static str;
 
     /// Validate the module's config section; return it as effective config (secrets redacted).

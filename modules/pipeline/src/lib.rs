@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {}
 
+impl bulwark_kernel::config::ModuleConfig for PipelineConfig {}
+
 /// The module value the app registers.
 pub struct PipelineModule;
 
@@ -21,12 +23,13 @@ impl Module for PipelineModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg: PipelineConfig = settings.section("pipeline")?;
-        serde_json::to_value(cfg).map_err(|e| ConfigError::new("pipeline", e.to_string()))
+        Ok(settings
+            .module_section::<PipelineConfig>(self.name())?
+            .effective)
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let effective = self.check_config(&ctx.settings)?;
+        let effective = ctx.section::<PipelineConfig>()?.effective;
         let (routes, openapi) = status_route(self.name(), effective);
         Ok(ModuleParts {
             routes,

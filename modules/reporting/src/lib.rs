@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct ReportingConfig {}
 
+impl bulwark_kernel::config::ModuleConfig for ReportingConfig {}
+
 /// The module value the app registers.
 pub struct ReportingModule;
 
@@ -21,12 +23,13 @@ impl Module for ReportingModule {
     }
 
     fn check_config(&self, settings: &Settings) -> Result<serde_json::Value, ConfigError> {
-        let cfg: ReportingConfig = settings.section("reporting")?;
-        serde_json::to_value(cfg).map_err(|e| ConfigError::new("reporting", e.to_string()))
+        Ok(settings
+            .module_section::<ReportingConfig>(self.name())?
+            .effective)
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        let effective = self.check_config(&ctx.settings)?;
+        let effective = ctx.section::<ReportingConfig>()?.effective;
         let (routes, openapi) = status_route(self.name(), effective);
         Ok(ModuleParts {
             routes,

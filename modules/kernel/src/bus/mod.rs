@@ -47,7 +47,7 @@ pub enum BusError {
 /// A durable stream: a set of subjects whose messages are stored.
 #[derive(Debug, Clone)]
 pub struct StreamSpec {
-    /// Stream name, e.g. `AUCTION_BIDS`.
+    /// Stream name, e.g. `ORDERS`.
     pub name: String,
     /// Subjects captured by the stream; `*` matches one token, `>` the rest (NATS syntax).
     pub subjects: Vec<String>,
@@ -296,9 +296,9 @@ mod tests {
 
     #[test]
     fn subjects_are_validated() {
-        assert!(validate_subject("auction.bids.1").is_ok());
-        assert!(validate_subject("auction..1").is_err());
-        assert!(validate_subject("auction.*").is_err());
+        assert!(validate_subject("orders.new.1").is_ok());
+        assert!(validate_subject("orders..1").is_err());
+        assert!(validate_subject("orders.*").is_err());
         assert!(validate_subject("").is_err());
     }
 }

@@ -2,8 +2,8 @@
 //! server-side `max_deliver` unlimited (this wrapper dead-letters itself, exactly like the
 //! embedded bus).
 //!
-//! `bus.prefix` isolates tenants and tests on one server: stream `AUCTION_BIDS` becomes
-//! `<prefix>AUCTION_BIDS` and subject `auction.bids.1` becomes `<prefix>.auction.bids.1` (a
+//! `bus.prefix` isolates tenants and tests on one server: stream `ORDERS` becomes
+//! `<prefix>ORDERS` and subject `orders.new.1` becomes `<prefix>.orders.new.1` (a
 //! trailing `.` in the prefix is dropped). Callers never see the prefix on anything returned.
 
 use std::sync::Arc;

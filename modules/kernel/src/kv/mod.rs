@@ -1,4 +1,4 @@
-//! Shared key-value state (K6): cache store, locks, pub/sub and presence.
+//! Shared key-value state (K6): values with TTLs, locks, pub/sub and presence.
 //!
 //! * [`redis::RedisStore`] — Redis via fred (standalone, sentinel or cluster by URL).
 //! * [`memory::MemoryStore`] — in-process, for the embedded default (one process).

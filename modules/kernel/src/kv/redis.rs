@@ -253,7 +253,7 @@ impl RedisStore {
 
     /// Run one command on `client`, mapping fred errors. The command timeout is the client's
     /// own (`Options::timeout`): a second, tokio-side timer per command cost ~6% of a GET round
-    /// trip (`BENCH_CACHE_LAYERS=1 scripts/bench-cache l2`).
+    /// trip (measured by the L2 layer breakdown in docs/benchmarks.md).
     async fn cmd<T>(&self, fut: impl Future<Output = Result<T, Error>>) -> Result<T, KvError> {
         fut.await.map_err(map_error)
     }
