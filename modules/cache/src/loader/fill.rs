@@ -206,27 +206,14 @@ mod tests {
     use bulwark_kernel::kv::memory::MemoryStore;
 
     use super::*;
-    use crate::config::{CacheClass, CacheConfig, NamespacePolicy};
+    use crate::config::{CacheConfig, NamespacePolicy};
 
-    fn swr_config(ttl: Duration) -> CacheConfig {
-        let policy = NamespacePolicy {
-            class: CacheClass::Expensive,
-            reason: "test".into(),
-            ttl,
-            jitter: 0.0,
-            strategy: Strategy::Swr,
-            stale_ttl: Duration::from_secs(30),
-            lock_wait: Duration::from_secs(5),
-            lock_lease: Duration::from_secs(5),
-            fallback: Fallback::Load,
-            early_refresh_beta: None,
-            max_value_bytes: 1024,
-            error_ttl: Duration::ZERO,
-            min_uses: 1,
-            min_uses_window: Duration::from_secs(600),
-            l1: true,
-            l1_share: None,
-        };
+    /// One swr namespace `ns`, no jitter; the rest of the policy from the config's defaults.
+    fn swr_config(ttl: &str) -> CacheConfig {
+        let policy: NamespacePolicy = serde_json::from_value(serde_json::json!({
+            "class": "expensive", "reason": "test", "ttl": ttl, "jitter": 0.0, "strategy": "swr",
+        }))
+        .expect("policy");
         CacheConfig {
             namespaces: [("ns".to_owned(), policy)].into(),
             ..CacheConfig::default()
@@ -258,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_after_another_instances_refresh_takes_its_value() {
         let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-        let cfg = swr_config(Duration::from_millis(400));
+        let cfg = swr_config("400ms");
         let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
         let runs = Arc::new(AtomicUsize::new(0));
         a.get_or_load("ns", "k", loader(&runs, "old"))
@@ -310,7 +297,7 @@ mod tests {
     #[tokio::test]
     async fn an_early_refresh_still_loads_when_l2_holds_the_entry_it_replaces() {
         let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-        let cache = Cache::new(&swr_config(Duration::from_secs(60)), store);
+        let cache = Cache::new(&swr_config("60s"), store);
         let runs = Arc::new(AtomicUsize::new(0));
         cache
             .get_or_load("ns", "k", loader(&runs, "old"))
