@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::entity::{auction, bid};
 use crate::protocol::{Highest, ResultView, State as RoomState};
-use crate::{Inner, store};
+use crate::{AuctionShared, store};
 
 fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
@@ -162,7 +162,7 @@ fn view(a: auction::Model, who: &Identity) -> AuctionView {
     }
 }
 
-pub type Shared = Arc<Inner>;
+pub type Shared = Arc<AuctionShared>;
 
 /// Create an auction (role admin).
 #[utoipa::path(post, path = "/api/auction/auctions", tag = "auction", security(("bearer" = [])),
@@ -244,7 +244,7 @@ pub async fn list(
     }))
 }
 
-async fn find(s: &Inner, id: i64) -> Result<auction::Model, Problem> {
+async fn find(s: &AuctionShared, id: i64) -> Result<auction::Model, Problem> {
     store::get(&s.db, id)
         .await
         .map_err(db_problem)?

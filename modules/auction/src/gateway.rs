@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::protocol::{
     AckStatus, ClientMsg, Command, ErrorCode, Outcome, ServerMsg, close_code, validate_bid,
 };
-use crate::{Inner, store};
+use crate::{AuctionShared, store};
 
 /// Invalid frames tolerated before the socket is closed with 4002.
 const MAX_BAD_FRAMES: u32 = 20;
@@ -67,7 +67,7 @@ enum End {
 }
 
 struct Socket {
-    inner: Arc<Inner>,
+    inner: Arc<AuctionShared>,
     auction_id: i64,
     identity: Identity,
     out: tokio::sync::mpsc::Sender<Message>,
@@ -280,7 +280,12 @@ fn error_label(code: ErrorCode) -> &'static str {
 }
 
 /// Run one socket of room `auction_id` until the client leaves, is too slow, or we drain.
-pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: TrackedSocket) {
+pub async fn run(
+    inner: Arc<AuctionShared>,
+    auction_id: i64,
+    identity: Identity,
+    ts: TrackedSocket,
+) {
     let TrackedSocket {
         mut inbound,
         outbound,
@@ -301,7 +306,7 @@ pub async fn run(inner: Arc<Inner>, auction_id: i64, identity: Identity, ts: Tra
         bad_frames: 0,
         slow: std::sync::atomic::AtomicBool::new(false),
     };
-    let beat = |inner: Arc<Inner>, set: String, member: String| async move {
+    let beat = |inner: Arc<AuctionShared>, set: String, member: String| async move {
         if let Err(e) = inner
             .kv
             .presence_heartbeat(&set, &member, inner.cfg.presence_ttl)

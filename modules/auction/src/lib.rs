@@ -37,7 +37,7 @@ pub use config::AuctionConfig;
 pub const STREAM: &str = "AUCTION_BIDS";
 
 /// What the gateway, worker and API share.
-pub struct Inner {
+pub struct AuctionShared {
     pub cfg: AuctionConfig,
     pub db: sea_orm::DatabaseConnection,
     pub bus: Arc<dyn Bus>,
@@ -49,7 +49,7 @@ pub struct Inner {
     pub instance: String,
 }
 
-impl Inner {
+impl AuctionShared {
     /// The ordered partition subject of an auction's bids.
     pub fn bid_subject(&self, auction_id: i64) -> String {
         let p = auction_id.rem_euclid(i64::from(self.cfg.partitions));
@@ -188,7 +188,7 @@ impl Module for AuctionModule {
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),
             })
             .await?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(AuctionShared {
             hub: hub::Hub::new(cfg.room_buffer),
             cfg,
             db: ctx.db.clone(),

@@ -11,6 +11,9 @@ use sea_orm::{
 use crate::entity::{auction, bid, result};
 use crate::protocol::{Highest, Outcome, PlacedBid, ResultView, ServerMsg, State};
 
+mod bidding;
+pub use bidding::{Decision, Judgement, Run, Stored, decide_run, judge, min_next};
+
 /// Attempts of a write that lost a version race before giving up (the delivery is then
 /// redelivered by the bus).
 const CAS_ATTEMPTS: usize = 20;
@@ -110,14 +113,6 @@ pub fn display_status(a: &auction::Model, now: i64) -> &'static str {
     }
 }
 
-/// The smallest amount the next bid must have.
-pub fn min_next(a: &auction::Model) -> i64 {
-    match a.highest_amount {
-        Some(h) => h.saturating_add(a.min_increment),
-        None => a.start_price,
-    }
-}
-
 fn result_view(r: result::Model) -> ResultView {
     ResultView {
         winner: r.winner,
@@ -192,15 +187,6 @@ pub struct BidCommand {
     pub stream_seq: Option<i64>,
 }
 
-/// The judgement of one bid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Judgement {
-    pub outcome: Outcome,
-    pub reason: Option<String>,
-    /// Highest amount after this bid was applied.
-    pub highest: Option<i64>,
-}
-
 #[derive(Debug, Clone)]
 pub enum Applied {
     /// First time this bid was seen: its judgement and the room messages it caused.
@@ -215,33 +201,14 @@ pub enum Applied {
     UnknownAuction,
 }
 
-/// Judge `cmd` against `a` as of `cmd.received_at_ms` (A6): the end in force is the current
-/// one, which soft-close extensions only ever move later.
-pub fn judge(a: &auction::Model, cmd: &BidCommand) -> Judgement {
-    let (outcome, reason) = if a.status == "closed" || cmd.received_at_ms >= a.ends_at_ms {
-        (Outcome::Closed, Some("received after the end".to_owned()))
-    } else if cmd.received_at_ms < a.starts_at_ms {
-        (
-            Outcome::NotStarted,
-            Some("received before the start".to_owned()),
-        )
-    } else if cmd.amount < min_next(a) {
-        (
-            Outcome::TooLow,
-            Some(format!("the minimum is {}", min_next(a))),
-        )
-    } else {
-        (Outcome::Accepted, None)
-    };
-    let highest = if outcome == Outcome::Accepted {
-        Some(cmd.amount)
-    } else {
-        a.highest_amount
-    };
-    Judgement {
-        outcome,
-        reason,
-        highest,
+impl From<Decision> for Applied {
+    fn from(d: Decision) -> Self {
+        match d {
+            Decision::Fresh {
+                judgement, room, ..
+            } => Applied::Fresh { judgement, room },
+            Decision::Duplicate(j) => Applied::Duplicate(j),
+        }
     }
 }
 
@@ -286,9 +253,10 @@ pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Appl
 }
 
 /// Apply a run of bids on **one** auction, in order, exactly once each (A6, A7), in one
-/// transaction: each bid is inserted under its unique client id and judged against the state
-/// the previous ones left; the auction row (highest, seq, soft-close end) is written once at
-/// the end with a compare-and-set on its version. One commit for the run is what lets a hot
+/// transaction: the bids already stored are looked up by their unique client id,
+/// [`decide_run`] judges the run against the auction row, the new bids are inserted under
+/// that key, and the auction row (highest, seq, soft-close end) is written once at the end
+/// with a compare-and-set on its version. One commit for the run is what lets a hot
 /// auction take hundreds of bids per second on one ordered partition.
 ///
 /// Every command must name the same auction (the caller groups them).
@@ -309,20 +277,23 @@ pub async fn apply_bids(
             txn.rollback().await?;
             return Ok(cmds.iter().map(|_| Applied::UnknownAuction).collect());
         };
-        let mut a = start.clone();
-        let mut out = Vec::with_capacity(cmds.len());
+        let mut bids = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            if let Some(b) = existing_bid(&txn, cmd).await? {
-                out.push(Applied::Duplicate(Judgement {
-                    outcome: Outcome::parse(&b.outcome).unwrap_or(Outcome::TooLow),
-                    reason: b.reason,
-                    highest: a.highest_amount,
-                }));
+            let stored = existing_bid(&txn, cmd).await?.map(|b| Stored {
+                outcome: Outcome::parse(&b.outcome).unwrap_or(Outcome::TooLow),
+                reason: b.reason,
+            });
+            bids.push((cmd, stored));
+        }
+        let Run {
+            decisions,
+            state: mut a,
+            highest,
+        } = decide_run(&start, &bids);
+        for (i, (cmd, decision)) in cmds.iter().zip(&decisions).enumerate() {
+            let Decision::Fresh { judgement, seq, .. } = decision else {
                 continue;
-            }
-            let judgement = judge(&a, cmd);
-            let accepted = judgement.outcome == Outcome::Accepted;
-            let bid_seq = accepted.then_some(a.seq + 1);
+            };
             let inserted = bid::ActiveModel {
                 auction_id: Set(cmd.auction_id),
                 bidder: Set(cmd.bidder.clone()),
@@ -332,14 +303,15 @@ pub async fn apply_bids(
                 processed_at_ms: Set(now_ms()),
                 outcome: Set(judgement.outcome.as_str().into()),
                 reason: Set(judgement.reason.clone()),
-                seq: Set(bid_seq),
+                seq: Set(*seq),
                 stream_seq: Set(cmd.stream_seq),
                 ..Default::default()
             }
             .insert(&txn)
             .await;
-            let inserted = match inserted {
-                Ok(b) => b,
+            match inserted {
+                Ok(b) if highest == Some(i) => a.highest_bid_id = Some(b.id),
+                Ok(_) => {}
                 Err(e) if is_unique_violation(&e) => {
                     // Another process applied one of these bids meanwhile: start over; the
                     // duplicate check will see it.
@@ -347,36 +319,7 @@ pub async fn apply_bids(
                     continue 'attempt;
                 }
                 Err(e) => return Err(e),
-            };
-            let mut room = Vec::new();
-            if accepted {
-                a.seq += 1;
-                let before = a.ends_at_ms;
-                if cmd.received_at_ms >= a.ends_at_ms - a.soft_close_window_ms {
-                    a.ends_at_ms = a
-                        .ends_at_ms
-                        .max(cmd.received_at_ms + a.soft_close_extension_ms);
-                }
-                room.push(ServerMsg::BidPlaced {
-                    seq: a.seq,
-                    amount: cmd.amount,
-                    bidder: cmd.bidder.clone(),
-                    received_at_ms: cmd.received_at_ms,
-                    ends_at_ms: a.ends_at_ms,
-                });
-                if a.ends_at_ms != before {
-                    a.seq += 1;
-                    room.push(ServerMsg::Extended {
-                        seq: a.seq,
-                        ends_at_ms: a.ends_at_ms,
-                    });
-                }
-                a.highest_amount = Some(cmd.amount);
-                a.highest_bidder = Some(cmd.bidder.clone());
-                a.highest_bid_id = Some(inserted.id);
-                a.bid_count += 1;
             }
-            out.push(Applied::Fresh { judgement, room });
         }
         if a != start {
             let updated = auction::Entity::update_many()
@@ -404,7 +347,7 @@ pub async fn apply_bids(
             }
         }
         txn.commit().await?;
-        return Ok(out);
+        return Ok(decisions.into_iter().map(Applied::from).collect());
     }
     Err(DbErr::Custom(format!(
         "auction {auction_id}: lost the version race {CAS_ATTEMPTS} times"

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Command, RoomEvent, ServerMsg};
 use crate::store::{self, Applied, BidCommand, Closed};
-use crate::{Inner, STREAM};
+use crate::{AuctionShared, STREAM};
 
 /// Deliveries fetched per round.
 const BATCH: usize = 32;
@@ -28,7 +28,7 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Longest wait for the first delivery of a fetch.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
 
-pub fn consumer_spec(inner: &Inner, partition: u16) -> ConsumerSpec {
+pub fn consumer_spec(inner: &AuctionShared, partition: u16) -> ConsumerSpec {
     ConsumerSpec {
         stream: STREAM.into(),
         durable: format!("auction-worker-p{partition}"),
@@ -40,7 +40,11 @@ pub fn consumer_spec(inner: &Inner, partition: u16) -> ConsumerSpec {
 }
 
 /// Run every partition: each loop competes for its partition's lease.
-pub async fn run(inner: Arc<Inner>, closing: CancellationToken, deadline: CancellationToken) {
+pub async fn run(
+    inner: Arc<AuctionShared>,
+    closing: CancellationToken,
+    deadline: CancellationToken,
+) {
     let mut tasks = Vec::new();
     for p in 0..inner.cfg.partitions {
         let (inner, closing, deadline) = (inner.clone(), closing.clone(), deadline.clone());
@@ -52,7 +56,7 @@ pub async fn run(inner: Arc<Inner>, closing: CancellationToken, deadline: Cancel
 }
 
 async fn partition_loop(
-    inner: Arc<Inner>,
+    inner: Arc<AuctionShared>,
     p: u16,
     closing: CancellationToken,
     deadline: CancellationToken,
@@ -86,7 +90,7 @@ async fn partition_loop(
 }
 
 async fn own(
-    inner: &Arc<Inner>,
+    inner: &Arc<AuctionShared>,
     p: u16,
     guard: &bulwark_kernel::kv::LockGuard,
     closing: &CancellationToken,
@@ -144,7 +148,7 @@ async fn own(
     }
 }
 
-async fn broadcast(inner: &Inner, auction_id: i64, to: Option<String>, msg: ServerMsg) {
+async fn broadcast(inner: &AuctionShared, auction_id: i64, to: Option<String>, msg: ServerMsg) {
     let event = RoomEvent { to, msg };
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,
@@ -167,7 +171,11 @@ async fn broadcast(inner: &Inner, auction_id: i64, to: Option<String>, msg: Serv
 
 /// Apply a fetched batch in stream order; ack each delivery only after its database commit.
 /// Consecutive bids on one auction are applied in one transaction ([`store::apply_bids`]).
-pub async fn process_batch(inner: &Inner, batch: Vec<Delivery>, deadline: &CancellationToken) {
+pub async fn process_batch(
+    inner: &AuctionShared,
+    batch: Vec<Delivery>,
+    deadline: &CancellationToken,
+) {
     let mut run: Vec<(Delivery, BidCommand)> = Vec::new();
     for d in batch {
         if deadline.is_cancelled() {
@@ -222,7 +230,7 @@ pub async fn process_batch(inner: &Inner, batch: Vec<Delivery>, deadline: &Cance
 }
 
 /// Apply a run of bids on one auction, then answer each bidder, tell the room, and ack.
-async fn flush(inner: &Inner, run: &mut Vec<(Delivery, BidCommand)>) {
+async fn flush(inner: &AuctionShared, run: &mut Vec<(Delivery, BidCommand)>) {
     if run.is_empty() {
         return;
     }
@@ -282,7 +290,7 @@ async fn flush(inner: &Inner, run: &mut Vec<(Delivery, BidCommand)>) {
     }
 }
 
-async fn close(inner: &Inner, d: Delivery, auction_id: i64, ends_at_ms: i64) {
+async fn close(inner: &AuctionShared, d: Delivery, auction_id: i64, ends_at_ms: i64) {
     match store::close(&inner.db, auction_id, ends_at_ms).await {
         Ok(Closed::Now(msg)) => {
             metrics::counter!("bulwark_auction_closed_total").increment(1);
@@ -312,7 +320,7 @@ async fn ack(d: Delivery) {
 /// The scheduler (A8): publish a close command for every auction past `ends_at +
 /// close_settle`. Several schedulers may run: the commands carry a message id, and closing
 /// is a conditional update, so an auction is closed once whoever publishes.
-pub async fn schedule(inner: Arc<Inner>, closing: CancellationToken) {
+pub async fn schedule(inner: Arc<AuctionShared>, closing: CancellationToken) {
     // (auction, ends_at) → when we last published its close: republish only after a minute,
     // so a stopped worker does not pile up commands.
     let mut sent: HashMap<(i64, i64), Instant> = HashMap::new();
@@ -365,7 +373,7 @@ pub async fn schedule(inner: Arc<Inner>, closing: CancellationToken) {
 }
 
 /// Every web instance: feed room messages from the bus into the local rooms (A4).
-pub async fn fan_out(inner: Arc<Inner>, closing: CancellationToken) {
+pub async fn fan_out(inner: Arc<AuctionShared>, closing: CancellationToken) {
     loop {
         let mut sub = match inner.bus.subscribe("auction.room.>").await {
             Ok(s) => s,

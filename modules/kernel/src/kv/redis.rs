@@ -69,7 +69,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')";
 /// Channels wanted by live subscription streams, with the number of streams per channel.
 type Wanted = Arc<Mutex<HashMap<String, usize>>>;
 
-struct Inner {
+/// The store's connections (command client, fail-fast view, subscriber) and what keeps the
+/// subscriptions alive.
+struct RedisClients {
     raw: Client,
     /// Fail-fast view of the client: errors at once while disconnected instead of queueing.
     client: WithOptions<Client>,
@@ -84,7 +86,7 @@ struct Inner {
     probe: String,
 }
 
-impl Drop for Inner {
+impl Drop for RedisClients {
     fn drop(&mut self) {
         // Stop the background reconnect loops of a store nobody uses any more.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -100,7 +102,7 @@ impl Drop for Inner {
 
 /// Redis-backed store. Cheap to share behind an `Arc<dyn KvStore>`.
 pub struct RedisStore {
-    inner: Arc<Inner>,
+    inner: Arc<RedisClients>,
 }
 
 impl RedisStore {
@@ -147,7 +149,7 @@ impl RedisStore {
         // Listen before connecting so no event of the first attempt is missed.
         let (client_errors, subscriber_errors) = (client.error_rx(), subscriber.error_rx());
         let mut reconnects = subscriber.reconnect_rx();
-        // Detached on purpose: the tasks run until `quit` (see `Drop for Inner`).
+        // Detached on purpose: the tasks run until `quit` (see `Drop for RedisClients`).
         drop(client.connect());
         drop(subscriber.connect());
 
@@ -180,7 +182,7 @@ impl RedisStore {
             ..Options::default()
         });
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(RedisClients {
                 raw: client,
                 client: fast,
                 subscriber,
@@ -392,7 +394,7 @@ async fn keep_subscribed(
 
 /// Keeps a channel subscribed while a stream for it is alive.
 struct Subscription {
-    store: Arc<Inner>,
+    store: Arc<RedisClients>,
     channel: String,
 }
 
