@@ -160,12 +160,14 @@ impl Application {
         let mut routes = axum::Router::new();
         let mut openapi = http::kernel_openapi(env!("CARGO_PKG_VERSION"));
         let mut workers = Vec::new();
+        let mut pages = Vec::new();
         for m in &enabled {
             let ModuleParts {
                 routes: r,
                 openapi: o,
                 workers: w,
                 readiness,
+                pages: p,
             } = m
                 .start(&ctx)
                 .await
@@ -176,6 +178,7 @@ impl Application {
             }
             workers.extend(w.into_iter().filter(|w| role.runs(w.kind)));
             checks.extend(readiness);
+            pages.push((m.name(), p));
         }
         // Pool use for the platform dashboard, every 5 s in every role.
         {
@@ -212,6 +215,11 @@ impl Application {
             prometheus: prometheus.clone(),
             openapi,
             effective_config,
+            home: Arc::new(bulwark_kernel::home::Home::new(
+                env!("CARGO_PKG_VERSION"),
+                modules::compiled_names(),
+                pages,
+            )),
         };
         let router = http::app(&k.server, kernel_http, auth, routes);
 
