@@ -118,6 +118,8 @@ struct StartedModules {
     openapi: utoipa::openapi::OpenApi,
     workers: Vec<Worker>,
     checks: Vec<Arc<dyn ReadinessCheck>>,
+    /// Each module's pages, for the home page.
+    pages: Vec<(&'static str, Vec<bulwark_kernel::home::Page>)>,
 }
 
 impl Application {
@@ -153,6 +155,7 @@ impl Application {
             openapi,
             mut workers,
             checks: module_checks,
+            pages,
         } = start_modules(&ctx, &enabled).await?;
         checks.extend(module_checks);
         workers.push(pool_gauges(&ctx));
@@ -166,6 +169,11 @@ impl Application {
             prometheus: prometheus.clone(),
             openapi,
             effective_config,
+            home: Arc::new(bulwark_kernel::home::Home::new(
+                env!("CARGO_PKG_VERSION"),
+                modules::compiled_names(),
+                pages,
+            )),
         };
         let router = http::app(&kernel.server, kernel_http, ctx.auth.clone(), routes);
 
@@ -352,6 +360,7 @@ async fn start_modules(
         openapi: http::kernel_openapi(env!("CARGO_PKG_VERSION")),
         workers: Vec::new(),
         checks: Vec::new(),
+        pages: Vec::new(),
     };
     for module in enabled {
         let parts: ModuleParts = module
@@ -367,6 +376,7 @@ async fn start_modules(
             .workers
             .extend(parts.workers.into_iter().filter(|w| ctx.role.runs(w.kind)));
         merged.checks.extend(parts.readiness);
+        merged.pages.push((module.name(), parts.pages));
     }
     Ok(merged)
 }

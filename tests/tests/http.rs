@@ -505,3 +505,136 @@ async fn responses_are_compressed_when_accepted() {
         "compression can be switched off"
     );
 }
+
+fn content_type(res: &reqwest::Response) -> String {
+    res.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn home_page_lists_version_modules_and_links_without_a_token() {
+    let app = spawn_app().await;
+    let res = app.get("/", None).await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        content_type(&res).starts_with("text/html"),
+        "{}",
+        content_type(&res)
+    );
+    let html = res.text().await.expect("text");
+    assert!(html.contains("<title>Bulwark</title>"), "{html}");
+    assert!(
+        html.contains(&format!(
+            r#"id="version">{}</span>"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "version in {html}"
+    );
+    for m in ["cache", "auction", "annotation", "pipeline", "reporting"] {
+        assert!(
+            html.contains(&format!(r#"data-module="{m}" data-enabled="true""#)),
+            "{m} listed as enabled in {html}"
+        );
+    }
+    for href in ["/api/docs/", "/api/openapi.json", "/readyz", "/metrics"] {
+        assert!(
+            html.contains(&format!(r#"href="{href}""#)),
+            "link to {href} in {html}"
+        );
+    }
+    // The auction's room page is declared by the module; it needs an id and a token.
+    assert!(
+        html.contains(r#"data-module="auction" data-path="/auction/{id}?token=TOKEN""#),
+        "{html}"
+    );
+    assert!(html.contains("token: viewer"), "{html}");
+    // Every link on the page answers (none needs a token).
+    for href in [
+        "/api/docs/",
+        "/api/openapi.json",
+        "/readyz",
+        "/metrics",
+        "/livez",
+    ] {
+        assert_eq!(app.get(href, None).await.status(), 200, "{href}");
+    }
+}
+
+#[tokio::test]
+async fn home_page_does_not_link_pages_of_modules_not_enabled() {
+    let app = TestAppBuilder::new(Backend::Embedded)
+        .set("modules.enabled", vec!["cache"])
+        .set("server.metrics_listen", "127.0.0.1:0")
+        .spawn()
+        .await
+        .expect("spawn")
+        .expect("app");
+    let html = app.get("/", None).await.text().await.expect("text");
+    assert!(
+        html.contains(r#"data-module="cache" data-enabled="true""#),
+        "{html}"
+    );
+    // Compiled in, listed, but not enabled: its page is not on the home page.
+    assert!(
+        html.contains(r#"data-module="auction" data-enabled="false""#),
+        "{html}"
+    );
+    assert!(!html.contains("/auction/{id}"), "{html}");
+    assert!(html.contains("No enabled module has a page yet."), "{html}");
+    // `/metrics` is on its own port: named, not linked to a 404.
+    assert!(!html.contains(r#"href="/metrics""#), "{html}");
+    assert!(html.contains("server.metrics_listen"), "{html}");
+}
+
+#[tokio::test]
+async fn api_docs_serve_the_vendored_swagger_ui() {
+    let app = spawn_app().await;
+    // Without the slash it redirects (reqwest follows it).
+    let res = app.get("/api/docs", None).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.url().path(), "/api/docs/");
+    let index = res.text().await.expect("text");
+    assert!(index.contains(r#"id="swagger-ui""#), "{index}");
+    // Everything it loads comes from this server, relative to /api/docs/.
+    for attr in ["src=\"", "href=\""] {
+        for value in index.split(attr).skip(1) {
+            assert!(
+                !value.starts_with("http") && !value.starts_with("//"),
+                "external resource {attr}{value}"
+            );
+        }
+    }
+    for asset in [
+        "swagger-ui.css",
+        "index.css",
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+    ] {
+        assert!(index.contains(asset), "{asset} in {index}");
+        let res = app.get(&format!("/api/docs/{asset}"), None).await;
+        assert_eq!(res.status(), 200, "{asset}");
+        assert!(
+            res.bytes().await.expect("body").len() > 100,
+            "{asset} has content"
+        );
+    }
+    // It reads the one OpenAPI document the server already serves, with the online validator
+    // switched off.
+    let init = app
+        .get("/api/docs/swagger-initializer.js", None)
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert!(init.contains(r#""url": "/api/openapi.json""#), "{init}");
+    assert!(init.contains(r#""validatorUrl": "none""#), "{init}");
+    problem(
+        app.get("/api/docs/no-such-file.js", None).await,
+        404,
+        "not-found",
+    )
+    .await;
+}

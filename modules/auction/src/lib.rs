@@ -23,8 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
+use bulwark_kernel::auth::Role;
 use bulwark_kernel::bus::{Bus, StreamSpec};
 use bulwark_kernel::config::{ConfigError, Section, Settings};
+use bulwark_kernel::home::Page;
 use bulwark_kernel::kv::KvStore;
 use bulwark_kernel::module::{
     Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
@@ -233,10 +235,20 @@ impl Module for AuctionModule {
                 run: Box::pin(worker::schedule(inner, sd.closing_token())),
             },
         ];
+        let room = Page::new(
+            "Auction room",
+            "/auction/{id}?token=TOKEN",
+            "Bid and watch one auction live, with a countdown from the server clock. Fill in an \
+             auction id (GET /api/auction/auctions lists them; try it in the API docs) and a \
+             token: bidder to bid, viewer to watch. The page keeps the token for the tab and \
+             removes it from the address bar.",
+        )
+        .role(Role::Viewer);
         Ok(ModuleParts {
             routes,
             openapi,
             workers,
+            pages: vec![room],
             ..ModuleParts::default()
         })
     }

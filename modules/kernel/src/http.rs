@@ -1,5 +1,5 @@
-//! The HTTP surface every process shares: `/livez`, `/readyz`, `/metrics`,
-//! `/api/openapi.json`, and the middleware stack around every module's routes (request id,
+//! The HTTP surface every process shares: the home page `/`, `/livez`, `/readyz`, `/metrics`,
+//! `/api/openapi.json` and its Swagger UI at `/api/docs/`, and the middleware stack around every module's routes (request id,
 //! tracing with W3C `traceparent`, RED metrics by route template, CORS, compression, timeout,
 //! body limit, and problem+json for every error).
 
@@ -38,6 +38,8 @@ pub struct KernelHttp {
     pub openapi: Arc<String>,
     /// The effective configuration, secrets redacted (for `GET /api/admin/config`).
     pub effective_config: Arc<serde_json::Value>,
+    /// What the home page (`/`) lists: version, modules, their pages.
+    pub home: Arc<crate::home::Home>,
 }
 
 #[derive(OpenApi)]
@@ -202,6 +204,44 @@ pub async fn metrics_handler(State(handle): State<PrometheusHandle>) -> impl Int
     )
 }
 
+/// Where the interactive API docs are served (Swagger UI, vendored into the binary).
+pub const API_DOCS_PATH: &str = "/api/docs/";
+
+/// The Swagger UI at `/api/docs/`, reading the existing `/api/openapi.json`. Its files are
+/// compiled in (`utoipa-swagger-ui`'s `vendored` feature) and the online validator is off, so
+/// it loads nothing from the network.
+fn api_docs_router() -> Router {
+    use utoipa_swagger_ui::{Config, SwaggerUi};
+    SwaggerUi::new(API_DOCS_PATH)
+        .config(
+            Config::new(["/api/openapi.json"])
+                .validator_url("none")
+                .persist_authorization(true)
+                .try_it_out_enabled(true)
+                .filter(true),
+        )
+        .into()
+}
+
+/// The home page, rendered once: plain HTML, no script, nothing loaded from elsewhere.
+fn home_router(html: bytes::Bytes) -> Router {
+    Router::new().route(
+        "/",
+        get(move || {
+            let html = html.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+                    )],
+                    axum::response::Html(html),
+                )
+            }
+        }),
+    )
+}
+
 /// A router serving only `/metrics` (for `server.metrics_listen`).
 pub fn metrics_router(handle: PrometheusHandle) -> Router {
     Router::new()
@@ -223,7 +263,11 @@ fn module_of(route: &str) -> &str {
     let mut parts = route.trim_start_matches('/').split('/');
     match (parts.next(), parts.next()) {
         (Some("api" | "ws"), Some(m))
-            if !m.is_empty() && !m.starts_with('{') && m != "openapi.json" && m != "admin" =>
+            if !m.is_empty()
+                && !m.starts_with('{')
+                && m != "openapi.json"
+                && m != "admin"
+                && m != "docs" =>
         {
             m
         }
@@ -368,6 +412,10 @@ pub fn app(
     if cfg.metrics_listen.is_none() {
         kernel_routes = kernel_routes.merge(metrics_router(kernel.prometheus.clone()));
     }
+    let home = kernel.home.render(cfg.metrics_listen);
+    kernel_routes = kernel_routes
+        .merge(home_router(bytes::Bytes::from(home)))
+        .merge(api_docs_router());
     // Layers are added inside-out; optional ones (CORS, compression) are left out entirely
     // when not configured rather than run as no-ops on every request.
     let mut router = kernel_routes.merge(modules).fallback(not_found).layer(
@@ -508,6 +556,7 @@ mod tests {
         assert_eq!(module_of("/api/m1/stats"), "m1");
         assert_eq!(module_of("/ws/m2/{id}"), "m2");
         assert_eq!(module_of("/api/openapi.json"), "kernel");
+        assert_eq!(module_of("/api/docs/{*rest}"), "kernel");
         assert_eq!(module_of("/livez"), "kernel");
         assert_eq!(module_of("unmatched"), "kernel");
     }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod db;
+pub mod home;
 pub mod http;
 pub mod kv;
 pub mod module;

@@ -135,6 +135,8 @@ pub struct ModuleParts {
     pub openapi: utoipa::openapi::OpenApi,
     pub workers: Vec<Worker>,
     pub readiness: Vec<Arc<dyn ReadinessCheck>>,
+    /// Browser pages among those routes, linked from the home page (`/`).
+    pub pages: Vec<crate::home::Page>,
 }
 
 impl Default for ModuleParts {
@@ -144,6 +146,7 @@ impl Default for ModuleParts {
             openapi: utoipa::openapi::OpenApiBuilder::new().build(),
             workers: Vec::new(),
             readiness: Vec::new(),
+            pages: Vec::new(),
         }
     }
 }

@@ -1,0 +1,137 @@
+// Browser end-to-end test of the home page and the API docs (kernel-readiness item 6) in
+// headless Chromium.
+//
+// Starts the real `bulwark` binary on embedded defaults, opens http://<addr>/ with no token,
+// checks what it lists, follows its link to the API docs, waits for the Swagger UI to render the
+// auction paths from /api/openapi.json, then authorizes with a token and runs
+// GET /api/auction/auctions from the UI. Every request to another origin is refused and counted:
+// the pages must work with no network.
+//
+// Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium),
+// SCREENSHOT_DIR (optional: where to save a PNG of each page).
+// Exit code 0 when every check passed; each check prints one line.
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const bin = path.resolve(process.env.BULWARK_BIN || path.join(here, "../../target/debug/bulwark"));
+const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const shots = process.env.SCREENSHOT_DIR;
+const dir = mkdtempSync(path.join(tmpdir(), "bulwark-e2e-home-"));
+let server = null;
+let browser = null;
+let failed = false;
+
+function check(ok, what) {
+  console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
+  if (!ok) failed = true;
+  return ok;
+}
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
+    s.on("error", reject);
+  });
+}
+
+const env = (port) => ({
+  ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BULWARK_"))),
+  BULWARK__SERVER__LISTEN: `127.0.0.1:${port}`,
+  BULWARK__DRAIN__GRACE: "0s",
+  BULWARK__TELEMETRY__LOG_LEVEL: "warn",
+});
+
+async function ready(base) {
+  for (let i = 0; i < 150; i++) {
+    try { if ((await fetch(base + "/readyz")).ok) return true; } catch { /* not up yet */ }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return false;
+}
+
+async function main() {
+  const port = await freePort();
+  const base = `http://127.0.0.1:${port}`;
+  server = spawn(bin, ["serve"], { cwd: dir, env: env(port), stdio: ["ignore", "ignore", "inherit"] });
+  if (!check(await ready(base), `bulwark ready on ${base}`)) return;
+  const admin = execFileSync(bin, ["token", "issue", "--sub", "e2e-admin", "--role", "admin"], { cwd: dir, env: env(port) })
+    .toString().trim();
+
+  browser = await chromium.launch({ executablePath: browserPath, headless: true, args: ["--no-sandbox"] });
+  const context = await browser.newContext();
+  const outside = [];
+  await context.route("**/*", (route) => {
+    const url = route.request().url();
+    if (url.startsWith(base + "/")) return route.continue();
+    outside.push(url);
+    return route.abort();
+  });
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+
+  // The home page: no token, lists version and modules, links the docs.
+  const res = await page.goto(base + "/");
+  check(res.status() === 200, `GET / answers 200 with no token (${res.status()})`);
+  check((await page.title()) === "Bulwark", "the title is Bulwark");
+  const version = await page.textContent("#version");
+  check(/^\d+\.\d+\.\d+/.test(version), `it shows the version (${version})`);
+  const enabled = await page.$$eval('#modules li[data-enabled="true"]', (lis) => lis.map((li) => li.dataset.module));
+  check(["cache", "auction", "annotation", "pipeline", "reporting"].every((m) => enabled.includes(m)),
+    `it lists the enabled modules (${enabled.join(", ")})`);
+  const room = await page.textContent('#pages li[data-module="auction"]');
+  check(room.includes("/auction/{id}") && room.includes("token: viewer"),
+    "it shows the auction room page and that it needs a token");
+  for (const href of ["/readyz", "/metrics", "/api/openapi.json"]) {
+    check(await page.$(`a[href="${href}"]`) !== null, `it links ${href}`);
+  }
+  if (shots) await page.screenshot({ path: path.join(shots, "home.png"), fullPage: true });
+
+  // Follow the link to the API docs; Swagger UI renders the auction paths.
+  await page.getByRole("link", { name: "Interactive API docs" }).click();
+  await page.waitForURL(base + "/api/docs/", { timeout: 10_000 });
+  check(true, "the home page links the API docs (/api/docs/)");
+  const list = '.opblock-summary-path[data-path="/api/auction/auctions"]';
+  await page.waitForSelector(list, { timeout: 20_000 });
+  check((await page.textContent(list)).includes("/api/auction/auctions"),
+    "the Swagger UI renders /api/auction/auctions from /api/openapi.json");
+  const paths = await page.$$eval(".opblock-summary-path", (els) => els.map((e) => e.dataset.path));
+  check(paths.includes("/api/auction/auctions/{id}/bids") && paths.includes("/readyz"),
+    `kernel and auction paths are listed (${paths.length} operations)`);
+  if (shots) await page.screenshot({ path: path.join(shots, "api-docs.png") });
+
+  // Authorize with a token and run one call from the UI.
+  await page.click("button.authorize");
+  await page.fill(".auth-container input", admin);
+  await page.click('.auth-btn-wrapper button.authorize');
+  await page.click(".auth-btn-wrapper button.btn-done");
+  const op = page.locator("#operations-auction-list");
+  await op.locator(".opblock-summary").click();
+  // "Try it out" is on from the start (tryItOutEnabled), so Execute is there at once.
+  await op.locator("button.execute").click();
+  const status = op.locator(".live-responses-table tr.response .response-col_status").first();
+  await status.waitFor({ timeout: 10_000 });
+  const code = (await status.textContent()).trim();
+  check(code === "200", `GET /api/auction/auctions runs from the docs with the token (${code})`);
+
+  check(outside.length === 0, `nothing was requested from another origin (${outside.join(", ") || "none"})`);
+  check(errors.length === 0, `no script errors (${errors.join("; ") || "none"})`);
+}
+
+try {
+  await main();
+} catch (e) {
+  check(false, `unexpected error: ${e && e.stack || e}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  if (server && server.exitCode === null) server.kill("SIGKILL");
+  rmSync(dir, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);
