@@ -42,3 +42,29 @@ need_pkg() {
     return 1
   fi
 }
+
+# need_venv: print the path of the Python of the scripts' virtualenv, creating it (or recreating
+# it when scripts/requirements.txt changed) first. One virtualenv and one list of pins for every
+# Python tool here: helm/bulwark/ci/check.py (scripts/check-helm) and scripts/ops_lint.py
+# (scripts/check-ops).
+# Env: BULWARK_VENV (default .venv-helm in the repository root; CHECK_HELM_VENV is still
+#      honoured), PYTHON (the interpreter to create it with, default python3).
+need_venv() {
+  local root
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  local venv=${BULWARK_VENV:-${CHECK_HELM_VENV:-$root/.venv-helm}}
+  case $venv in /*) ;; *) venv=$root/$venv ;; esac
+  local req=$root/scripts/requirements.txt
+  local python=${PYTHON:-python3}
+  [ -f "$req" ] || { echo "need_venv: $req is missing" >&2; return 1; }
+  local want
+  want=$(sha256sum "$req" | cut -d' ' -f1)
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
+    echo "=== creating $venv from scripts/requirements.txt" >&2
+    "$python" -m venv --clear "$venv" >&2 || { echo "need_venv: $python -m venv $venv failed" >&2; return 1; }
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req" >&2 ||
+      { echo "need_venv: pip install -r scripts/requirements.txt into $venv failed" >&2; return 1; }
+    echo "$want" >"$venv/.requirements-sha256"
+  fi
+  echo "$venv/bin/python"
+}
