@@ -68,3 +68,42 @@ need_venv() {
   fi
   echo "$venv/bin/python"
 }
+
+# modules_of BIN [DIR]: print the modules compiled into the Bulwark binary BIN, space-separated,
+# in start order, as `BIN modules` lists them (one name a line, nothing else on stdout;
+# app/src/modules.rs is the only list of modules). Runs it in DIR (default: a new temporary
+# directory) without BULWARK_CONFIG or BULWARK__* from the caller's environment. Returns 1, with
+# a message naming BIN and the offending line, when the command fails or prints something that is
+# not a module name (lowercase letters, digits, _ and -) or a name twice.
+modules_of() {
+  local bin=$1 dir=${2:-} own=
+  if [ -z "$dir" ]; then dir=$(mktemp -d); own=1; fi
+  local out err rc=0
+  err=$(mktemp)
+  out=$(
+    cd "$dir" && unset BULWARK_CONFIG && while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^BULWARK__' || true)
+    exec "$bin" modules 2>"$err"
+  ) || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "\`$bin modules\` failed (exit $rc); it must print the compiled-in module names, one a line:" >&2
+    tail -n 5 "$err" | sed 's/^/  /' >&2
+    rm -f "$err"; [ -z "$own" ] || rm -rf "$dir"
+    return 1
+  fi
+  rm -f "$err"; [ -z "$own" ] || rm -rf "$dir"
+  local names=() line n=0
+  [ -n "$out" ] || return 0   # no module compiled in
+  while IFS= read -r line; do
+    n=$((n + 1))
+    if ! [[ $line =~ ^[a-z][a-z0-9_-]*$ ]]; then
+      echo "\`$bin modules\` line $n: '$line' is not a module name (one name a line, nothing else on stdout)" >&2
+      return 1
+    fi
+    if [[ " ${names[*]} " == *" $line "* ]]; then
+      echo "\`$bin modules\` line $n: module '$line' listed twice" >&2
+      return 1
+    fi
+    names+=("$line")
+  done <<<"$out"
+  echo "${names[*]}"
+}
