@@ -77,6 +77,7 @@ need_venv() {
 # not a module name (lowercase letters, digits, _ and -) or a name twice.
 modules_of() {
   local bin=$1 dir=${2:-} own=
+  case $bin in /*) ;; */*) bin=$PWD/$bin ;; esac   # it runs in DIR
   if [ -z "$dir" ]; then dir=$(mktemp -d); own=1; fi
   local out err rc=0
   err=$(mktemp)
