@@ -10,18 +10,23 @@ Checks (each failure is a violation; any violation exits 1):
     - valid JSON with a non-empty `uid`, a datasource template variable of type prometheus;
     - every panel (rows are walked into) has a unique integer `id`, `datasource` and every
       target's `datasource` refer to that variable, `fieldConfig.defaults.unit` is set;
-    - every rate( / irate( / increase( range is `[$__rate_interval]`.
+    - every target's `expr` and every query variable parses as PromQL (Grafana's variables
+      allowed in strings and ranges; label_values()/query_result()/metrics()/label_names() in
+      variables);
+    - every rate() / irate() / increase() range is `[$__rate_interval]`.
   dashboards/alerts/*.rules.yaml
+    - valid YAML (no duplicate keys); every rule's `expr` parses as PromQL;
     - every alerting rule has `for`, `labels.severity` (page|ticket), annotations `summary`,
       `description`, `runbook_url`; the runbook file exists and has the anchor;
     - dashboards/alerts/*_test.yaml has, for every alert, a case where it fires and one where it
       does not.
-  Every metric named in a PromQL expression (panel targets, template queries, rules) exists in the
-  /metrics dump, or is listed in dashboards/metrics-allowlist.txt with a comment naming the test
-  that exercises it (and still appears in the Rust sources).
+  Every metric that a PromQL expression selects (the vector selectors of its parse tree: panel
+  targets, template queries, rules) exists in the /metrics dump, is recorded by a recording rule,
+  or is listed in dashboards/metrics-allowlist.txt with a comment naming the test that exercises
+  it (and still appears in the Rust sources).
 
-Python 3.11 standard library only: YAML is read with a small parser for the block-style subset
-these files use (promtool validates the full files separately).
+Needs PyYAML and promql-parser (Python bindings of the promql-parser crate), pinned in
+scripts/requirements.txt; scripts/check-ops runs this file with that virtualenv's Python.
 """
 
 from __future__ import annotations
@@ -31,41 +36,24 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+
+try:
+    import promql_parser as promql
+    import yaml
+except ImportError as e:  # pragma: no cover - depends on the interpreter
+    sys.exit(
+        f"ops_lint.py: cannot import {e.name}: run it with the scripts' virtualenv "
+        "(scripts/check-ops does; or `.venv-helm/bin/python scripts/ops_lint.py`, "
+        "pins in scripts/requirements.txt)"
+    )
 
 RUNBOOK_URL_PREFIX = "https://github.com/bulwark/bulwark/blob/main/"
 SEVERITIES = {"page", "ticket"}
 RATE_FUNCS = ("rate", "irate", "increase")
-
-# PromQL functions, aggregations, keywords and modifiers: never metric names.
-PROMQL_WORDS = {
-    # aggregations and their modifiers
-    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
-    "topk", "quantile", "limitk", "limit_ratio", "by", "without",
-    # binary operators and vector matching
-    "and", "or", "unless", "bool", "on", "ignoring", "group_left", "group_right", "atan2",
-    # modifiers and literals
-    "offset", "start", "end", "inf", "nan", "Inf", "NaN", "le", "quantile",
-    # functions
-    "abs", "absent", "absent_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min",
-    "day_of_month", "day_of_week", "day_of_year", "days_in_month", "delta", "deriv", "exp",
-    "floor", "histogram_avg", "histogram_count", "histogram_fraction", "histogram_quantile",
-    "histogram_stddev", "histogram_stdvar", "histogram_sum", "holt_winters", "hour", "idelta",
-    "increase", "irate", "label_join", "label_replace", "ln", "log2", "log10", "minute", "month",
-    "predict_linear", "rate", "resets", "round", "scalar", "sgn", "sort", "sort_desc",
-    "sort_by_label", "sort_by_label_desc", "sqrt", "time", "timestamp", "vector", "year",
-    "avg_over_time", "min_over_time", "max_over_time", "sum_over_time", "count_over_time",
-    "quantile_over_time", "stddev_over_time", "stdvar_over_time", "last_over_time",
-    "present_over_time", "mad_over_time", "acos", "acosh", "asin", "asinh", "atan", "atanh",
-    "cos", "cosh", "sin", "sinh", "tan", "tanh", "deg", "rad", "pi",
-    # Grafana template functions
-    "label_values", "query_result", "metrics", "label_names",
-}
+RATE_INTERVAL = "$__rate_interval"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
-
-Z = "(?<![\\w$:.])"  # a token starts here: not inside a word, a $variable or a number
-TOKEN_RE = re.compile(Z + r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?=\s*[{\[)]|\s|$)")
-GROUPING_RE = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^()]*)\)")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -84,239 +72,238 @@ class Report:
         self.warnings.append(f"{where}: {msg}")
 
 
-# --------------------------------------------------------------------------- a small YAML reader
+# --------------------------------------------------------------------------- YAML (PyYAML)
 
 
 class YamlError(ValueError):
     pass
 
 
-def _strip_comment(line: str) -> str:
-    out, quote = [], None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"" and (i == 0 or line[i - 1] in " \t:-[{,"):
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            break
-        out.append(ch)
-    return "".join(out).rstrip()
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
 
 
-KEY_RE = re.compile(r"""^("(?:[^"\\]|\\.)*"|'[^']*'|[^'"\s#\-\[{][^:]*?|-[^\s:][^:]*?)\s*:(?:\s+(.*))?$""")
-
-
-def _scalar(text: str, where: int):
-    t = text.strip()
-    if t == "":
-        return None
-    if t.startswith('"'):
-        if not t.endswith('"') or len(t) < 2:
-            raise YamlError(f"line {where}: unterminated double-quoted string")
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
         try:
-            return json.loads(t)
-        except json.JSONDecodeError as e:
-            raise YamlError(f"line {where}: bad double-quoted string: {e}") from None
-    if t.startswith("'"):
-        if not t.endswith("'") or len(t) < 2:
-            raise YamlError(f"line {where}: unterminated single-quoted string")
-        return t[1:-1].replace("''", "'")
-    if t == "[]":
-        return []
-    if t == "{}":
-        return {}
-    if t[0] in "[{&*!|>%@`":
-        raise YamlError(f"line {where}: unsupported YAML construct {t[:20]!r}")
-    if t in ("true", "True"):
-        return True
-    if t in ("false", "False"):
-        return False
-    if t in ("null", "~"):
-        return None
-    if re.fullmatch(r"-?\d+", t):
-        return int(t)
-    if re.fullmatch(r"-?\d+\.\d*", t):
-        return float(t)
-    return t
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def yaml_load(text: str):
-    """Block-style YAML subset: mappings, sequences, plain/quoted scalars, |/> block scalars."""
-    raw = text.split("\n")
-    lines: list[tuple[int, str, int]] = []  # (indent, content, line number)
-    i = 0
-    while i < len(raw):
-        line = raw[i].rstrip("\r")
-        if "\t" in line[: len(line) - len(line.lstrip())]:
-            raise YamlError(f"line {i + 1}: tab in indentation")
-        content = _strip_comment(line)
-        if content.strip() in ("---", "..."):
-            i += 1
-            continue
-        if content.strip():
-            indent = len(content) - len(content.lstrip(" "))
-            lines.append((indent, content.strip(), i + 1))
-            m = re.search(r"(?::|^-)\s*([|>])([+-]?)\s*$", content.strip())
-            if m:  # block scalar: keep its lines verbatim (comments included)
-                body = []
-                j = i + 1
-                while j < len(raw) and (raw[j].strip() == "" or len(raw[j]) - len(raw[j].lstrip(" ")) > indent):
-                    body.append(raw[j].rstrip("\r"))
-                    j += 1
-                lines.append((-1, "\n".join(body), i + 2))
-                i = j
-                continue
-        i += 1
-
-    def block_scalar(style: str, chomp: str, body: str) -> str:
-        blines = body.split("\n")
-        while blines and not blines[-1].strip():
-            blines.pop()
-        nonempty = [b for b in blines if b.strip()]
-        ind = min((len(b) - len(b.lstrip(" ")) for b in nonempty), default=0)
-        blines = [b[ind:] for b in blines]
-        if style == "|":
-            s = "\n".join(blines)
-        else:
-            parts, para = [], []
-            for b in blines:
-                if b.strip():
-                    para.append(b.strip())
-                else:
-                    parts.append(" ".join(para))
-                    para = []
-            parts.append(" ".join(para))
-            s = "\n".join(parts)
-        return s if chomp == "-" else s + "\n"
-
-    pos = 0
-
-    def value_after(rest: str, indent: int, lineno: int):
-        nonlocal pos
-        m = re.fullmatch(r"([|>])([+-]?)", rest.strip()) if rest else None
-        if m:
-            body = lines[pos][1] if pos < len(lines) and lines[pos][0] == -1 else ""
-            if pos < len(lines) and lines[pos][0] == -1:
-                pos += 1
-            return block_scalar(m.group(1), m.group(2), body)
-        if rest:
-            if pos < len(lines) and lines[pos][0] > indent:
-                raise YamlError(f"line {lines[pos][2]}: multi-line plain scalars are not supported")
-            return _scalar(rest, lineno)
-        if pos < len(lines) and lines[pos][0] > indent:
-            return parse(lines[pos][0])
-        if pos < len(lines) and lines[pos][0] == indent and lines[pos][1].startswith("-"):
-            return parse(indent)  # "key:\n- item" at the same indent
-        return None
-
-    def parse(indent: int):
-        nonlocal pos
-        indent_, content, lineno = lines[pos]
-        if content == "-" or content.startswith("- "):
-            seq = []
-            while pos < len(lines) and lines[pos][0] == indent and (
-                lines[pos][1] == "-" or lines[pos][1].startswith("- ")
-            ):
-                _, content, lineno = lines[pos]
-                rest = content[1:].lstrip(" ")
-                if not rest:
-                    pos += 1
-                    seq.append(value_after("", indent, lineno))
-                elif KEY_RE.match(rest):
-                    # "- key: value": a mapping whose column is after the dash
-                    lines[pos] = (indent + len(content) - len(rest), rest, lineno)
-                    seq.append(parse(lines[pos][0]))
-                else:
-                    pos += 1
-                    seq.append(value_after(rest, indent, lineno))
-            return seq
-        mapping: dict = {}
-        while pos < len(lines) and lines[pos][0] == indent:
-            _, content, lineno = lines[pos]
-            if content.startswith("- ") or content == "-":
-                break
-            m = KEY_RE.match(content)
-            if not m:
-                raise YamlError(f"line {lineno}: expected 'key: value', got {content[:40]!r}")
-            key = _scalar(m.group(1), lineno)
-            if key in mapping:
-                raise YamlError(f"line {lineno}: duplicate key {key!r}")
-            pos += 1
-            mapping[key] = value_after((m.group(2) or "").strip(), indent, lineno)
-        if pos < len(lines) and lines[pos][0] > indent:
-            raise YamlError(f"line {lines[pos][2]}: unexpected indentation")
-        return mapping
-
-    if not lines:
-        return None
-    result = parse(lines[0][0])
-    if pos != len(lines):
-        raise YamlError(f"line {lines[pos][2]}: unexpected content")
-    return result
+    """One YAML document, safely loaded; YamlError names the line and the problem."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise YamlError(f"{where}{problem}{f' ({context})' if context else ''}") from None
 
 
-# --------------------------------------------------------------------------- PromQL
+# --------------------------------------------------------------------------- PromQL (promql-parser)
+
+# Grafana's variables in a dashboard expression: $name, ${name} and ${name:format}.
+GRAFANA_VAR_RE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)")
+# A Grafana variable used as a range ([$__rate_interval]) is parsed as a duration nobody writes,
+# one per variable, so that the rate check can tell which variable the range was.
+_SENTINEL_SECONDS = 900_000_000
+# Grafana's own functions of query variables (not PromQL).
+GRAFANA_QUERY_RE = re.compile(r"\s*(label_values|label_names|metrics|query_result)\s*\((.*)\)\s*", re.S)
 
 
-def strip_promql(expr: str) -> str:
-    """The expression without strings, label matchers, grouping labels and durations."""
-    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
-    s = re.sub(r"#[^\n]*", " ", s)  # PromQL comments
-    s = re.sub(r"\{[^{}]*\}", "{}", s)
-    s = GROUPING_RE.sub(lambda m: f"{m.group(1)} ()", s)
-    s = re.sub(r"\[[^\]]*\]", "[]", s)
-    return s
+@dataclass
+class Query:
+    """One parsed PromQL expression and where it was found."""
+
+    where: str
+    text: str  # as written in the file
+    ast: object | None  # promql_parser.Expr; None for a Grafana query that names no metric
+    ranges: dict[timedelta, str] = field(default_factory=dict)  # sentinel range -> Grafana variable
 
 
-def metric_names(expr: str) -> set[str]:
-    s = strip_promql(expr)
-    # Grafana's label_values(metric, label) / label_values(label): the label is no metric.
-    s = re.sub(r"\blabel_values\s*\(\s*[a-zA-Z_]\w*\s*\)", "label_values()", s)
-    s = re.sub(r"\blabel_values\s*\(([^(),]*),\s*[a-zA-Z_]\w*\s*\)", r"label_values(\1 )", s)
-    names = set()
-    for m in TOKEN_RE.finditer(s):
-        tok = m.group(1)
-        if tok in PROMQL_WORDS or tok.lower() in ("inf", "nan"):
-            continue
-        names.add(tok)
-    return names
+def one_line(expr: str, limit: int = 160) -> str:
+    s = " ".join(expr.split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def matching_paren(s: str, open_idx: int) -> int:
-    depth = 0
+def grafana_to_promql(expr: str) -> tuple[str, dict[timedelta, str]]:
+    """PromQL for a dashboard expression: Grafana variables inside strings become plain words,
+    those inside a range `[...]` become sentinel durations (returned, to map back). Variables
+    anywhere else are left alone, so the expression fails to parse and is reported."""
+    out: list[str] = []
+    ranges: dict[str, int] = {}
     quote = None
-    for i in range(open_idx, len(s)):
-        ch = s[i]
+    in_range = False
+    i = 0
+    while i < len(expr):
+        ch = expr[i]
         if quote:
-            if ch == "\\":
+            if ch == "\\" and quote != "`":
+                out.append(expr[i : i + 2])
+                i += 2
                 continue
             if ch == quote:
                 quote = None
+            elif ch == "$" and (m := GRAFANA_VAR_RE.match(expr, i)):
+                out.append(f"grafana_var_{m.group(1) or m.group(2)}")
+                i = m.end()
+                continue
         elif ch in "\"'`":
             quote = ch
-        elif ch == "(":
+        elif ch == "#":  # a PromQL comment runs to the end of the line
+            end = expr.find("\n", i)
+            end = len(expr) if end < 0 else end
+            out.append(expr[i:end])
+            i = end
+            continue
+        elif ch == "[":
+            in_range = True
+        elif ch == "]":
+            in_range = False
+        elif ch == "$" and in_range and (m := GRAFANA_VAR_RE.match(expr, i)):
+            var = "$" + (m.group(1) or m.group(2))
+            seconds = ranges.setdefault(var, _SENTINEL_SECONDS + len(ranges))
+            out.append(f"{seconds}s")
+            i = m.end()
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out), {timedelta(seconds=s): v for v, s in ranges.items()}
+
+
+def parse_promql(where: str, expr: str, report: Report, grafana: bool = False) -> Query | None:
+    """Parse one expression; a parse error is a violation naming the place and the expression."""
+    text, ranges = grafana_to_promql(expr) if grafana else (expr, {})
+    try:
+        ast = promql.parse(text)
+    except ValueError as e:
+        hint = ""
+        if grafana and GRAFANA_VAR_RE.search(re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`|\[[^\]]*\]', "", expr)):
+            hint = " (Grafana variables are understood only inside strings and ranges)"
+        report.bad(where, f"PromQL does not parse: {e}{hint}: {one_line(expr)}")
+        return None
+    return Query(where, expr, ast, ranges)
+
+
+def _split_args(args: str) -> list[str]:
+    """Top-level comma-separated arguments (commas in strings, braces, parens left alone)."""
+    parts, depth, quote, cur = [], 0, None, []
+    for i, ch in enumerate(args):
+        if quote:
+            if ch == quote and args[i - 1] != "\\":
+                quote = None
+        elif ch in "\"'`":
+            quote = ch
+        elif ch in "({[":
             depth += 1
-        elif ch == ")":
+        elif ch in ")}]":
             depth -= 1
-            if depth == 0:
-                return i
-    return len(s)
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
 
 
-def rate_interval_problems(expr: str) -> list[str]:
+def parse_grafana_query(where: str, q: str, report: Report) -> Query | None:
+    """A query variable: Grafana's label_values(), label_names(), metrics(), query_result(), or
+    plain PromQL."""
+    m = GRAFANA_QUERY_RE.fullmatch(q)
+    if not m:
+        return parse_promql(where, q, report, grafana=True)
+    func, args = m.group(1), _split_args(m.group(2))
+    if func == "metrics":  # metrics(regex): a regex over names, no selector
+        return Query(where, q, None)
+    if func == "query_result":
+        return parse_promql(where, m.group(2), report, grafana=True)
+    # label_values(label), label_values(selector, label), label_names(), label_names(selector)
+    if func == "label_values":
+        if not args or len(args) > 2 or not re.fullmatch(r"[a-zA-Z_]\w*", args[-1]):
+            report.bad(where, f"label_values() takes (label) or (series selector, label): {one_line(q)}")
+            return None
+        selector = args[0] if len(args) == 2 else None
+    else:
+        if len(args) > 1:
+            report.bad(where, f"label_names() takes at most a series selector: {one_line(q)}")
+            return None
+        selector = args[0] if args else None
+    if selector is None:
+        return Query(where, q, None)
+    parsed = parse_promql(where, selector, report, grafana=True)
+    if parsed is not None and not isinstance(parsed.ast, promql.VectorSelector):
+        report.bad(where, f"{func}() needs a series selector, not {type(parsed.ast).__name__}: {one_line(q)}")
+        return None
+    return parsed
+
+
+def walk(ast):
+    """Every node of a parse tree, depth first."""
+    nodes: list = []
+    if ast is not None:
+        promql.walk(ast, lambda n: nodes.append(n))
+    return nodes
+
+
+def selected_metrics(q: Query) -> tuple[set[str], list[str]]:
+    """Metric names of the vector selectors in the parse tree (the selector's name, or its
+    `__name__="..."` matchers); and the selectors whose name is only matched by a regex."""
+    names: set[str] = set()
+    unresolved: list[str] = []
+    for node in walk(q.ast):
+        if not isinstance(node, promql.VectorSelector):
+            continue
+        if node.name:
+            names.add(node.name)
+            continue
+        groups = [node.matchers.matchers] + list(node.matchers.or_matchers or [])
+        found = False
+        for group in groups:
+            for m in group:
+                if m.name == "__name__" and m.op == promql.MatchOp.Equal:
+                    names.add(m.value)
+                    found = True
+        if not found:
+            unresolved.append(str(node))
+    return names, unresolved
+
+
+def rate_interval_problems(q: Query) -> list[str]:
     problems = []
-    for m in re.finditer(Z + r"(" + "|".join(RATE_FUNCS) + r")\s*\(", expr):
-        start = m.end() - 1
-        arg = expr[start : matching_paren(expr, start) + 1]
-        ranges = re.findall(r"\[([^\]]*)\]", re.sub(r"\{[^{}]*\}", "{}", arg))
-        if not ranges:
-            problems.append(f"{m.group(1)}() without a range selector")
-        for r in ranges:
-            if r.strip() != "$__rate_interval":
-                problems.append(f"{m.group(1)}(...[{r}]) must use [$__rate_interval]")
+    for node in walk(q.ast):
+        if not isinstance(node, promql.Call) or node.func.name not in RATE_FUNCS:
+            continue
+        name = node.func.name
+        arg = node.args[0] if node.args else None
+        if not isinstance(arg, (promql.MatrixSelector, promql.SubqueryExpr)):
+            problems.append(f"{name}() without a range selector")
+            continue
+        var = q.ranges.get(arg.range)
+        if var != RATE_INTERVAL:
+            shown = var or promql.display_duration(arg.range)
+            problems.append(f"{name}(...[{shown}]) must use [{RATE_INTERVAL}]")
     return problems
+
+
+def experimental_functions(q: Query) -> set[str]:
+    """Functions that Prometheus runs only with --enable-feature=promql-experimental-functions."""
+    return {n.func.name for n in walk(q.ast) if isinstance(n, promql.Call) and n.func.experimental}
 
 
 # --------------------------------------------------------------------------- the /metrics dump
@@ -401,17 +388,17 @@ def walk_panels(panels):
             yield from walk_panels(p.get("panels"))
 
 
-def lint_dashboard(where: str, text: str, report: Report) -> list[tuple[str, str]]:
-    """Returns (location, expr) of every PromQL expression."""
-    exprs: list[tuple[str, str]] = []
+def lint_dashboard(where: str, text: str, report: Report) -> list[Query]:
+    """Returns every parsed PromQL expression (targets and query variables)."""
+    queries: list[Query] = []
     try:
         dash = json.loads(text)
     except json.JSONDecodeError as e:
         report.bad(where, f"invalid JSON: {e}")
-        return exprs
+        return queries
     if not isinstance(dash, dict):
         report.bad(where, "not a JSON object")
-        return exprs
+        return queries
     if not isinstance(dash.get("uid"), str) or not dash["uid"].strip():
         report.bad(where, "missing stable `uid`")
     variables = datasource_variables(dash)
@@ -426,7 +413,9 @@ def lint_dashboard(where: str, text: str, report: Report) -> list[tuple[str, str
         q = v.get("query")
         q = q.get("query") if isinstance(q, dict) else q
         if isinstance(q, str) and q:
-            exprs.append((vw, q))
+            parsed = parse_grafana_query(vw, q, report)
+            if parsed is not None:
+                queries.append(parsed)
     ids: dict[int, str] = {}
     for p in walk_panels(dash.get("panels")):
         pw = f"{where} panel {p.get('id')!r} {p.get('title', '')!r}"
@@ -455,10 +444,13 @@ def lint_dashboard(where: str, text: str, report: Report) -> list[tuple[str, str
             if not isinstance(expr, str) or not expr.strip():
                 report.bad(tw, "no PromQL `expr`")
                 continue
-            for problem in rate_interval_problems(expr):
+            parsed = parse_promql(tw, expr, report, grafana=True)
+            if parsed is None:
+                continue
+            for problem in rate_interval_problems(parsed):
                 report.bad(tw, problem)
-            exprs.append((tw, expr))
-    return exprs
+            queries.append(parsed)
+    return queries
 
 
 # --------------------------------------------------------------------------- rules and runbooks
@@ -487,29 +479,37 @@ def github_anchors(markdown: str) -> set[str]:
     return anchors
 
 
-def lint_rules(where: str, text: str, report: Report, runbook_lookup) -> tuple[list[tuple[str, str]], set[str], set[str]]:
-    """Returns expressions, alert names and recorded metric names."""
-    exprs: list[tuple[str, str]] = []
+def lint_rules(where: str, text: str, report: Report, runbook_lookup) -> tuple[list[Query], set[str], set[str]]:
+    """Returns the parsed expressions, alert names and recorded metric names."""
+    queries: list[Query] = []
     alerts: set[str] = set()
     recorded: set[str] = set()
     try:
         doc = yaml_load(text)
     except YamlError as e:
         report.bad(where, f"cannot read YAML: {e}")
-        return exprs, alerts, recorded
+        return queries, alerts, recorded
     groups = doc.get("groups") if isinstance(doc, dict) else None
     if not isinstance(groups, list) or not groups:
         report.bad(where, "no `groups`")
-        return exprs, alerts, recorded
-    for g in groups:
-        for r in (g or {}).get("rules") or []:
+        return queries, alerts, recorded
+    for gi, g in enumerate(groups):
+        if not isinstance(g, dict):
+            report.bad(f"{where} groups[{gi}]", "not a mapping")
+            continue
+        for ri, r in enumerate(g.get("rules") or []):
+            if not isinstance(r, dict):
+                report.bad(f"{where} group {g.get('name')!r} rules[{ri}]", "not a mapping")
+                continue
             name = r.get("alert") or r.get("record")
             rw = f"{where} {'alert' if 'alert' in r else 'record'} {name}"
             expr = r.get("expr")
             if not isinstance(expr, str) or not expr.strip():
                 report.bad(rw, "no `expr`")
             else:
-                exprs.append((rw, expr))
+                parsed = parse_promql(rw, expr, report)
+                if parsed is not None:
+                    queries.append(parsed)
             if "record" in r:
                 recorded.add(r["record"])
                 continue
@@ -528,7 +528,7 @@ def lint_rules(where: str, text: str, report: Report, runbook_lookup) -> tuple[l
                 problem = runbook_lookup(url.strip())
                 if problem:
                     report.bad(rw, problem)
-    return exprs, alerts, recorded
+    return queries, alerts, recorded
 
 
 def make_runbook_lookup(read_file):
@@ -564,9 +564,13 @@ def lint_rule_tests(tests: list[tuple[str, str]], alerts: set[str], report: Repo
         except YamlError as e:
             report.bad(where, f"cannot read YAML: {e}")
             continue
-        for t in (doc or {}).get("tests") or []:
-            for a in (t or {}).get("alert_rule_test") or []:
-                (fires if a.get("exp_alerts") else quiet).add(a.get("alertname"))
+        if not isinstance(doc, dict):
+            report.bad(where, "not a YAML mapping with `tests`")
+            continue
+        for t in doc.get("tests") or []:
+            for a in (t.get("alert_rule_test") if isinstance(t, dict) else None) or []:
+                if isinstance(a, dict):
+                    (fires if a.get("exp_alerts") else quiet).add(a.get("alertname"))
     for a in sorted(alerts):
         if a not in fires:
             report.bad("dashboards/alerts/*_test.yaml", f"alert {a} has no test case where it fires")
@@ -578,7 +582,7 @@ def lint_rule_tests(tests: list[tuple[str, str]], alerts: set[str], report: Repo
 
 
 def check_metrics(
-    exprs: list[tuple[str, str]],
+    queries: list[Query],
     recorded: set[str],
     dump_text: str,
     allow: dict[str, str],
@@ -588,17 +592,22 @@ def check_metrics(
     names, types = parse_metrics_dump(dump_text)
     status: dict[str, str] = {}
     users: dict[str, list[str]] = {}
-    for where, expr in exprs:
-        for name in sorted(metric_names(expr)):
+    for q in queries:
+        selected, unresolved = selected_metrics(q)
+        for sel in unresolved:
+            report.warn(q.where, f"selector {sel} names no metric (only a regex on __name__): not checked against the dump")
+        for fn in sorted(experimental_functions(q)):
+            report.warn(q.where, f"{fn}() is experimental in Prometheus (needs --enable-feature=promql-experimental-functions)")
+        for name in sorted(selected):
             base = base_name(name, types, allow)
-            users.setdefault(base, []).append(where)
+            users.setdefault(base, []).append(q.where)
             if name in recorded or metric_exists(name, names, types):
                 status[base] = "ok"
             elif base in allow:
                 status.setdefault(base, "allow-listed")
             else:
                 status[base] = "MISSING"
-                report.bad(where, f"metric {name} is not in the /metrics dump (nor allow-listed)")
+                report.bad(q.where, f"metric {name} is not in the /metrics dump (nor allow-listed)")
     for name, comment in allow.items():
         if metric_exists(name, names, types):
             report.warn("metrics-allowlist", f"{name} is in the dump now: remove it from the allow-list")
@@ -614,7 +623,7 @@ def check_metrics(
 
 def lint_repository(root: Path, dump_text: str) -> Report:
     report = Report()
-    exprs: list[tuple[str, str]] = []
+    queries: list[Query] = []
     alerts: set[str] = set()
     recorded: set[str] = set()
 
@@ -623,9 +632,9 @@ def lint_repository(root: Path, dump_text: str) -> Report:
         report.bad("dashboards/grafana", "no dashboards found")
     for f in dashboards:
         rel = str(f.relative_to(root))
-        before = len(exprs)
-        exprs += lint_dashboard(rel, f.read_text(), report)
-        report.notes.append(f"dashboard {rel}: {len(exprs) - before} expressions")
+        before = len(queries)
+        queries += lint_dashboard(rel, f.read_text(), report)
+        report.notes.append(f"dashboard {rel}: {len(queries) - before} PromQL expressions parsed")
 
     def read_rel(path: str):
         p = root / path
@@ -638,17 +647,17 @@ def lint_repository(root: Path, dump_text: str) -> Report:
     for f in rule_files:
         rel = str(f.relative_to(root))
         e, a, r = lint_rules(rel, f.read_text(), report, lookup)
-        exprs += e
+        queries += e
         alerts |= a
         recorded |= r
-        report.notes.append(f"rules {rel}: {len(a)} alerts, {len(r)} recording rules")
+        report.notes.append(f"rules {rel}: {len(a)} alerts, {len(r)} recording rules, {len(e)} PromQL expressions parsed")
     tests = [(str(f.relative_to(root)), f.read_text()) for f in sorted((root / "dashboards" / "alerts").glob("*_test.yaml"))]
     lint_rule_tests(tests, alerts, report)
 
     allow_file = root / "dashboards" / "metrics-allowlist.txt"
     allow = parse_allowlist(allow_file.read_text(), str(allow_file.relative_to(root)), report) if allow_file.is_file() else {}
     sources = "\n".join(p.read_text(errors="replace") for d in ("modules", "app") for p in sorted((root / d).rglob("*.rs")))
-    status = check_metrics(exprs, recorded, dump_text, allow, sources or None, report)
+    status = check_metrics(queries, recorded, dump_text, allow, sources or None, report)
     for name in sorted(status):
         extra = f"  # {allow[name]}" if status[name] == "allow-listed" else ""
         report.notes.append(f"metric {name}: {status[name]}{extra}")
@@ -679,21 +688,63 @@ def self_test() -> int:
     def has(report: Report, needle: str) -> bool:
         return any(needle in v for v in report.violations)
 
-    # Metric extraction.
-    got = metric_names(
+    def metrics_of(expr: str, grafana: bool = True, variable: bool = False) -> set[str] | None:
+        r = Report()
+        q = parse_grafana_query("t", expr, r) if variable else parse_promql("t", expr, r, grafana=grafana)
+        return None if q is None else selected_metrics(q)[0]
+
+    # Metric names come from the vector selectors of the parse tree.
+    got = metrics_of(
         'sum by (module, le) (rate(bulwark_http_request_duration_seconds_bucket{module=~"$module", status="a b"}[$__rate_interval]))'
         ' / on (job) group_left (version) bulwark_build_info and up == 0 or vector(0) > bool 1e3'
     )
-    expect(got == {"bulwark_http_request_duration_seconds_bucket", "bulwark_build_info", "up"}, f"metric extraction {sorted(got)}")
-    expect(metric_names('label_values(bulwark_build_info{job=~"$job"}, instance)') == {"bulwark_build_info"}, "label_values() metric")
-    expect(metric_names("label_values(bulwark_build_info, job)") == {"bulwark_build_info"}, "label_values() without matchers")
-    expect(metric_names("label_values(job)") == set(), "label_values(label) names no metric")
-    expect(metric_names("x offset 10m unless y") == {"x", "y"}, "offset and unless")
-    expect(rate_interval_problems("rate(a[5m]) + increase(b{c=\"[1m]\"}[$__rate_interval])") == ["rate(...[5m]) must use [$__rate_interval]"], "rate interval check")
+    expect(got == {"bulwark_http_request_duration_seconds_bucket", "bulwark_build_info", "up"}, f"metric extraction {sorted(got or [])}")
+    expect(metrics_of('label_values(bulwark_build_info{job=~"$job"}, instance)', variable=True) == {"bulwark_build_info"}, "label_values() metric")
+    expect(metrics_of("label_values(bulwark_build_info, job)", variable=True) == {"bulwark_build_info"}, "label_values() without matchers")
+    expect(metrics_of("label_values(job)", variable=True) == set(), "label_values(label) names no metric")
+    expect(metrics_of('query_result(topk(5, sum by (route) (rate(m_total{job=~"${job:regex}"}[5m]))))', variable=True) == {"m_total"}, "query_result() metric")
+    expect(metrics_of("x offset 10m unless y") == {"x", "y"}, "offset and unless")
+    expect(metrics_of('{__name__="m_total", job="a"} or {__name__="n_total"}') == {"m_total", "n_total"}, "{__name__=...} selectors")
+    # Functions nobody listed are functions, not metric names; strings and labels are not metrics.
+    expect(
+        metrics_of('sort_by_label(label_replace(m_total, "dst_total", "$1", "src", "(.*)"), "dst_total") + double_exponential_smoothing(g[10m], 0.5, 0.5)')
+        == {"m_total", "g"},
+        "newer functions (sort_by_label, double_exponential_smoothing) are not metrics",
+    )
+    r = Report()
+    q = parse_promql("t", 'count({__name__=~"bulwark_.*"})', r)
+    r2 = Report()
+    check_metrics([q], set(), "", {}, None, r2)
+    expect(q is not None and any("only a regex on __name__" in w for w in r2.warnings), "a regex-only selector is warned about")
 
-    # The YAML subset reader.
+    def rate_problems(expr: str) -> list[str]:
+        q = parse_promql("t", expr, Report(), grafana=True)
+        return rate_interval_problems(q) if q else ["does not parse"]
+
+    expect(rate_problems('rate(a[5m]) + increase(b{c="[1m]"}[$__rate_interval])') == ["rate(...[5m]) must use [$__rate_interval]"], "rate interval check")
+    expect(rate_problems("irate(a[$__interval])") == ["irate(...[$__interval]) must use [$__rate_interval]"], "rate interval check names the variable")
+    expect(rate_problems("increase((a)[$__rate_interval:])") == [], "rate over a subquery with $__rate_interval")
+
+    # PromQL that does not parse is rejected, with the place, the parser's message and the text.
+    for expr, needle in [
+        ("sum(rate(m_total[5m])) by (le", "PromQL does not parse"),
+        ("rat(m_total[5m])", "unknown function"),
+        ("rate(m_total)", "expected type matrix"),
+        ("sum by ($label) (m_total)", "only inside strings and ranges"),
+    ]:
+        r = Report()
+        parse_promql("where", expr, r, grafana=True)
+        expect(has(r, needle) and r.violations[0].startswith("where: "), f"{expr!r} rejected ({r.violations[:1]})")
+
+    # YAML through PyYAML, duplicate keys refused.
     y = yaml_load("a: 1\nb:\n  - x: 'q''s'\n    y: |\n      l1\n      l2\n  - \"z\"\nc: >-\n  f1\n  f2\nd: []\n")
-    expect(y == {"a": 1, "b": [{"x": "q's", "y": "l1\nl2\n"}, "z"], "c": "f1 f2", "d": []}, f"yaml subset {y!r}")
+    expect(y == {"a": 1, "b": [{"x": "q's", "y": "l1\nl2\n"}, "z"], "c": "f1 f2", "d": []}, f"yaml {y!r}")
+    for text, needle in [("a: 1\nb: 2\na: 3\n", "line 3, column 1: duplicate key 'a' (first on line 1)"), ("a: [1\n", "line 2")]:
+        try:
+            yaml_load(text)
+            expect(False, f"bad YAML {text!r} rejected")
+        except YamlError as e:
+            expect(needle in str(e), f"bad YAML rejected: {e}")
 
     dump = "# TYPE m_total counter\nm_total{a=\"1\"} 1\n# TYPE h_seconds histogram\nh_seconds_bucket{le=\"1\"} 1\n"
     runbook = "# Runbook\n## GoodAlert\ntext\n"
@@ -711,7 +762,7 @@ def self_test() -> int:
     r = Report()
     e = lint_dashboard("good.json", json.dumps(good_dash), r)
     check_metrics(e, set(), dump, {}, None, r)
-    expect(not r.violations, f"a good dashboard passes {r.violations}")
+    expect(not r.violations and len(e) == 2, f"a good dashboard passes {r.violations}")
 
     broken_dash = {
         "templating": templ,
@@ -719,7 +770,8 @@ def self_test() -> int:
             {"id": 1, "type": "row", "panels": [{
                 "id": 2, "type": "timeseries", "datasource": {"type": "prometheus", "uid": "P1809F7CD0C75ACF3"},
                 "fieldConfig": {"defaults": {}},
-                "targets": [{"refId": "A", "expr": "sum(rate(m_total[5m])) + renamed_metric_total"}]}]},
+                "targets": [{"refId": "A", "expr": "sum(rate(m_total[5m])) + renamed_metric_total"},
+                            {"refId": "B", "expr": "sum(rate(m_total[$__rate_interval])"}]}]},
             {"id": 2, "type": "stat", "datasource": ds, "fieldConfig": {"defaults": {"unit": "s"}},
              "targets": [{"refId": "A", "expr": "m_total"}]},
         ],
@@ -733,6 +785,7 @@ def self_test() -> int:
     expect(has(r, "must use [$__rate_interval]"), "broken dashboard: rate(...[5m]) rejected")
     expect(has(r, "metric renamed_metric_total is not in the /metrics dump"), "broken dashboard: unknown metric rejected")
     expect(has(r, "duplicate panel id"), "broken dashboard: duplicate panel id rejected")
+    expect(has(r, "target B: PromQL does not parse"), "broken dashboard: unparsable target rejected")
     r = Report()
     lint_dashboard("bad.json", "{not json", r)
     expect(has(r, "invalid JSON"), "invalid JSON rejected")
@@ -740,8 +793,10 @@ def self_test() -> int:
     good_rules = """groups:
   - name: g
     rules:
+      - record: job:m:rate5m
+        expr: sum by (job) (rate(m_total[5m]))
       - alert: GoodAlert
-        expr: sum(rate(m_total[5m])) > 1
+        expr: job:m:rate5m > 1 and sum(rate(h_seconds_bucket[5m])) > 0
         for: 5m
         labels:
           severity: page
@@ -754,7 +809,7 @@ def self_test() -> int:
     r = Report()
     e, alerts, rec = lint_rules("good.rules.yaml", good_rules, r, lookup)
     check_metrics(e, rec, dump, {}, None, r)
-    expect(not r.violations and alerts == {"GoodAlert"}, f"a good rule passes {r.violations}")
+    expect(not r.violations and alerts == {"GoodAlert"} and len(e) == 2, f"a good rule passes {r.violations}")
 
     broken_rules = """groups:
   - name: g
@@ -766,6 +821,15 @@ def self_test() -> int:
         annotations:
           summary: s
           runbook_url: docs/runbooks/x.md#no-such-anchor
+      - alert: UnparsableAlert
+        expr: sum(rate(m_total[5m]) > 1
+        for: 5m
+        labels:
+          severity: page
+        annotations:
+          summary: s
+          description: d
+          runbook_url: docs/runbooks/x.md#goodalert
 """
     r = Report()
     e, alerts, rec = lint_rules("broken.rules.yaml", broken_rules, r, lookup)
@@ -775,6 +839,10 @@ def self_test() -> int:
     expect(has(r, "annotation `description` missing"), "broken rule: missing description rejected")
     expect(has(r, "no anchor #no-such-anchor"), "broken rule: runbook anchor missing rejected")
     expect(has(r, "metric bulwark_consumer_lag_messages is not in the /metrics dump"), "broken rule: invented metric rejected")
+    expect(has(r, "alert UnparsableAlert: PromQL does not parse"), "broken rule: unparsable expr rejected")
+    r = Report()
+    lint_rules("dup.rules.yaml", good_rules.replace("        for: 5m\n", "        for: 5m\n        for: 1m\n"), r, lookup)
+    expect(has(r, "cannot read YAML: line") and has(r, "duplicate key 'for'"), f"rule file with a duplicate key rejected {r.violations}")
 
     tests = """tests:
   - input_series: []
@@ -792,7 +860,7 @@ def self_test() -> int:
 
     r = Report()
     allow = parse_allowlist("lazy_total\nnot a name # x\n", "allow.txt", r)
-    check_metrics([("x", "rate(lazy_total[5m])")], set(), dump, allow, "fn f() {}", r)
+    check_metrics([parse_promql("x", "rate(lazy_total[5m])", r)], set(), dump, allow, "fn f() {}", r)
     expect(has(r, "needs a comment"), "allow-list entry without a comment rejected")
     expect(has(r, "not a metric name"), "allow-list garbage rejected")
     expect(has(r, "does not appear in the Rust sources"), "stale allow-list entry rejected")
