@@ -16,6 +16,8 @@ macro_rules! modules {
         pub const KNOWN: &[&str] = &[$($name),*];
 
         /// Every module compiled into this binary, in start order.
+        // Pushed one by one because each line is behind its own feature.
+        #[allow(clippy::vec_init_then_push)]
         pub fn compiled() -> Vec<Arc<dyn Module>> {
             #[allow(unused_mut)]
             let mut modules: Vec<Arc<dyn Module>> = Vec::new();

@@ -11,6 +11,7 @@ pub mod db;
 pub mod home;
 pub mod http;
 pub mod kv;
+pub mod log_format;
 pub mod module;
 pub mod problem;
 pub mod readiness;

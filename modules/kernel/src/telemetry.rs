@@ -73,7 +73,7 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .or_else(|_| EnvFilter::try_new(filter_directive(&cfg.log_level)))
         .map_err(|e| TelemetryError::Filter(e.to_string()))?;
     let provider = match &cfg.otlp_endpoint {
         Some(endpoint) => {
@@ -108,9 +108,8 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false),
+                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                    .event_format(crate::log_format::JsonLines),
             )
             .try_init()
     } else {
@@ -123,6 +122,19 @@ pub fn init(cfg: &TelemetryConfig) -> Result<PrometheusHandle, TelemetryError> {
         let _ = TRACER.set(None);
     }
     Ok(handle)
+}
+
+/// The filter for `telemetry.log_level`. A bare level (`info`, `debug`) applies to Bulwark's
+/// own crates only; third-party crates log at `warn` (their `info` lines, such as
+/// sea-orm-migration's per-set "Applying all pending migrations" or opentelemetry's "Global
+/// tracer provider is set", are noise to an operator). A full directive
+/// (`info,sqlx=debug`) is used as written.
+pub fn filter_directive(log_level: &str) -> String {
+    use tracing_subscriber::filter::LevelFilter;
+    match log_level.trim().parse::<LevelFilter>() {
+        Ok(level) if level > LevelFilter::WARN => format!("warn,bulwark={level}"),
+        _ => log_level.to_owned(),
+    }
 }
 
 /// Flush and stop trace export (at exit).
@@ -301,4 +313,18 @@ impl Extractor for HttpExtractor<'_> {
 pub fn set_parent_from_http(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(headers)));
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_directive;
+
+    #[test]
+    fn a_bare_level_keeps_third_party_crates_at_warn() {
+        assert_eq!(filter_directive("info"), "warn,bulwark=info");
+        assert_eq!(filter_directive("debug"), "warn,bulwark=debug");
+        assert_eq!(filter_directive("warn"), "warn");
+        assert_eq!(filter_directive("error"), "error");
+        assert_eq!(filter_directive("info,sqlx=debug"), "info,sqlx=debug");
+    }
 }
