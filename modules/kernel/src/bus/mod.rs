@@ -4,6 +4,9 @@
 //! * [`embedded::EmbeddedBus`] — a table in the application database with the same
 //!   semantics (the embedded default; survives restarts).
 //!
+//! [`from_config`] wraps either in [`Metered`], which adds what both share: the bus metrics and
+//! the dead-letter move after `max_deliver`. A bare backend does neither.
+//!
 //! Semantics every implementation must honour (checked by the conformance suite in
 //! `tests/tests/bus_conformance.rs`):
 //! * `publish` with a message id drops a second publish of the same id inside the stream's
@@ -17,9 +20,13 @@
 //! * ephemeral fan-out (`broadcast`/`subscribe`) is at-most-once and not persisted.
 
 pub mod embedded;
+mod metered;
 pub mod nats;
 
+pub use metered::Metered;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -268,16 +275,17 @@ pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), BusError> {
     Ok(())
 }
 
-/// The bus the configuration asks for: NATS JetStream when `bus.url` is set, else the
-/// embedded bus in `db`.
+/// The bus the configuration asks for, metered: NATS JetStream when `bus.url` is set, else
+/// the embedded bus in `db`.
 pub async fn from_config(
     cfg: &crate::config::BusConfig,
     db: sea_orm::DatabaseConnection,
-) -> Result<std::sync::Arc<dyn Bus>, BusError> {
-    Ok(match &cfg.url {
-        Some(_) => std::sync::Arc::new(nats::NatsBus::connect(cfg).await?),
-        None => std::sync::Arc::new(embedded::EmbeddedBus::new(db, cfg)),
-    })
+) -> Result<Arc<dyn Bus>, BusError> {
+    let backend: Arc<dyn Bus> = match &cfg.url {
+        Some(_) => Arc::new(nats::NatsBus::connect(cfg).await?),
+        None => Arc::new(embedded::EmbeddedBus::new(db, cfg)),
+    };
+    Ok(Arc::new(Metered::new(backend)))
 }
 
 #[cfg(test)]

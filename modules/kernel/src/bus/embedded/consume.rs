@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sea_orm::{ConnectionTrait, QueryResult, TransactionTrait};
 
+use super::Store;
 use super::settle::EmbeddedAcker;
 use super::sql::{get, millis, now_ms, seq_u64, stmt, storage};
-use super::{BUS, Store};
 use crate::bus::{BusError, Consumer, ConsumerSpec, Delivery, Headers, subject_matches};
 
 pub(super) struct EmbeddedConsumer {
@@ -19,12 +19,12 @@ pub(super) struct EmbeddedConsumer {
     pub(super) ack_wait: Duration,
 }
 
-pub(super) struct Stored {
-    pub(super) seq: i64,
-    pub(super) subject: String,
+struct Stored {
+    seq: i64,
+    subject: String,
     msg_id: Option<String>,
-    pub(super) headers: Headers,
-    pub(super) payload: Bytes,
+    headers: Headers,
+    payload: Bytes,
 }
 
 fn stored(row: &QueryResult) -> Result<Stored, BusError> {
@@ -43,10 +43,6 @@ fn stored(row: &QueryResult) -> Result<Stored, BusError> {
 
 impl EmbeddedConsumer {
     fn delivery(&self, m: Stored, delivered: i32) -> Delivery {
-        metrics::counter!("bulwark_bus_deliveries_total", "bus" => BUS).increment(1);
-        if delivered > 1 {
-            metrics::counter!("bulwark_bus_redeliveries_total", "bus" => BUS).increment(1);
-        }
         let acker = EmbeddedAcker {
             store: self.store.clone(),
             stream: self.spec.stream.clone(),
@@ -90,19 +86,14 @@ impl EmbeddedConsumer {
             ))
             .await
             .map_err(storage)?;
-        let max_deliver = i32::try_from(self.spec.max_deliver).unwrap_or(i32::MAX);
         for row in &due {
             if out.len() >= max {
                 break;
             }
             let seq: i64 = get(row, "seq")?;
             let delivered: i32 = get(row, "delivered")?;
-            let dead = max_deliver > 0 && delivered >= max_deliver;
-            let next = if dead {
-                delivered
-            } else {
-                delivered.saturating_add(1)
-            };
+            // Past `max_deliver` too: the bus wrapper (`bus::Metered`) dead-letters those.
+            let next = delivered.saturating_add(1);
             // Both conditions make the claim atomic: only one claimer sees the old values.
             let won = store
                 .exec(
@@ -136,14 +127,24 @@ impl EmbeddedConsumer {
                 self.forget(seq).await?;
                 continue;
             };
-            let msg = stored(&msg)?;
-            if dead {
-                self.dead_letter(msg, delivered).await?;
-            } else {
-                out.push(self.delivery(msg, next));
-            }
+            out.push(self.delivery(stored(&msg)?, next));
         }
         Ok(())
+    }
+
+    /// Drops the delivery row of a message that is gone from the stream.
+    async fn forget(&self, seq: i64) -> Result<(), BusError> {
+        self.store
+            .exec(
+                "DELETE FROM bus_deliveries WHERE stream = ? AND durable = ? AND seq = ?",
+                vec![
+                    self.spec.stream.clone().into(),
+                    self.spec.durable.clone().into(),
+                    seq.into(),
+                ],
+            )
+            .await
+            .map(|_| ())
     }
 
     async fn claim_new(&self, want: usize, out: &mut Vec<Delivery>) -> Result<(), BusError> {

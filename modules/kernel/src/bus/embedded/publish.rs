@@ -1,13 +1,12 @@
 //! Storing a message: the capturing stream, duplicate ids, and the janitor that expires both.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use bytes::Bytes;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
+use super::Store;
 use super::sql::{get, now_ms, seq_u64, stmt, storage};
-use super::{BUS, Store};
 use crate::bus::{BusError, Headers, PublishAck, subject_matches, validate_subject};
 
 /// How often (at most) publish sweeps expired duplicate ids and messages past `max_age`.
@@ -51,26 +50,16 @@ impl Store {
         mut headers: Headers,
         payload: Bytes,
     ) -> Result<PublishAck, BusError> {
-        let started = Instant::now();
         let result = self
-            .publish_inner(subject, message_id, &mut headers, payload)
+            .store_message(subject, message_id, &mut headers, payload)
             .await;
-        metrics::histogram!("bulwark_bus_publish_duration_seconds", "bus" => BUS)
-            .record(started.elapsed().as_secs_f64());
-        let outcome = match &result {
-            Ok(ack) if ack.duplicate => "duplicate",
-            Ok(_) => "stored",
-            Err(_) => "error",
-        };
-        metrics::counter!("bulwark_bus_published_total", "bus" => BUS, "outcome" => outcome)
-            .increment(1);
         if matches!(&result, Ok(ack) if !ack.duplicate) {
             self.published.notify_waiters();
         }
         result
     }
 
-    async fn publish_inner(
+    async fn store_message(
         &self,
         subject: &str,
         message_id: Option<&str>,
