@@ -1,6 +1,7 @@
-//! What every backend shares, written once around it: the bus metrics and the dead-letter
-//! move after `max_deliver`. [`super::from_config`] wraps each backend in [`Metered`], so the
-//! backends record no metrics and never dead-letter themselves.
+//! What every backend shares, written once around it: the bus metrics, the dead-letter move
+//! after `max_deliver`, and the list of consumers handed out that feeds the lag gauge
+//! ([`super::lag`]). [`super::from_config`] wraps each backend in [`Metered`], so the backends
+//! record no metrics and never dead-letter themselves.
 //!
 //! The dead-letter move lives here rather than in the backends because it is a publish that
 //! `bulwark_bus_published_total` must count, like any other.
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use super::lag::{ConsumerLag, Held, HeldConsumers};
 use super::{
     Acker, Bus, BusError, Consumer, ConsumerSpec, Delivery, Headers, Message, PublishAck,
     StreamSpec,
@@ -20,11 +22,15 @@ use super::{
 /// A backend with the kernel's metrics and dead-lettering around it.
 pub struct Metered {
     inner: Arc<dyn Bus>,
+    held: HeldConsumers,
 }
 
 impl Metered {
     pub fn new(inner: Arc<dyn Bus>) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            held: HeldConsumers::default(),
+        }
     }
 }
 
@@ -76,8 +82,7 @@ impl Bus for Metered {
         let consumer = self.inner.consumer(spec).await?;
         Ok(Box::new(MeteredConsumer {
             bus: self.inner.clone(),
-            consumer,
-            spec: spec.clone(),
+            held: self.held.hold(spec, consumer),
         }))
     }
 
@@ -97,18 +102,22 @@ impl Bus for Metered {
     async fn health(&self) -> Result<(), BusError> {
         self.inner.health().await
     }
+
+    async fn consumer_lag(&self) -> Vec<ConsumerLag> {
+        self.held.lag().await
+    }
 }
 
 struct MeteredConsumer {
     /// The backend, for dead-letter publishes.
     bus: Arc<dyn Bus>,
-    consumer: Box<dyn Consumer>,
-    spec: ConsumerSpec,
+    held: Arc<Held>,
 }
 
 impl MeteredConsumer {
     fn past_max_deliver(&self, d: &Delivery) -> bool {
-        self.spec.max_deliver > 0 && d.delivered > self.spec.max_deliver
+        let max = self.held.spec.max_deliver;
+        max > 0 && d.delivered > max
     }
 
     /// Publishes the message to the consumer's dead-letter subject, then terminates the
@@ -124,7 +133,7 @@ impl MeteredConsumer {
             acker,
             ..
         } = d;
-        let spec = &self.spec;
+        let spec = &self.held.spec;
         for (name, value) in [
             ("Bulwark-Dead-Letter-Stream", spec.stream.clone()),
             ("Bulwark-Dead-Letter-Durable", spec.durable.clone()),
@@ -177,7 +186,7 @@ impl Consumer for MeteredConsumer {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let batch = self.consumer.fetch(max, left).await?;
+            let batch = self.held.consumer.fetch(max, left).await?;
             let fetched = batch.len();
             let mut out = Vec::with_capacity(fetched);
             for d in batch {
@@ -195,7 +204,7 @@ impl Consumer for MeteredConsumer {
     }
 
     async fn pending(&self) -> Result<u64, BusError> {
-        self.consumer.pending().await
+        self.held.consumer.pending().await
     }
 }
 

@@ -4,8 +4,9 @@
 //! * [`embedded::EmbeddedBus`] — a table in the application database with the same
 //!   semantics (the embedded default; survives restarts).
 //!
-//! [`from_config`] wraps either in [`Metered`], which adds what both share: the bus metrics and
-//! the dead-letter move after `max_deliver`. A bare backend does neither.
+//! [`from_config`] wraps either in [`Metered`], which adds what both share: the bus metrics, the
+//! dead-letter move after `max_deliver`, and the list of held consumers whose lag
+//! [`report_consumer_lag`] publishes. A bare backend does none of these.
 //!
 //! Semantics every implementation must honour (checked by the conformance suite in
 //! `tests/tests/bus_conformance.rs`):
@@ -20,9 +21,11 @@
 //! * ephemeral fan-out (`broadcast`/`subscribe`) is at-most-once and not persisted.
 
 pub mod embedded;
+mod lag;
 mod metered;
 pub mod nats;
 
+pub use lag::{CONSUMER_LAG_EVERY, ConsumerLag, report_consumer_lag};
 pub use metered::Metered;
 
 use std::collections::BTreeMap;
@@ -216,6 +219,11 @@ pub trait Bus: Send + Sync {
     async fn subscribe(&self, subject: &str) -> Result<BoxStream<'static, Message>, BusError>;
     /// Is the bus reachable right now?
     async fn health(&self) -> Result<(), BusError>;
+    /// The lag of every durable consumer this bus handed out that is still held, one per
+    /// stream and durable name. Only [`Metered`] keeps that list; a bare backend has none.
+    async fn consumer_lag(&self) -> Vec<ConsumerLag> {
+        Vec::new()
+    }
 }
 
 /// NATS-style subject matching: `*` matches one token, `>` one or more trailing tokens.
