@@ -83,11 +83,46 @@ pub struct ConsumerSpec {
     pub dead_letter_subject: Option<String>,
 }
 
+impl StreamSpec {
+    /// What every backend refuses before declaring the stream.
+    pub(crate) fn validate(&self) -> Result<(), BusError> {
+        validate_name("stream", &self.name)?;
+        if self.subjects.is_empty() {
+            return Err(BusError::Invalid(format!(
+                "stream `{}` has no subjects",
+                self.name
+            )));
+        }
+        self.subjects.iter().try_for_each(|s| validate_pattern(s))
+    }
+}
+
+/// JetStream's default when a consumer gives no ack wait.
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
 impl ConsumerSpec {
     pub fn dead_letter_subject(&self) -> String {
         self.dead_letter_subject
             .clone()
             .unwrap_or_else(|| format!("dlq.{}.{}", self.stream, self.durable))
+    }
+
+    /// `ack_wait`, with zero meaning JetStream's default of 30 s.
+    pub(crate) fn ack_wait_or_default(&self) -> Duration {
+        if self.ack_wait.is_zero() {
+            DEFAULT_ACK_WAIT
+        } else {
+            self.ack_wait
+        }
+    }
+
+    /// What every backend refuses before binding the consumer.
+    pub(crate) fn validate(&self) -> Result<(), BusError> {
+        validate_name("durable", &self.durable)?;
+        if let Some(filter) = &self.filter_subject {
+            validate_pattern(filter)?;
+        }
+        validate_subject(&self.dead_letter_subject())
     }
 }
 

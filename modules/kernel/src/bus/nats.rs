@@ -19,13 +19,11 @@ use futures::stream::BoxStream;
 
 use super::{
     Acker, Bus, BusError, Consumer, ConsumerSpec, Delivery, Headers, Message, PublishAck,
-    StreamSpec, validate_name, validate_pattern, validate_subject,
+    StreamSpec, validate_pattern, validate_subject,
 };
 use crate::config::BusConfig;
 
 const BUS: &str = "nats";
-/// JetStream's default when a consumer gives no ack wait.
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The bus on a NATS server with JetStream.
@@ -228,16 +226,7 @@ impl Bus for NatsBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
-        validate_name("stream", &spec.name)?;
-        if spec.subjects.is_empty() {
-            return Err(BusError::Invalid(format!(
-                "stream `{}` has no subjects",
-                spec.name
-            )));
-        }
-        for s in &spec.subjects {
-            validate_pattern(s)?;
-        }
+        spec.validate()?;
         let s = &self.shared;
         let name = s.prefix.stream(&spec.name);
         let subjects: Vec<String> = spec.subjects.iter().map(|x| s.prefix.subject(x)).collect();
@@ -304,11 +293,7 @@ impl Bus for NatsBus {
     }
 
     async fn consumer(&self, spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BusError> {
-        validate_name("durable", &spec.durable)?;
-        if let Some(filter) = &spec.filter_subject {
-            validate_pattern(filter)?;
-        }
-        validate_subject(&spec.dead_letter_subject())?;
+        spec.validate()?;
         let s = &self.shared;
         let stream_name = s.prefix.stream(&spec.stream);
         let stream = s.js.get_stream(&stream_name).await.map_err(|e| {
@@ -318,11 +303,7 @@ impl Bus for NatsBus {
                 unavailable(format!("look up stream `{stream_name}`: {e}"))
             }
         })?;
-        let ack_wait = if spec.ack_wait.is_zero() {
-            DEFAULT_ACK_WAIT
-        } else {
-            spec.ack_wait
-        };
+        let ack_wait = spec.ack_wait_or_default();
         let config = pull::Config {
             durable_name: Some(spec.durable.clone()),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,

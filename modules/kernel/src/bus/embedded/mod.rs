@@ -28,17 +28,12 @@ use futures::stream::BoxStream;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tokio::sync::{Notify, broadcast};
 
-use super::{
-    Bus, BusError, Consumer, ConsumerSpec, Headers, Message, PublishAck, StreamSpec, validate_name,
-    validate_pattern, validate_subject,
-};
+use super::{Bus, BusError, Consumer, ConsumerSpec, Headers, Message, PublishAck, StreamSpec};
 use crate::config::BusConfig;
 use consume::EmbeddedConsumer;
 use sql::{millis, stmt, storage};
 
 const BUS: &str = "embedded";
-/// JetStream's default when a consumer gives no ack wait.
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// The bus stored in the application database.
 #[derive(Clone)]
@@ -79,16 +74,7 @@ impl Bus for EmbeddedBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
-        validate_name("stream", &spec.name)?;
-        if spec.subjects.is_empty() {
-            return Err(BusError::Invalid(format!(
-                "stream `{}` has no subjects",
-                spec.name
-            )));
-        }
-        for s in &spec.subjects {
-            validate_pattern(s)?;
-        }
+        spec.validate()?;
         let window = if spec.duplicate_window.is_zero() {
             self.store.default_duplicate_window
         } else {
@@ -125,11 +111,7 @@ impl Bus for EmbeddedBus {
     }
 
     async fn consumer(&self, spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BusError> {
-        validate_name("durable", &spec.durable)?;
-        if let Some(filter) = &spec.filter_subject {
-            validate_pattern(filter)?;
-        }
-        validate_subject(&spec.dead_letter_subject())?;
+        spec.validate()?;
         let exists = self
             .store
             .db
@@ -146,11 +128,7 @@ impl Bus for EmbeddedBus {
                 spec.stream
             )));
         }
-        let ack_wait = if spec.ack_wait.is_zero() {
-            DEFAULT_ACK_WAIT
-        } else {
-            spec.ack_wait
-        };
+        let ack_wait = spec.ack_wait_or_default();
         let spec_json = serde_json::json!({
             "filter_subject": spec.filter_subject,
             "ack_wait_ms": millis(ack_wait),
