@@ -74,7 +74,9 @@ impl Backend {
                 Ok(bus::from_config(&self.cfg, conn).await?)
             }
             Storage::Nats => {
-                let bus: Arc<dyn Bus> = Arc::new(bus::nats::NatsBus::connect(&self.cfg).await?);
+                // Metered, as `bus::from_config` builds it: it does the dead-letter move.
+                let nats: Arc<dyn Bus> = Arc::new(bus::nats::NatsBus::connect(&self.cfg).await?);
+                let bus: Arc<dyn Bus> = Arc::new(bus::Metered::new(nats));
                 // Connecting happens in the background; wait until it is up.
                 let mut waited = Duration::ZERO;
                 while bus.health().await.is_err() {

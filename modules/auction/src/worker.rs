@@ -23,8 +23,6 @@ use crate::{AuctionShared, STREAM};
 
 /// Deliveries fetched per round.
 const BATCH: usize = 32;
-/// How often an owned partition's consumer lag is measured.
-const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Longest wait for the first delivery of a fetch.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
 
@@ -68,9 +66,8 @@ async fn partition_loop(
             Ok(Some(guard)) => {
                 metrics::gauge!("bulwark_auction_partitions_owned").increment(1.0);
                 tracing::info!(message = "Owning bid partition.", partition = p);
+                // The kernel reports the partition consumer's lag while `own` holds it.
                 own(&inner, p, &guard, &closing, &deadline).await;
-                // Another process reports this partition's lag from now on.
-                metrics::gauge!("bulwark_bus_consumer_pending", "stream" => STREAM, "consumer" => consumer_spec(&inner, p).durable).set(0.0);
                 metrics::gauge!("bulwark_auction_partitions_owned").decrement(1.0);
                 let _ = inner.kv.release_lock(&guard).await;
             }
@@ -105,17 +102,7 @@ async fn own(
     };
     let lease = inner.cfg.partition_lease;
     let mut renewed = Instant::now();
-    let spec = consumer_spec(inner, p);
-    let lag = metrics::gauge!("bulwark_bus_consumer_pending", "stream" => STREAM, "consumer" => spec.durable.clone());
-    let mut measured: Option<Instant> = None;
     while !closing.is_cancelled() {
-        if measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
-            match consumer.pending().await {
-                Ok(n) => lag.set(n as f64),
-                Err(e) => tracing::debug!(message = "Cannot read consumer lag.", error = %e),
-            }
-            measured = Some(Instant::now());
-        }
         if renewed.elapsed() >= lease / 3 {
             match inner.kv.extend_lock(guard, lease).await {
                 Ok(true) => renewed = Instant::now(),

@@ -4,6 +4,10 @@
 //! * [`embedded::EmbeddedBus`] — a table in the application database with the same
 //!   semantics (the embedded default; survives restarts).
 //!
+//! [`from_config`] wraps either in [`Metered`], which adds what both share: the bus metrics, the
+//! dead-letter move after `max_deliver`, and the list of held consumers whose lag
+//! [`report_consumer_lag`] publishes. A bare backend does none of these.
+//!
 //! Semantics every implementation must honour (checked by the conformance suite in
 //! `tests/tests/bus_conformance.rs`):
 //! * `publish` with a message id drops a second publish of the same id inside the stream's
@@ -17,9 +21,15 @@
 //! * ephemeral fan-out (`broadcast`/`subscribe`) is at-most-once and not persisted.
 
 pub mod embedded;
+mod lag;
+mod metered;
 pub mod nats;
 
+pub use lag::{CONSUMER_LAG_EVERY, ConsumerLag, report_consumer_lag};
+pub use metered::Metered;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,11 +83,46 @@ pub struct ConsumerSpec {
     pub dead_letter_subject: Option<String>,
 }
 
+impl StreamSpec {
+    /// What every backend refuses before declaring the stream.
+    pub(crate) fn validate(&self) -> Result<(), BusError> {
+        validate_name("stream", &self.name)?;
+        if self.subjects.is_empty() {
+            return Err(BusError::Invalid(format!(
+                "stream `{}` has no subjects",
+                self.name
+            )));
+        }
+        self.subjects.iter().try_for_each(|s| validate_pattern(s))
+    }
+}
+
+/// JetStream's default when a consumer gives no ack wait.
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
 impl ConsumerSpec {
     pub fn dead_letter_subject(&self) -> String {
         self.dead_letter_subject
             .clone()
             .unwrap_or_else(|| format!("dlq.{}.{}", self.stream, self.durable))
+    }
+
+    /// `ack_wait`, with zero meaning JetStream's default of 30 s.
+    pub(crate) fn ack_wait_or_default(&self) -> Duration {
+        if self.ack_wait.is_zero() {
+            DEFAULT_ACK_WAIT
+        } else {
+            self.ack_wait
+        }
+    }
+
+    /// What every backend refuses before binding the consumer.
+    pub(crate) fn validate(&self) -> Result<(), BusError> {
+        validate_name("durable", &self.durable)?;
+        if let Some(filter) = &self.filter_subject {
+            validate_pattern(filter)?;
+        }
+        validate_subject(&self.dead_letter_subject())
     }
 }
 
@@ -209,6 +254,11 @@ pub trait Bus: Send + Sync {
     async fn subscribe(&self, subject: &str) -> Result<BoxStream<'static, Message>, BusError>;
     /// Is the bus reachable right now?
     async fn health(&self) -> Result<(), BusError>;
+    /// The lag of every durable consumer this bus handed out that is still held, one per
+    /// stream and durable name. Only [`Metered`] keeps that list; a bare backend has none.
+    async fn consumer_lag(&self) -> Vec<ConsumerLag> {
+        Vec::new()
+    }
 }
 
 /// NATS-style subject matching: `*` matches one token, `>` one or more trailing tokens.
@@ -268,16 +318,17 @@ pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), BusError> {
     Ok(())
 }
 
-/// The bus the configuration asks for: NATS JetStream when `bus.url` is set, else the
-/// embedded bus in `db`.
+/// The bus the configuration asks for, metered: NATS JetStream when `bus.url` is set, else
+/// the embedded bus in `db`.
 pub async fn from_config(
     cfg: &crate::config::BusConfig,
     db: sea_orm::DatabaseConnection,
-) -> Result<std::sync::Arc<dyn Bus>, BusError> {
-    Ok(match &cfg.url {
-        Some(_) => std::sync::Arc::new(nats::NatsBus::connect(cfg).await?),
-        None => std::sync::Arc::new(embedded::EmbeddedBus::new(db, cfg)),
-    })
+) -> Result<Arc<dyn Bus>, BusError> {
+    let backend: Arc<dyn Bus> = match &cfg.url {
+        Some(_) => Arc::new(nats::NatsBus::connect(cfg).await?),
+        None => Arc::new(embedded::EmbeddedBus::new(db, cfg)),
+    };
+    Ok(Arc::new(Metered::new(backend)))
 }
 
 #[cfg(test)]

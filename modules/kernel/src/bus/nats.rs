@@ -1,13 +1,13 @@
 //! The NATS JetStream bus (K4), written against NATS 2.9: one filter subject per consumer,
-//! server-side `max_deliver` unlimited (this wrapper dead-letters itself, exactly like the
-//! embedded bus).
+//! server-side `max_deliver` unlimited (the kernel's wrapper, `bus::Metered`, dead-letters
+//! after `max_deliver`, exactly as it does for the embedded bus).
 //!
 //! `bus.prefix` isolates tenants and tests on one server: stream `ORDERS` becomes
 //! `<prefix>ORDERS` and subject `orders.new.1` becomes `<prefix>.orders.new.1` (a
 //! trailing `.` in the prefix is dropped). Callers never see the prefix on anything returned.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind, stream};
@@ -19,13 +19,11 @@ use futures::stream::BoxStream;
 
 use super::{
     Acker, Bus, BusError, Consumer, ConsumerSpec, Delivery, Headers, Message, PublishAck,
-    StreamSpec, validate_name, validate_pattern, validate_subject,
+    StreamSpec, validate_pattern, validate_subject,
 };
 use crate::config::BusConfig;
 
 const BUS: &str = "nats";
-/// JetStream's default when a consumer gives no ack wait.
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The bus on a NATS server with JetStream.
@@ -175,32 +173,9 @@ impl Shared {
         mut headers: Headers,
         payload: Bytes,
     ) -> Result<PublishAck, BusError> {
-        let started = Instant::now();
-        let result = self
-            .publish_inner(subject, message_id, &mut headers, payload)
-            .await;
-        metrics::histogram!("bulwark_bus_publish_duration_seconds", "bus" => BUS)
-            .record(started.elapsed().as_secs_f64());
-        let outcome = match &result {
-            Ok(ack) if ack.duplicate => "duplicate",
-            Ok(_) => "stored",
-            Err(_) => "error",
-        };
-        metrics::counter!("bulwark_bus_published_total", "bus" => BUS, "outcome" => outcome)
-            .increment(1);
-        result
-    }
-
-    async fn publish_inner(
-        &self,
-        subject: &str,
-        message_id: Option<&str>,
-        headers: &mut Headers,
-        payload: Bytes,
-    ) -> Result<PublishAck, BusError> {
         validate_subject(subject)?;
-        crate::telemetry::inject_context(headers);
-        let mut map = to_header_map(headers)?;
+        crate::telemetry::inject_context(&mut headers);
+        let mut map = to_header_map(&headers)?;
         if let Some(id) = message_id {
             let v: HeaderValue = id
                 .parse()
@@ -251,16 +226,7 @@ impl Bus for NatsBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
-        validate_name("stream", &spec.name)?;
-        if spec.subjects.is_empty() {
-            return Err(BusError::Invalid(format!(
-                "stream `{}` has no subjects",
-                spec.name
-            )));
-        }
-        for s in &spec.subjects {
-            validate_pattern(s)?;
-        }
+        spec.validate()?;
         let s = &self.shared;
         let name = s.prefix.stream(&spec.name);
         let subjects: Vec<String> = spec.subjects.iter().map(|x| s.prefix.subject(x)).collect();
@@ -327,11 +293,7 @@ impl Bus for NatsBus {
     }
 
     async fn consumer(&self, spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BusError> {
-        validate_name("durable", &spec.durable)?;
-        if let Some(filter) = &spec.filter_subject {
-            validate_pattern(filter)?;
-        }
-        validate_subject(&spec.dead_letter_subject())?;
+        spec.validate()?;
         let s = &self.shared;
         let stream_name = s.prefix.stream(&spec.stream);
         let stream = s.js.get_stream(&stream_name).await.map_err(|e| {
@@ -341,11 +303,7 @@ impl Bus for NatsBus {
                 unavailable(format!("look up stream `{stream_name}`: {e}"))
             }
         })?;
-        let ack_wait = if spec.ack_wait.is_zero() {
-            DEFAULT_ACK_WAIT
-        } else {
-            spec.ack_wait
-        };
+        let ack_wait = spec.ack_wait_or_default();
         let config = pull::Config {
             durable_name: Some(spec.durable.clone()),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
@@ -370,7 +328,6 @@ impl Bus for NatsBus {
         Ok(Box::new(NatsConsumer {
             shared: s.clone(),
             consumer,
-            spec: spec.clone(),
         }))
     }
 
@@ -429,7 +386,6 @@ impl Bus for NatsBus {
 struct NatsConsumer {
     shared: Arc<Shared>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    spec: ConsumerSpec,
 }
 
 impl NatsConsumer {
@@ -459,45 +415,6 @@ impl NatsConsumer {
         collect(batch).await
     }
 
-    /// Publishes to the dead-letter subject, then terminates. If the publish fails the message
-    /// is left alone: the server redelivers it after `ack_wait` and the move is retried.
-    async fn dead_letter(&self, msg: &jetstream::Message, subject: &str, seq: u64, delivered: i64) {
-        let (mut headers, _) = from_header_map(msg.headers.as_ref());
-        headers.insert(
-            "Bulwark-Dead-Letter-Stream".into(),
-            self.spec.stream.clone(),
-        );
-        headers.insert(
-            "Bulwark-Dead-Letter-Durable".into(),
-            self.spec.durable.clone(),
-        );
-        headers.insert("Bulwark-Dead-Letter-Subject".into(), subject.to_owned());
-        headers.insert("Bulwark-Dead-Letter-Sequence".into(), seq.to_string());
-        headers.insert(
-            "Bulwark-Dead-Letter-Delivered".into(),
-            (delivered - 1).to_string(),
-        );
-        // A stable id makes a retried move a duplicate instead of a second copy.
-        let id = format!("dlq-{}-{}-{seq}", self.spec.stream, self.spec.durable);
-        let dlq = self.spec.dead_letter_subject();
-        match self
-            .shared
-            .publish(&dlq, Some(&id), headers, msg.payload.clone())
-            .await
-        {
-            Ok(_) => {
-                metrics::counter!("bulwark_bus_dead_letters_total", "bus" => BUS).increment(1);
-                if let Err(e) = msg.double_ack_with(AckKind::Term).await {
-                    tracing::warn!(message = "Dead-lettered message not terminated; it will be retried.", error = %e);
-                }
-            }
-            Err(err) => tracing::error!(
-                message = "Cannot move a message to its dead-letter subject; will retry.",
-                stream = %self.spec.stream, durable = %self.spec.durable, sequence = seq, error = %err,
-            ),
-        }
-    }
-
     async fn deliveries(&self, msgs: Vec<jetstream::Message>) -> Vec<Delivery> {
         let mut out = Vec::with_capacity(msgs.len());
         for msg in msgs {
@@ -509,14 +426,6 @@ impl NatsConsumer {
                 }
             };
             let subject = self.shared.prefix.unsubject(&msg.subject);
-            if self.spec.max_deliver > 0 && delivered > i64::from(self.spec.max_deliver) {
-                self.dead_letter(&msg, &subject, seq, delivered).await;
-                continue;
-            }
-            metrics::counter!("bulwark_bus_deliveries_total", "bus" => BUS).increment(1);
-            if delivered > 1 {
-                metrics::counter!("bulwark_bus_redeliveries_total", "bus" => BUS).increment(1);
-            }
             let (headers, message_id) = from_header_map(msg.headers.as_ref());
             let payload = msg.payload.clone();
             out.push(Delivery::new(
@@ -573,7 +482,7 @@ impl Consumer for NatsConsumer {
                 }
             }
             let got = self.deliveries(msgs).await;
-            // Only dead-lettered messages arrived: look again while time is left.
+            // Only messages without ack metadata arrived: look again while time is left.
             if !got.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(got);
             }
@@ -594,19 +503,13 @@ fn ack_error(e: &async_nats::Error) -> BusError {
     }
 }
 
-fn count_ack(kind: &'static str) {
-    metrics::counter!("bulwark_bus_acks_total", "bus" => BUS, "kind" => kind).increment(1);
-}
-
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(&self) -> Result<(), BusError> {
-        count_ack("ack");
         // Double ack: returns once the server has recorded it.
         self.msg.double_ack().await.map_err(|e| ack_error(&e))
     }
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
-        count_ack("nak");
         let delay = (!delay.is_zero()).then_some(delay);
         self.msg
             .ack_with(AckKind::Nak(delay))
@@ -614,14 +517,12 @@ impl Acker for NatsAcker {
             .map_err(|e| ack_error(&e))
     }
     async fn in_progress(&self) -> Result<(), BusError> {
-        count_ack("progress");
         self.msg
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| ack_error(&e))
     }
     async fn term(&self) -> Result<(), BusError> {
-        count_ack("term");
         self.msg
             .double_ack_with(AckKind::Term)
             .await
