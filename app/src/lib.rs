@@ -159,6 +159,16 @@ impl Application {
         } = start_modules(&ctx, &enabled).await?;
         checks.extend(module_checks);
         workers.push(pool_gauges(&ctx));
+        // Lag of every durable consumer this process holds, whichever module took it.
+        workers.push(Worker {
+            name: "bus-consumer-lag".into(),
+            kind: WorkerKind::Worker,
+            run: Box::pin(bus::report_consumer_lag(
+                ctx.bus.clone(),
+                bus::CONSUMER_LAG_EVERY,
+                ctx.shutdown.closing_token(),
+            )),
+        });
 
         let readiness = Readiness::new(checks, ctx.shutdown.clone());
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);

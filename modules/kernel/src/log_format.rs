@@ -98,9 +98,7 @@ where
         let mut line = UniqueKeys::default();
         line.insert(
             "timestamp",
-            Value::from(
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
+            Value::from(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
         line.insert("level", Value::from(meta.level().as_str()));
         event.record(&mut line);
