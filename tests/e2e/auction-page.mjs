@@ -5,70 +5,20 @@
 // while it is down, restarts it on the same port and data, and checks that both pages reconnect,
 // re-render from the full state, and that the bid made while offline was resent and applied.
 //
-// Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium).
+// Env: BULWARK_BIN, CHROMIUM (see harness.mjs).
 // Exit code 0 when every check passed; each check prints one line.
-import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { check, freePort, launchBrowser, ready, run, startServer, tempDir, token } from "./harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const bin = path.resolve(process.env.BULWARK_BIN || path.join(here, "../../target/debug/bulwark"));
-const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
-const dir = mkdtempSync(path.join(tmpdir(), "bulwark-e2e-"));
-let server = null;
-let browser = null;
-let failed = false;
-
-function check(ok, what) {
-  console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
-  if (!ok) failed = true;
-  return ok;
-}
-
-async function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
-    s.on("error", reject);
-  });
-}
-
-const env = (port) => ({
-  ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BULWARK_"))),
-  BULWARK__SERVER__LISTEN: `127.0.0.1:${port}`,
-  BULWARK__DRAIN__GRACE: "0s",
-  BULWARK__TELEMETRY__LOG_LEVEL: "warn",
-});
-
-function start(port) {
-  server = spawn(bin, ["serve"], { cwd: dir, env: env(port), stdio: ["ignore", "ignore", "inherit"] });
-}
-
-async function ready(base) {
-  for (let i = 0; i < 150; i++) {
-    try { if ((await fetch(base + "/readyz")).ok) return true; } catch { /* not up yet */ }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  return false;
-}
-
-function token(port, sub, role) {
-  return execFileSync(bin, ["token", "issue", "--sub", sub, "--role", role], { cwd: dir, env: env(port) })
-    .toString().trim();
-}
+const dir = tempDir("bulwark-e2e-");
 
 async function main() {
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
-  start(port);
+  let server = startServer(dir, port);
   if (!check(await ready(base), `bulwark ready on ${base}`)) return;
-  const admin = token(port, "e2e-admin", "admin");
-  const ann = token(port, "ann", "bidder");
-  const ben = token(port, "ben", "bidder");
+  const admin = token(dir, port, "e2e-admin", "admin");
+  const ann = token(dir, port, "ann", "bidder");
+  const ben = token(dir, port, "ben", "bidder");
   const res = await fetch(base + "/api/auction/auctions", {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${admin}` },
@@ -77,7 +27,7 @@ async function main() {
   if (!check(res.status === 201, `auction created (${res.status})`)) return;
   const { id } = await res.json();
 
-  browser = await chromium.launch({ executablePath: browserPath, headless: true, args: ["--no-sandbox"] });
+  const browser = await launchBrowser();
   const pageA = await browser.newPage();
   const pageB = await browser.newPage();
   await pageA.goto(`${base}/auction/${id}?token=${ann}`);
@@ -108,7 +58,7 @@ async function main() {
   await pageB.click("#bid");
   check((await pageB.textContent("#mine")).includes("sending"), "page B keeps the offline bid pending");
 
-  start(port);
+  server = startServer(dir, port);
   check(await ready(base), "bulwark restarted on the same port and data");
   await pageA.waitForSelector(open, { timeout: 20_000 });
   await pageB.waitForSelector(open, { timeout: 20_000 });
@@ -123,13 +73,4 @@ async function main() {
   check(/^\d+ s$/.test(countdown), `countdown runs from the server clock (${countdown})`);
 }
 
-try {
-  await main();
-} catch (e) {
-  check(false, `unexpected error: ${e && e.stack || e}`);
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  if (server && server.exitCode === null) server.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-}
-process.exit(failed ? 1 : 0);
+await run(main);

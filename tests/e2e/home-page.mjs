@@ -7,64 +7,23 @@
 // GET /api/auction/auctions from the UI. Every request to another origin is refused and counted:
 // the pages must work with no network.
 //
-// Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium),
+// Env: BULWARK_BIN, CHROMIUM (see harness.mjs),
 // SCREENSHOT_DIR (optional: where to save a PNG of each page).
 // Exit code 0 when every check passed; each check prints one line.
-import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { check, freePort, launchBrowser, ready, run, startServer, tempDir, token } from "./harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const bin = path.resolve(process.env.BULWARK_BIN || path.join(here, "../../target/debug/bulwark"));
-const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
 const shots = process.env.SCREENSHOT_DIR;
-const dir = mkdtempSync(path.join(tmpdir(), "bulwark-e2e-home-"));
-let server = null;
-let browser = null;
-let failed = false;
-
-function check(ok, what) {
-  console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
-  if (!ok) failed = true;
-  return ok;
-}
-
-async function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
-    s.on("error", reject);
-  });
-}
-
-const env = (port) => ({
-  ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BULWARK_"))),
-  BULWARK__SERVER__LISTEN: `127.0.0.1:${port}`,
-  BULWARK__DRAIN__GRACE: "0s",
-  BULWARK__TELEMETRY__LOG_LEVEL: "warn",
-});
-
-async function ready(base) {
-  for (let i = 0; i < 150; i++) {
-    try { if ((await fetch(base + "/readyz")).ok) return true; } catch { /* not up yet */ }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  return false;
-}
+const dir = tempDir("bulwark-e2e-home-");
 
 async function main() {
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
-  server = spawn(bin, ["serve"], { cwd: dir, env: env(port), stdio: ["ignore", "ignore", "inherit"] });
+  startServer(dir, port);
   if (!check(await ready(base), `bulwark ready on ${base}`)) return;
-  const admin = execFileSync(bin, ["token", "issue", "--sub", "e2e-admin", "--role", "admin"], { cwd: dir, env: env(port) })
-    .toString().trim();
+  const admin = token(dir, port, "e2e-admin", "admin");
 
-  browser = await chromium.launch({ executablePath: browserPath, headless: true, args: ["--no-sandbox"] });
+  const browser = await launchBrowser();
   const context = await browser.newContext();
   const outside = [];
   await context.route("**/*", (route) => {
@@ -125,13 +84,4 @@ async function main() {
   check(errors.length === 0, `no script errors (${errors.join("; ") || "none"})`);
 }
 
-try {
-  await main();
-} catch (e) {
-  check(false, `unexpected error: ${e && e.stack || e}`);
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  if (server && server.exitCode === null) server.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-}
-process.exit(failed ? 1 : 0);
+await run(main);
