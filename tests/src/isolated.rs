@@ -45,6 +45,41 @@ pub fn in_own_process(test: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::{ENV, in_own_process};
+
+    fn in_child(test: &str) -> bool {
+        std::env::var(ENV).is_ok_and(|t| t == format!("isolated::tests::{test}"))
+    }
+
+    /// Passes here; fails when run as the isolated child.
+    #[test]
+    fn fails_in_its_own_process() {
+        assert!(!in_child("fails_in_its_own_process"), "the child fails");
+    }
+
+    #[test]
+    fn passes_in_its_own_process() {
+        if !crate::isolated!(passes_in_its_own_process) {
+            assert!(!in_child("passes_in_its_own_process"));
+            return;
+        }
+        assert!(
+            in_child("passes_in_its_own_process"),
+            "the body runs in the child"
+        );
+    }
+
+    #[test]
+    fn a_failing_or_missing_child_test_fails_the_caller() {
+        for test in [
+            "isolated::tests::fails_in_its_own_process",
+            "isolated::tests::no_such_test",
+        ] {
+            let r = std::panic::catch_unwind(|| in_own_process(test));
+            assert!(r.is_err(), "{test} did not fail the caller");
+        }
+    }
+
     #[test]
     fn test_paths_drop_the_crate() {
         assert_eq!(super::test_path("it::otlp", "spans"), "otlp::spans");
