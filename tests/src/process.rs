@@ -73,7 +73,7 @@ impl ProcessBuilder {
 
     /// Start `bulwark [--config bulwark.toml] serve --role <role>` in a fresh directory on a
     /// free port, JSON logs (level `info` unless set) to `<dir>/log`, and wait until `/readyz`
-    /// answers 200. Panics, showing the log, if it exits or is not ready in [`READY_TIMEOUT`].
+    /// answers 200. Panics, showing the end of the log, if it is not ready in [`READY_TIMEOUT`].
     pub async fn spawn(self) -> TestProcess {
         let p = self.spawn_unready();
         p.assert_ready().await;
