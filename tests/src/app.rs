@@ -1,17 +1,16 @@
 //! Spawn the real application for one test: in process on port 0 (fast, most tests) or as the
 //! built binary (kill -9, signals, cold start).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use bulwark::Application;
-use bulwark_kernel::auth::{Authenticator, Role};
 use bulwark_kernel::config::{Figment, Serialized, Settings};
 use bulwark_kernel::module::ProcessRole;
 use bulwark_kernel::shutdown::Shutdown;
 use serde::Serialize;
 
+use crate::http::Http;
+use crate::process::{ProcessBuilder, TestProcess};
 use crate::services::{TestDatabase, figment_defaults, nats_url, redis_url, unique};
 
 /// The HS256 secret test applications use, so tests can mint tokens.
@@ -127,83 +126,86 @@ impl TestAppBuilder {
         for o in self.overrides {
             figment = figment.merge(o);
         }
-        let settings = Settings::from_figment(figment)?;
+        let settings = Settings::from_figment(figment.clone())?;
         let mut modules = bulwark::modules::compiled();
         modules.extend(self.modules);
         let app = Application::build_with_modules(settings.clone(), self.role, modules).await?;
-        let addr = app.local_addr();
-        let metrics_addr = app.metrics_addr();
+        let http = Http::new(
+            app.local_addr(),
+            app.metrics_addr(),
+            settings.kernel.auth.clone(),
+            Some(TEST_SECRET.as_bytes().to_vec()),
+        )?;
         let shutdown = app.shutdown_handle();
         let handle = tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?;
         Ok(Some(TestApp {
-            addr,
-            metrics_addr,
-            client,
+            http,
             shutdown,
             settings,
+            figment,
             handle: Some(handle),
             db,
             _data_dir: data_dir,
         }))
     }
+
+    /// [`spawn`](Self::spawn), for when the backend is known to be there: embedded, or real
+    /// inside [`each_backend!`](crate::each_backend) (which skips the real half when the
+    /// services are not configured). Panics if the application does not start.
+    pub async fn start(self) -> TestApp {
+        let backend = self.backend;
+        self.spawn()
+            .await
+            .expect("spawn the application")
+            .unwrap_or_else(|| panic!("{backend:?} services are not configured"))
+    }
 }
 
-/// A running application.
+/// A running application, in this process. Dereferences to [`Http`] (`url`, `get`,
+/// `post_json`, `token_for`, `metrics_text`, ...).
 pub struct TestApp {
-    pub addr: SocketAddr,
-    /// The separate metrics listener, when `server.metrics_listen` is set.
-    pub metrics_addr: Option<SocketAddr>,
-    pub client: reqwest::Client,
+    http: Http,
     pub shutdown: Shutdown,
     pub settings: Settings,
+    /// The complete configuration it runs with; [`TestApp::process`] starts processes on it.
+    pub figment: Figment,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub db: TestDatabase,
     _data_dir: tempfile::TempDir,
 }
 
+impl std::ops::Deref for TestApp {
+    type Target = Http;
+    fn deref(&self) -> &Http {
+        &self.http
+    }
+}
+
 /// An embedded-mode application with test defaults.
 pub async fn spawn_app() -> TestApp {
-    TestAppBuilder::new(Backend::Embedded)
-        .spawn()
-        .await
-        .expect("spawn app")
-        .expect("embedded always spawns")
+    TestAppBuilder::new(Backend::Embedded).start().await
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// A valid token for `role`.
-    pub fn token(&self, role: Role) -> String {
-        Authenticator::hs256(TEST_SECRET.as_bytes(), self.settings.kernel.auth.clone())
-            .issue(
-                &format!("test-{}", role.as_str()),
-                role,
-                Duration::from_secs(600),
-            )
-            .expect("issue token")
-    }
-
-    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
-        let mut req = self.client.get(self.url(path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        req.send().await.expect("request")
-    }
-
-    /// Begin the drain and wait for the process to stop.
+    /// Begin the drain and wait for the application to stop.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.shutdown.trigger();
         if let Some(h) = self.handle.take() {
             h.await??;
         }
         Ok(())
+    }
+
+    /// A `bulwark serve --role <role>` process of the same deployment: this app's database,
+    /// bus (URL and prefix), Redis (URL and key prefix), secret and every other setting.
+    /// Adjust it with [`ProcessBuilder`]'s methods, then `spawn()`.
+    pub fn process(&self, role: ProcessRole) -> ProcessBuilder {
+        ProcessBuilder::sharing(self.figment.clone()).role(role)
+    }
+
+    /// [`process(role)`](Self::process)`.spawn()`: started and ready (`/readyz` 200).
+    pub async fn spawn_process(&self, role: ProcessRole) -> TestProcess {
+        self.process(role).spawn().await
     }
 }
 
@@ -213,10 +215,26 @@ impl Drop for TestApp {
     }
 }
 
-/// The `bulwark` binary built for the tests (debug profile, all features).
+/// The `bulwark` binary beside the running test (or bench) executable: `target/<profile>/`
+/// when run from `target/<profile>/deps/`, whatever the target directory. Falls back to
+/// `$CARGO_TARGET_DIR/debug/bulwark` (or `<workspace>/target/debug/bulwark`). Cargo does not
+/// build another package's binary for `cargo test -p bulwark-tests`; `scripts/test` builds it
+/// first (`cargo build -p bulwark -p bulwark-tests --bin bulwark ...`).
 pub fn binary_path() -> PathBuf {
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let dir = exe.parent()?;
+        let dir = if dir.ends_with("deps") {
+            dir.parent()?
+        } else {
+            dir
+        };
+        Some(dir.join("bulwark"))
+    });
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return p;
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("debug/bulwark")
 }

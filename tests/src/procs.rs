@@ -1,5 +1,6 @@
 //! Private server processes for tests that stop and restart a dependency (so they never
-//! disturb the shared services other tests use), and the built `bulwark` binary.
+//! disturb the shared services other tests use), and the built `bulwark` binary (started as a
+//! server by [`crate::process`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,35 +141,6 @@ pub fn bulwark_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// Start `bulwark serve` in `dir` with extra environment; stdout/stderr to `dir/log`.
-pub fn spawn_bulwark(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
-    spawn_bulwark_with(dir, port, &[], env)
-}
-
-/// Start `bulwark serve <args>` (e.g. `--role worker`) in `dir` with extra environment.
-pub fn spawn_bulwark_with(dir: &Path, port: u16, args: &[&str], env: &[(&str, String)]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("log"))
-        .expect("log file");
-    let log2 = log.try_clone().expect("log file");
-    let mut cmd = Command::new(bulwark_binary());
-    cmd.arg("serve")
-        .args(args)
-        .current_dir(dir)
-        .env("BULWARK__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("BULWARK__TELEMETRY__LOG_FORMAT", "json")
-        .stdout(log)
-        .stderr(log2);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc {
-        child: cmd.spawn().expect("spawn bulwark"),
-    }
 }
 
 /// A private three-master Redis Cluster (no replicas) on free ports; `None` when redis-server

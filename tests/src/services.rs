@@ -39,6 +39,14 @@ pub fn nats_url() -> Option<String> {
     service_url("BULWARK_TEST_NATS_URL")
 }
 
+/// Are PostgreSQL, Redis and NATS all configured? Prints a note for each one that is not;
+/// with `BULWARK_TEST_REQUIRE_SERVICES=1` a missing one fails the test instead.
+pub fn real_services() -> bool {
+    // Ask about all three, so every missing variable is named.
+    let configured = [postgres_admin_url(), redis_url(), nats_url()];
+    configured.iter().all(Option::is_some)
+}
+
 /// A short unique token for names (database, key prefix, stream prefix).
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

@@ -7,99 +7,57 @@ use std::time::Duration;
 
 use bulwark_auction::client::{AuctionClient, ClientConfig};
 use bulwark_auction::protocol::Outcome;
-use bulwark_kernel::auth::{Authenticator, Role};
+use bulwark_kernel::auth::Role;
 use bulwark_kernel::module::ProcessRole;
-use bulwark_tests::procs::{free_port, spawn_bulwark_with};
-use bulwark_tests::{Backend, TestApp, TestAppBuilder};
+use bulwark_tests::{Backend, ProcessBuilder, TestApp, TestAppBuilder};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn env_for(app: &TestApp) -> Vec<(&'static str, String)> {
-    let k = &app.settings.kernel;
-    let mut env = vec![
-        ("BULWARK__DATABASE__URL", k.database.url.expose().to_owned()),
-        ("BULWARK__REDIS__KEY_PREFIX", k.redis.key_prefix.clone()),
-        ("BULWARK__BUS__PREFIX", k.bus.prefix.clone()),
-        (
-            "BULWARK__AUTH__HS256_SECRET",
-            bulwark_tests::app::TEST_SECRET.to_owned(),
-        ),
-        ("BULWARK__AUCTION__PARTITION_LEASE", "2s".to_owned()),
-        ("BULWARK__AUCTION__ACK_WAIT", "2s".to_owned()),
-        ("BULWARK__AUCTION__BIDS_PER_SECOND", "1000".to_owned()),
-        ("BULWARK__AUCTION__BID_BURST", "1000".to_owned()),
-        ("BULWARK__DRAIN__GRACE", "0s".to_owned()),
-        ("BULWARK__AUCTION__PRESENCE_TTL", "3s".to_owned()),
-    ];
-    if let Some(u) = &k.redis.url {
-        env.push(("BULWARK__REDIS__URL", u.expose().to_owned()));
-    }
-    if let Some(u) = &k.bus.url {
-        env.push(("BULWARK__BUS__URL", u.expose().to_owned()));
-    }
-    env
-}
-
-async fn ready(port: u16) -> bool {
-    let client = reqwest::Client::new();
-    bulwark_tests::services::eventually(WAIT, || async {
-        let r = client
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await
-    .is_some()
+/// A process of `app`'s deployment with short leases, so a killed worker's partitions and
+/// unacknowledged bids move on quickly.
+fn process(app: &TestApp, role: ProcessRole) -> ProcessBuilder {
+    app.process(role)
+        .set("auction.partition_lease", "2s")
+        .set("auction.ack_wait", "2s")
+        .set("auction.bids_per_second", 1000.0)
+        .set("auction.bid_burst", 1000.0)
+        .set("drain.grace", "0s")
+        .set("auction.presence_ttl", "3s")
 }
 
 #[tokio::test]
 async fn killing_web_and_worker_processes_loses_no_acknowledged_bid() {
     // The in-process instance serves HTTP only: every bid is applied by a worker process.
-    let Some(web_a) = TestAppBuilder::new(Backend::Real)
+    if !bulwark_tests::services::real_services() {
+        return;
+    }
+    let web_a = TestAppBuilder::new(Backend::Real)
         .role(ProcessRole::Web)
         .set("auction.bids_per_second", 1000.0)
         .set("auction.bid_burst", 1000.0)
-        .spawn()
-        .await
-        .expect("spawn")
-    else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("dir");
-    let env = env_for(&web_a);
-    let web_port = free_port();
-    let mut web_b = spawn_bulwark_with(dir.path(), web_port, &["--role", "web"], &env);
-    let mut worker1 = spawn_bulwark_with(dir.path(), free_port(), &["--role", "worker"], &env);
-    assert!(ready(web_port).await, "web process ready");
+        .start()
+        .await;
+    // Both wait for their /readyz.
+    let mut web_b = process(&web_a, ProcessRole::Web).spawn().await;
+    let mut worker1 = process(&web_a, ProcessRole::Worker).spawn().await;
 
     let res = web_a
-        .client
-        .post(web_a.url("/api/auction/auctions"))
-        .bearer_auth(web_a.token(Role::Admin))
-        .json(&json!({"title": "crash lot", "ends_at": (chrono::Utc::now() + chrono::Duration::minutes(5)).to_rfc3339(), "min_increment": 1}))
-        .send()
-        .await
-        .expect("create");
+        .post_json(
+            "/api/auction/auctions",
+            Some(&web_a.token(Role::Admin)),
+            &json!({"title": "crash lot", "ends_at": (chrono::Utc::now() + chrono::Duration::minutes(5)).to_rfc3339(), "min_increment": 1}),
+        )
+        .await;
     assert_eq!(res.status(), 201);
     let id = res.json::<Value>().await.expect("json")["id"]
         .as_i64()
         .expect("id");
 
-    let token = Authenticator::hs256(
-        bulwark_tests::app::TEST_SECRET.as_bytes(),
-        web_a.settings.kernel.auth.clone(),
-    )
-    .issue("gina", Role::Bidder, Duration::from_secs(600))
-    .expect("token");
+    let token = web_a.token_for("gina", Role::Bidder);
     // Connected to the web process first; after it dies, to the in-process instance.
     let client = AuctionClient::start(ClientConfig {
-        endpoints: vec![
-            format!("ws://127.0.0.1:{web_port}"),
-            format!("ws://{}", web_a.addr),
-        ],
+        endpoints: vec![web_b.ws_url(""), web_a.ws_url("")],
         backoff_base: Duration::from_millis(50),
         ..ClientConfig::new("", id, token)
     });
@@ -122,7 +80,7 @@ async fn killing_web_and_worker_processes_loses_no_acknowledged_bid() {
         acked_before_restart > 20,
         "bids were acknowledged while the worker was down"
     );
-    let _worker2 = spawn_bulwark_with(dir.path(), free_port(), &["--role", "worker"], &env);
+    let worker2 = process(&web_a, ProcessRole::Worker).spawn().await;
 
     let (ok, v) = client
         .wait_until(Duration::from_secs(60), |v| {
@@ -131,11 +89,11 @@ async fn killing_web_and_worker_processes_loses_no_acknowledged_bid() {
         .await;
     assert!(
         ok,
-        "every bid resolved: {} of {} (acked {}); log in {}",
+        "every bid resolved: {} of {} (acked {}); the new worker's log:\n{}",
         v.results.len(),
         sent.len(),
         v.acks.len(),
-        dir.path().display()
+        worker2.log_tail(30)
     );
     assert!(v.connects >= 2, "the client reconnected after the kill");
     // Resends after the reconnect may arrive after higher bids, and are then `too_low`: that

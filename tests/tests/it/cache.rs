@@ -12,6 +12,7 @@ use bulwark_cache::{
 };
 use bulwark_kernel::config::SecretUrl;
 use bulwark_kernel::kv::KvStore;
+use bulwark_tests::Backend;
 use bytes::Bytes;
 
 fn policy(strategy: Strategy, ttl_ms: u64) -> NamespacePolicy {
@@ -46,21 +47,23 @@ fn config(ns: &[(&str, NamespacePolicy)]) -> CacheConfig {
     }
 }
 
-async fn stores() -> Vec<Arc<dyn KvStore>> {
-    let mut v: Vec<Arc<dyn KvStore>> =
-        vec![Arc::new(bulwark_kernel::kv::memory::MemoryStore::new())];
-    if let Some(url) = bulwark_tests::services::redis_url() {
-        let mut cfg = bulwark_tests::services::default_settings().kernel.redis;
-        cfg.url = Some(SecretUrl::new(url));
-        cfg.key_prefix = format!("{}:", bulwark_tests::services::unique("c"));
-        cfg.command_timeout = Duration::from_secs(5);
-        v.push(Arc::new(
-            bulwark_kernel::kv::redis::RedisStore::connect(&cfg)
-                .await
-                .expect("redis"),
-        ));
+/// The shared tier on `backend`: the in-process store, or the test Redis under a fresh prefix.
+async fn store(backend: Backend) -> Arc<dyn KvStore> {
+    match backend {
+        Backend::Embedded => Arc::new(bulwark_kernel::kv::memory::MemoryStore::new()),
+        Backend::Real => {
+            let url = bulwark_tests::services::redis_url().expect("each_backend! checked");
+            let mut cfg = bulwark_tests::services::default_settings().kernel.redis;
+            cfg.url = Some(SecretUrl::new(url));
+            cfg.key_prefix = format!("{}:", bulwark_tests::services::unique("c"));
+            cfg.command_timeout = Duration::from_secs(5);
+            Arc::new(
+                bulwark_kernel::kv::redis::RedisStore::connect(&cfg)
+                    .await
+                    .expect("redis"),
+            )
+        }
     }
-    v
 }
 
 fn counting_loader(
@@ -78,193 +81,193 @@ fn counting_loader(
     }
 }
 
-#[tokio::test]
-async fn concurrent_misses_in_one_process_run_one_loader() {
-    for store in stores().await {
-        let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 10_000))]), store);
-        let count = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..200 {
-            let (cache, count) = (cache.clone(), count.clone());
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .get_or_load("ns", "k", counting_loader(&count, "v", 200))
-                    .await
-            }));
-        }
-        for t in tasks {
-            let (v, _) = t.await.expect("join").expect("value");
-            assert_eq!(v, "v");
-        }
-        assert_eq!(
-            count.load(Ordering::SeqCst),
-            1,
-            "C3 single-flight: one load for 200 concurrent misses"
-        );
-        let (_, outcome) = cache
-            .get_or_load("ns", "k", counting_loader(&count, "v", 0))
-            .await
-            .expect("hit");
-        assert_eq!(outcome, Outcome::Hit);
-    }
-}
-
-#[tokio::test]
-async fn lock_strategy_loads_once_across_processes() {
-    for store in stores().await {
-        let cfg = config(&[("ns", policy(Strategy::Lock, 10_000))]);
-        let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
-        let count = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for i in 0..100 {
-            let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let count = count.clone();
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .get_or_load("ns", "k", counting_loader(&count, "v", 300))
-                    .await
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.expect("join").expect("value").0, "v");
-        }
-        assert_eq!(
-            count.load(Ordering::SeqCst),
-            1,
-            "C3: one load across both instances"
-        );
-    }
-}
-
-#[tokio::test]
-async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
-    for store in stores().await {
-        let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 200))]), store);
-        let count = Arc::new(AtomicUsize::new(0));
-        cache
-            .get_or_load("ns", "k", counting_loader(&count, "old", 0))
-            .await
-            .expect("first");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (cache, count) = (cache.clone(), count.clone());
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .get_or_load("ns", "k", counting_loader(&count, "new", 500))
-                    .await
-            }));
-        }
-        for t in tasks {
-            let (v, outcome) = t.await.expect("join").expect("value");
-            assert_eq!(
-                (v.as_ref(), outcome),
-                (b"old".as_ref(), Outcome::Stale),
-                "C2: stale served at once"
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_millis(450),
-            "stale answers do not wait for the 500 ms refresh"
-        );
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(count.load(Ordering::SeqCst), 2, "exactly one refresh ran");
-        let (v, _) = cache
-            .get_or_load("ns", "k", counting_loader(&count, "x", 0))
-            .await
-            .expect("after");
-        assert_eq!(v, "new", "the refreshed value replaced the stale one");
-    }
-}
-
-#[tokio::test]
-async fn a_filler_whose_lease_expired_does_not_write() {
-    for store in stores().await {
-        let mut p = policy(Strategy::Lock, 10_000);
-        p.lock_lease = Duration::from_millis(150);
-        p.lock_wait = Duration::from_millis(100);
-        let cfg = config(&[("ns", p)]);
-        let (a, b) = (
-            Cache::new(&cfg, store.clone()),
-            Cache::new(&cfg, store.clone()),
-        );
-        let count = Arc::new(AtomicUsize::new(0));
-        // A takes the lock and is slow; its lease runs out.
-        let slow = {
-            let (a, c) = (a.clone(), count.clone());
-            tokio::spawn(async move {
-                a.get_or_load("ns", "k", counting_loader(&c, "stale-writer", 600))
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        // B finds the lock free again and fills.
-        let (v, _) = b
-            .get_or_load("ns", "k", counting_loader(&count, "fresh", 0))
-            .await
-            .expect("b");
-        assert_eq!(v, "fresh");
-        slow.await
-            .expect("join")
-            .expect("a still answers its caller");
-        let raw = store
-            .get("cache:ns:k")
-            .await
-            .expect("get")
-            .expect("present");
-        let entry = bulwark_cache::Entry::decode(raw).expect("decodes");
-        assert_eq!(
-            entry.value, "fresh",
-            "the late write of the expired holder was refused"
-        );
-    }
-}
-
-#[tokio::test]
-async fn invalidation_reaches_every_instance() {
-    for store in stores().await {
-        let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
-        let (a, b) = (
-            Cache::new(&cfg, store.clone()),
-            Cache::new(&cfg, store.clone()),
-        );
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let s = stop.clone();
-        tokio::spawn(
-            b.clone()
-                .follow_invalidations(async move { s.notified().await }),
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let count = Arc::new(AtomicUsize::new(0));
-        a.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
-            .await
-            .expect("a");
-        assert_eq!(
-            b.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
+async fn concurrent_misses_in_one_process_run_one_loader(backend: Backend) {
+    let store = store(backend).await;
+    let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 10_000))]), store);
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (cache, count) = (cache.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("ns", "k", counting_loader(&count, "v", 200))
                 .await
-                .expect("b")
-                .1,
-            Outcome::Hit
-        );
-        a.invalidate("ns", "k").await.expect("invalidate");
-        let mut gone = false;
-        for _ in 0..100 {
-            let (v, outcome) = b
-                .get_or_load("ns", "k", counting_loader(&count, "v2", 0))
-                .await
-                .expect("b again");
-            if outcome == Outcome::Miss {
-                assert_eq!(v, "v2");
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(gone, "C7: B's L1 copy was dropped by A's invalidation");
-        stop.notify_one();
+        }));
     }
+    for t in tasks {
+        let (v, _) = t.await.expect("join").expect("value");
+        assert_eq!(v, "v");
+    }
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "C3 single-flight: one load for 200 concurrent misses"
+    );
+    let (_, outcome) = cache
+        .get_or_load("ns", "k", counting_loader(&count, "v", 0))
+        .await
+        .expect("hit");
+    assert_eq!(outcome, Outcome::Hit);
 }
+
+bulwark_tests::each_backend!(concurrent_misses_in_one_process_run_one_loader);
+
+async fn lock_strategy_loads_once_across_processes(backend: Backend) {
+    let store = store(backend).await;
+    let cfg = config(&[("ns", policy(Strategy::Lock, 10_000))]);
+    let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("ns", "k", counting_loader(&count, "v", 300))
+                .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join").expect("value").0, "v");
+    }
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "C3: one load across both instances"
+    );
+}
+
+bulwark_tests::each_backend!(lock_strategy_loads_once_across_processes);
+
+async fn stale_while_revalidate_serves_stale_and_refreshes_once(backend: Backend) {
+    let store = store(backend).await;
+    let cache = Cache::new(&config(&[("ns", policy(Strategy::Swr, 200))]), store);
+    let count = Arc::new(AtomicUsize::new(0));
+    cache
+        .get_or_load("ns", "k", counting_loader(&count, "old", 0))
+        .await
+        .expect("first");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (cache, count) = (cache.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("ns", "k", counting_loader(&count, "new", 500))
+                .await
+        }));
+    }
+    for t in tasks {
+        let (v, outcome) = t.await.expect("join").expect("value");
+        assert_eq!(
+            (v.as_ref(), outcome),
+            (b"old".as_ref(), Outcome::Stale),
+            "C2: stale served at once"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "stale answers do not wait for the 500 ms refresh"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(count.load(Ordering::SeqCst), 2, "exactly one refresh ran");
+    let (v, _) = cache
+        .get_or_load("ns", "k", counting_loader(&count, "x", 0))
+        .await
+        .expect("after");
+    assert_eq!(v, "new", "the refreshed value replaced the stale one");
+}
+
+bulwark_tests::each_backend!(stale_while_revalidate_serves_stale_and_refreshes_once);
+
+async fn a_filler_whose_lease_expired_does_not_write(backend: Backend) {
+    let store = store(backend).await;
+    let mut p = policy(Strategy::Lock, 10_000);
+    p.lock_lease = Duration::from_millis(150);
+    p.lock_wait = Duration::from_millis(100);
+    let cfg = config(&[("ns", p)]);
+    let (a, b) = (
+        Cache::new(&cfg, store.clone()),
+        Cache::new(&cfg, store.clone()),
+    );
+    let count = Arc::new(AtomicUsize::new(0));
+    // A takes the lock and is slow; its lease runs out.
+    let slow = {
+        let (a, c) = (a.clone(), count.clone());
+        tokio::spawn(async move {
+            a.get_or_load("ns", "k", counting_loader(&c, "stale-writer", 600))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // B finds the lock free again and fills.
+    let (v, _) = b
+        .get_or_load("ns", "k", counting_loader(&count, "fresh", 0))
+        .await
+        .expect("b");
+    assert_eq!(v, "fresh");
+    slow.await
+        .expect("join")
+        .expect("a still answers its caller");
+    let raw = store
+        .get("cache:ns:k")
+        .await
+        .expect("get")
+        .expect("present");
+    let entry = bulwark_cache::Entry::decode(raw).expect("decodes");
+    assert_eq!(
+        entry.value, "fresh",
+        "the late write of the expired holder was refused"
+    );
+}
+
+bulwark_tests::each_backend!(a_filler_whose_lease_expired_does_not_write);
+
+async fn invalidation_reaches_every_instance(backend: Backend) {
+    let store = store(backend).await;
+    let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
+    let (a, b) = (
+        Cache::new(&cfg, store.clone()),
+        Cache::new(&cfg, store.clone()),
+    );
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    tokio::spawn(
+        b.clone()
+            .follow_invalidations(async move { s.notified().await }),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let count = Arc::new(AtomicUsize::new(0));
+    a.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
+        .await
+        .expect("a");
+    assert_eq!(
+        b.get_or_load("ns", "k", counting_loader(&count, "v1", 0))
+            .await
+            .expect("b")
+            .1,
+        Outcome::Hit
+    );
+    a.invalidate("ns", "k").await.expect("invalidate");
+    let mut gone = false;
+    for _ in 0..100 {
+        let (v, outcome) = b
+            .get_or_load("ns", "k", counting_loader(&count, "v2", 0))
+            .await
+            .expect("b again");
+        if outcome == Outcome::Miss {
+            assert_eq!(v, "v2");
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "C7: B's L1 copy was dropped by A's invalidation");
+    stop.notify_one();
+}
+
+bulwark_tests::each_backend!(invalidation_reaches_every_instance);
 
 #[tokio::test]
 async fn ten_thousand_keys_written_together_expire_spread_over_the_jitter_window() {
@@ -419,9 +422,7 @@ async fn admin_api_invalidates_and_rejects_bad_input() {
         .expect("spawn")
         .expect("app");
     let post = |token: String, body: &'static str| {
-        app.client
-            .post(app.url("/api/cache/invalidate"))
-            .bearer_auth(token)
+        app.request(reqwest::Method::POST, "/api/cache/invalidate", Some(&token))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -479,12 +480,7 @@ async fn admin_api_invalidates_and_rejects_bad_input() {
         .expect("json");
     assert_eq!(report[0]["namespace"], "reports");
     assert_eq!(report[0]["declared"]["class"], "expensive");
-    let metrics = app
-        .get("/metrics", None)
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(r#"bulwark_cache_memory_bytes{tier="l1"}"#),
         "memory gauge exported"
@@ -500,13 +496,12 @@ fn config_check_refuses_a_never_class_namespace() {
         "[cache.namespaces.prices]\nclass = \"never\"\nreason = \"live prices\"\nttl = \"1s\"\n",
     )
     .expect("write");
-    let out = std::process::Command::new(bulwark_tests::procs::bulwark_binary())
-        .args(["--config", "cache.toml", "config", "check"])
-        .current_dir(dir.path())
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = bulwark_tests::process::run_bulwark(
+        dir.path(),
+        &["--config", "cache.toml", "config", "check"],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("`cache.namespaces.prices.class`"), "{err}");
 }
 
@@ -550,49 +545,47 @@ async fn observed_behaviour_that_contradicts_the_declaration_is_flagged() {
     assert!(hot.flags.is_empty(), "{:?}", hot.flags);
 }
 
-#[tokio::test]
-async fn waiters_give_up_after_lock_wait_and_apply_the_fallback() {
+async fn waiters_give_up_after_lock_wait_and_apply_the_fallback(backend: Backend) {
     // C3: the others wait at most lock_wait, then fall back (here: 503-style Unavailable, or
     // load anyway). Exercises bulwark_cache_lock_timeouts_total and _lock_wait_seconds.
-    for store in stores().await {
-        for (fallback, expect_unavailable) in
-            [(Fallback::Unavailable, true), (Fallback::Load, false)]
-        {
-            let mut p = policy(Strategy::Lock, 10_000);
-            p.lock_wait = Duration::from_millis(100);
-            p.fallback = fallback;
-            let cfg = config(&[("ns", p)]);
-            let (a, b) = (
-                Cache::new(&cfg, store.clone()),
-                Cache::new(&cfg, store.clone()),
-            );
-            let count = Arc::new(AtomicUsize::new(0));
-            let key = format!("k-{fallback:?}");
-            let slow = {
-                let (a, c, key) = (a.clone(), count.clone(), key.clone());
-                tokio::spawn(async move {
-                    a.get_or_load("ns", &key, counting_loader(&c, "slow", 1000))
-                        .await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let started = Instant::now();
-            let r = b
-                .get_or_load("ns", &key, counting_loader(&count, "fallback", 0))
-                .await;
-            assert!(
-                started.elapsed() < Duration::from_millis(800),
-                "the waiter did not wait for the slow holder"
-            );
-            if expect_unavailable {
-                assert!(matches!(r, Err(CacheError::Unavailable(_))), "{r:?}");
-            } else {
-                assert_eq!(r.expect("loaded anyway").0, "fallback");
-            }
-            slow.await.expect("join").expect("the holder still answers");
+    let store = store(backend).await;
+    for (fallback, expect_unavailable) in [(Fallback::Unavailable, true), (Fallback::Load, false)] {
+        let mut p = policy(Strategy::Lock, 10_000);
+        p.lock_wait = Duration::from_millis(100);
+        p.fallback = fallback;
+        let cfg = config(&[("ns", p)]);
+        let (a, b) = (
+            Cache::new(&cfg, store.clone()),
+            Cache::new(&cfg, store.clone()),
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let key = format!("k-{fallback:?}");
+        let slow = {
+            let (a, c, key) = (a.clone(), count.clone(), key.clone());
+            tokio::spawn(async move {
+                a.get_or_load("ns", &key, counting_loader(&c, "slow", 1000))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let r = b
+            .get_or_load("ns", &key, counting_loader(&count, "fallback", 0))
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "the waiter did not wait for the slow holder"
+        );
+        if expect_unavailable {
+            assert!(matches!(r, Err(CacheError::Unavailable(_))), "{r:?}");
+        } else {
+            assert_eq!(r.expect("loaded anyway").0, "fallback");
         }
+        slow.await.expect("join").expect("the holder still answers");
     }
 }
+
+bulwark_tests::each_backend!(waiters_give_up_after_lock_wait_and_apply_the_fallback);
 
 fn failing_loader(
     count: &Arc<AtomicUsize>,
@@ -606,93 +599,93 @@ fn failing_loader(
     }
 }
 
-#[tokio::test]
-async fn loader_errors_are_remembered_briefly_and_never_replace_a_good_value() {
+async fn loader_errors_are_remembered_briefly_and_never_replace_a_good_value(backend: Backend) {
     // Issue 3 faults: a failed load is cached for error_ttl only; a stale value beats an error.
-    for store in stores().await {
-        let mut p = policy(Strategy::Lock, 150);
-        p.error_ttl = Duration::from_millis(400);
-        p.fallback = Fallback::Load;
-        let cache = Cache::new(&config(&[("ns", p)]), store);
-        let count = Arc::new(AtomicUsize::new(0));
-        // No value yet: the error comes back, and for error_ttl the loader is not run again.
-        for _ in 0..5 {
-            let r = cache
-                .get_or_load("ns", "fresh", failing_loader(&count))
-                .await;
-            assert!(
-                matches!(r, Err(CacheError::Loader(ref m)) if m == "origin down"),
-                "{r:?}"
-            );
-        }
-        assert_eq!(count.load(Ordering::SeqCst), 1, "one load per error_ttl");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let _ = cache
+    let store = store(backend).await;
+    let mut p = policy(Strategy::Lock, 150);
+    p.error_ttl = Duration::from_millis(400);
+    p.fallback = Fallback::Load;
+    let cache = Cache::new(&config(&[("ns", p)]), store);
+    let count = Arc::new(AtomicUsize::new(0));
+    // No value yet: the error comes back, and for error_ttl the loader is not run again.
+    for _ in 0..5 {
+        let r = cache
             .get_or_load("ns", "fresh", failing_loader(&count))
             .await;
-        assert_eq!(count.load(Ordering::SeqCst), 2, "retried after error_ttl");
+        assert!(
+            matches!(r, Err(CacheError::Loader(ref m)) if m == "origin down"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1, "one load per error_ttl");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = cache
+        .get_or_load("ns", "fresh", failing_loader(&count))
+        .await;
+    assert_eq!(count.load(Ordering::SeqCst), 2, "retried after error_ttl");
 
-        // A good value that went stale is served while the origin fails, and stays.
-        let good = Arc::new(AtomicUsize::new(0));
-        cache
-            .get_or_load("ns", "k", counting_loader(&good, "good", 0))
+    // A good value that went stale is served while the origin fails, and stays.
+    let good = Arc::new(AtomicUsize::new(0));
+    cache
+        .get_or_load("ns", "k", counting_loader(&good, "good", 0))
+        .await
+        .expect("first load");
+    tokio::time::sleep(Duration::from_millis(250)).await; // past ttl, inside stale_ttl
+    let fails = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        let (v, outcome) = cache
+            .get_or_load("ns", "k", failing_loader(&fails))
             .await
-            .expect("first load");
-        tokio::time::sleep(Duration::from_millis(250)).await; // past ttl, inside stale_ttl
-        let fails = Arc::new(AtomicUsize::new(0));
-        for _ in 0..3 {
-            let (v, outcome) = cache
-                .get_or_load("ns", "k", failing_loader(&fails))
-                .await
-                .expect("stale beats an error");
-            assert_eq!((v.as_ref(), outcome), (&b"good"[..], Outcome::Stale));
-        }
-        assert_eq!(
-            fails.load(Ordering::SeqCst),
-            1,
-            "the failure was remembered"
-        );
+            .expect("stale beats an error");
+        assert_eq!((v.as_ref(), outcome), (&b"good"[..], Outcome::Stale));
     }
+    assert_eq!(
+        fails.load(Ordering::SeqCst),
+        1,
+        "the failure was remembered"
+    );
 }
 
-#[tokio::test]
-async fn keys_are_admitted_only_after_min_uses() {
+bulwark_tests::each_backend!(loader_errors_are_remembered_briefly_and_never_replace_a_good_value);
+
+async fn keys_are_admitted_only_after_min_uses(backend: Backend) {
     // C4 admission (nginx min_uses): long-tail keys read once are served but never stored.
-    for store in stores().await {
-        let mut p = policy(Strategy::Lock, 10_000);
-        p.min_uses = 3;
-        let cache = Cache::new(&config(&[("tail", p)]), store);
-        let count = Arc::new(AtomicUsize::new(0));
-        let mut outcomes = Vec::new();
-        for _ in 0..4 {
-            let (v, o) = cache
-                .get_or_load("tail", "k", counting_loader(&count, "v", 0))
-                .await
-                .expect("served");
-            assert_eq!(v, "v");
-            outcomes.push(o);
-        }
-        assert_eq!(
-            outcomes,
-            vec![Outcome::Miss, Outcome::Miss, Outcome::Miss, Outcome::Hit],
-            "stored on the third request, hit on the fourth"
-        );
-        assert_eq!(count.load(Ordering::SeqCst), 3);
-        // A thousand keys read once each leave nothing behind in L1.
-        let before = cache.l1_bytes().await;
-        for i in 0..1000 {
-            cache
-                .get_or_load(
-                    "tail",
-                    &format!("once-{i}"),
-                    counting_loader(&count, "v", 0),
-                )
-                .await
-                .expect("served");
-        }
-        assert_eq!(cache.l1_bytes().await, before, "nothing admitted");
+    let store = store(backend).await;
+    let mut p = policy(Strategy::Lock, 10_000);
+    p.min_uses = 3;
+    let cache = Cache::new(&config(&[("tail", p)]), store);
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        let (v, o) = cache
+            .get_or_load("tail", "k", counting_loader(&count, "v", 0))
+            .await
+            .expect("served");
+        assert_eq!(v, "v");
+        outcomes.push(o);
     }
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Miss, Outcome::Miss, Outcome::Miss, Outcome::Hit],
+        "stored on the third request, hit on the fourth"
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    // A thousand keys read once each leave nothing behind in L1.
+    let before = cache.l1_bytes().await;
+    for i in 0..1000 {
+        cache
+            .get_or_load(
+                "tail",
+                &format!("once-{i}"),
+                counting_loader(&count, "v", 0),
+            )
+            .await
+            .expect("served");
+    }
+    assert_eq!(cache.l1_bytes().await, before, "nothing admitted");
 }
+
+bulwark_tests::each_backend!(keys_are_admitted_only_after_min_uses);
 
 #[tokio::test]
 async fn redis_down_degrades_to_l1_and_single_flight_and_recovers() {
@@ -755,103 +748,104 @@ async fn redis_down_degrades_to_l1_and_single_flight_and_recovers() {
     assert!(recovered.is_some(), "recovers without a restart");
 }
 
-#[tokio::test]
-async fn invalidating_a_tag_drops_every_key_filed_under_it() {
+async fn invalidating_a_tag_drops_every_key_filed_under_it(backend: Backend) {
     // C7 by tag: two pages showing product 7 are dropped together; another page stays.
-    for store in stores().await {
-        let cache = Cache::new(&config(&[("pages", policy(Strategy::Lock, 60_000))]), store);
-        let count = Arc::new(AtomicUsize::new(0));
-        for (key, tags) in [
-            ("home", &["product-7", "product-9"][..]),
-            ("product-7", &["product-7"][..]),
-            ("about", &[][..]),
-        ] {
-            cache
-                .get_or_load_tagged("pages", key, tags, counting_loader(&count, "v", 0))
-                .await
-                .expect("load");
-        }
-        let n = cache
-            .invalidate_tag("pages", "product-7")
+    let store = store(backend).await;
+    let cache = Cache::new(&config(&[("pages", policy(Strategy::Lock, 60_000))]), store);
+    let count = Arc::new(AtomicUsize::new(0));
+    for (key, tags) in [
+        ("home", &["product-7", "product-9"][..]),
+        ("product-7", &["product-7"][..]),
+        ("about", &[][..]),
+    ] {
+        cache
+            .get_or_load_tagged("pages", key, tags, counting_loader(&count, "v", 0))
             .await
-            .expect("tag");
-        assert_eq!(n, 2);
-        for (key, expected) in [
-            ("home", Outcome::Miss),
-            ("product-7", Outcome::Miss),
-            ("about", Outcome::Hit),
-        ] {
-            let (_, o) = cache
-                .get_or_load("pages", key, counting_loader(&count, "v", 0))
-                .await
-                .expect("get");
-            assert_eq!(o, expected, "{key}");
-        }
-        assert_eq!(
-            cache
-                .invalidate_tag("pages", "nobody")
-                .await
-                .expect("empty tag"),
-            0
-        );
-        assert!(matches!(
-            cache.invalidate_tag("nope", "t").await,
-            Err(CacheError::UnknownNamespace(_))
-        ));
+            .expect("load");
     }
+    let n = cache
+        .invalidate_tag("pages", "product-7")
+        .await
+        .expect("tag");
+    assert_eq!(n, 2);
+    for (key, expected) in [
+        ("home", Outcome::Miss),
+        ("product-7", Outcome::Miss),
+        ("about", Outcome::Hit),
+    ] {
+        let (_, o) = cache
+            .get_or_load("pages", key, counting_loader(&count, "v", 0))
+            .await
+            .expect("get");
+        assert_eq!(o, expected, "{key}");
+    }
+    assert_eq!(
+        cache
+            .invalidate_tag("pages", "nobody")
+            .await
+            .expect("empty tag"),
+        0
+    );
+    assert!(matches!(
+        cache.invalidate_tag("nope", "t").await,
+        Err(CacheError::UnknownNamespace(_))
+    ));
 }
 
-#[tokio::test]
-async fn a_key_invalidated_while_loading_is_not_written_back() {
+bulwark_tests::each_backend!(invalidating_a_tag_drops_every_key_filed_under_it);
+
+async fn a_key_invalidated_while_loading_is_not_written_back(backend: Backend) {
     // The leases lesson: a load that began before an invalidation may carry the old value;
     // it is served to its waiters but not stored, here and when another instance invalidates.
-    for store in stores().await {
-        let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
-        let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let follower = {
-            let stop = stop.clone();
-            tokio::spawn(
-                a.clone()
-                    .follow_invalidations(async move { stop.notified().await }),
-            )
+    let store = store(backend).await;
+    let cfg = config(&[("ns", policy(Strategy::Swr, 60_000))]);
+    let (a, b) = (Cache::new(&cfg, store.clone()), Cache::new(&cfg, store));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let follower = {
+        let stop = stop.clone();
+        tokio::spawn(
+            a.clone()
+                .follow_invalidations(async move { stop.notified().await }),
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await; // the follower subscribed
+    for invalidator in [&a, &b] {
+        let key = bulwark_tests::services::unique("k");
+        let count = Arc::new(AtomicUsize::new(0));
+        let loading = {
+            let (a, key, count) = (a.clone(), key.clone(), count.clone());
+            tokio::spawn(async move {
+                a.get_or_load("ns", &key, counting_loader(&count, "old", 500))
+                    .await
+            })
         };
-        tokio::time::sleep(Duration::from_millis(200)).await; // the follower subscribed
-        for invalidator in [&a, &b] {
-            let key = bulwark_tests::services::unique("k");
-            let count = Arc::new(AtomicUsize::new(0));
-            let loading = {
-                let (a, key, count) = (a.clone(), key.clone(), count.clone());
-                tokio::spawn(async move {
-                    a.get_or_load("ns", &key, counting_loader(&count, "old", 500))
-                        .await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            invalidator
-                .invalidate("ns", &key)
-                .await
-                .expect("invalidate");
-            let (v, o) = loading.await.expect("join").expect("served");
-            assert_eq!((v.as_ref(), o), (&b"old"[..], Outcome::Miss));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let (_, o) = a
-                .get_or_load("ns", &key, counting_loader(&count, "new", 0))
-                .await
-                .expect("again");
-            assert_eq!(o, Outcome::Miss, "the outdated load was not stored");
-        }
-        stop.notify_waiters();
-        let _ = follower.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        invalidator
+            .invalidate("ns", &key)
+            .await
+            .expect("invalidate");
+        let (v, o) = loading.await.expect("join").expect("served");
+        assert_eq!((v.as_ref(), o), (&b"old"[..], Outcome::Miss));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, o) = a
+            .get_or_load("ns", &key, counting_loader(&count, "new", 0))
+            .await
+            .expect("again");
+        assert_eq!(o, Outcome::Miss, "the outdated load was not stored");
     }
+    stop.notify_waiters();
+    let _ = follower.await;
 }
+
+bulwark_tests::each_backend!(a_key_invalidated_while_loading_is_not_written_back);
 
 #[tokio::test]
 async fn an_l2_only_namespace_sees_invalidations_at_once_without_a_broadcast() {
     // `l1 = false`: no process copy, so another instance's invalidation needs no broadcast.
-    let Some(store) = stores().await.into_iter().find(|s| s.kind() == "redis") else {
+    if !bulwark_tests::services::real_services() {
         return;
-    };
+    }
+    let store = store(Backend::Real).await;
     let mut p = policy(Strategy::Lock, 60_000);
     p.l1 = false;
     let cfg = config(&[("shared", p), ("local", policy(Strategy::Lock, 60_000))]);
@@ -1180,47 +1174,47 @@ impl KvStore for SlowReads {
 /// finished (and left the single-flight map) takes the filled value instead of loading again —
 /// from L1 in the same process (`swr`: no fill lock) and from L2 in another process (`lock`:
 /// looked at right after taking the fill lock).
-#[tokio::test]
-async fn a_miss_overtaken_by_a_finished_fill_does_not_load_again() {
-    for inner in stores().await {
-        let kv: Arc<dyn KvStore> = Arc::new(SlowReads {
-            inner,
-            delay: Duration::from_millis(300),
-        });
-        for (case, strategy, same_process) in [
-            ("swr, same process", Strategy::Swr, true),
-            ("lock, other process", Strategy::Lock, false),
-        ] {
-            let cfg = config(&[("race", policy(strategy, 60_000))]);
-            let a = Cache::new(&cfg, kv.clone());
-            let second = if same_process {
-                a.clone()
-            } else {
-                Cache::new(&cfg, kv.clone())
-            };
-            let key = bulwark_tests::services::unique("k");
-            let loads = Arc::new(AtomicUsize::new(0));
-            // First miss: its read answers at 300 ms, then it loads (50 ms) and writes.
-            let first = {
-                let (a, key, l) = (a.clone(), key.clone(), counting_loader(&loads, "v", 50));
-                tokio::spawn(async move { a.get_or_load("race", &key, l).await })
-            };
-            // The second reads at 150 ms, before that write, and gets its miss at 450 ms,
-            // after the first fill finished.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            let got = second
-                .get_or_load("race", &key, counting_loader(&loads, "w", 50))
-                .await
-                .expect("second");
-            let first = first.await.expect("join").expect("first");
-            assert_eq!(first.0, Bytes::from_static(b"v"));
-            assert_eq!(got.0, Bytes::from_static(b"v"), "{case}: the filled value");
-            assert_eq!(
-                loads.load(Ordering::SeqCst),
-                1,
-                "{case} ({}): one load",
-                kv.kind()
-            );
-        }
+async fn a_miss_overtaken_by_a_finished_fill_does_not_load_again(backend: Backend) {
+    let inner = store(backend).await;
+    let kv: Arc<dyn KvStore> = Arc::new(SlowReads {
+        inner,
+        delay: Duration::from_millis(300),
+    });
+    for (case, strategy, same_process) in [
+        ("swr, same process", Strategy::Swr, true),
+        ("lock, other process", Strategy::Lock, false),
+    ] {
+        let cfg = config(&[("race", policy(strategy, 60_000))]);
+        let a = Cache::new(&cfg, kv.clone());
+        let second = if same_process {
+            a.clone()
+        } else {
+            Cache::new(&cfg, kv.clone())
+        };
+        let key = bulwark_tests::services::unique("k");
+        let loads = Arc::new(AtomicUsize::new(0));
+        // First miss: its read answers at 300 ms, then it loads (50 ms) and writes.
+        let first = {
+            let (a, key, l) = (a.clone(), key.clone(), counting_loader(&loads, "v", 50));
+            tokio::spawn(async move { a.get_or_load("race", &key, l).await })
+        };
+        // The second reads at 150 ms, before that write, and gets its miss at 450 ms,
+        // after the first fill finished.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let got = second
+            .get_or_load("race", &key, counting_loader(&loads, "w", 50))
+            .await
+            .expect("second");
+        let first = first.await.expect("join").expect("first");
+        assert_eq!(first.0, Bytes::from_static(b"v"));
+        assert_eq!(got.0, Bytes::from_static(b"v"), "{case}: the filled value");
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            1,
+            "{case} ({}): one load",
+            kv.kind()
+        );
     }
 }
+
+bulwark_tests::each_backend!(a_miss_overtaken_by_a_finished_fill_does_not_load_again);

@@ -19,8 +19,8 @@ fn iso(offset_ms: i64) -> String {
     t.to_rfc3339()
 }
 
-async fn app(backend: Backend) -> Option<TestApp> {
-    builder(backend).spawn().await.expect("spawn")
+async fn app(backend: Backend) -> TestApp {
+    builder(backend).start().await
 }
 
 fn builder(backend: Backend) -> TestAppBuilder {
@@ -30,48 +30,31 @@ fn builder(backend: Backend) -> TestAppBuilder {
         .set("auction.partition_lease", "2s")
 }
 
-async fn post(app: &TestApp, path: &str, token: &str, body: Value) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
 /// Create an auction ending in `ends_in_ms`; returns its id.
 async fn create(app: &TestApp, ends_in_ms: i64, extra: Value) -> i64 {
     let mut body = json!({"title": "Lot 1", "ends_at": iso(ends_in_ms), "start_price": 100, "min_increment": 10});
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }
-    let res = post(app, "/api/auction/auctions", &app.token(Role::Admin), body).await;
+    let res = app
+        .post_json(
+            "/api/auction/auctions",
+            Some(&app.token(Role::Admin)),
+            &body,
+        )
+        .await;
     assert_eq!(res.status(), 201, "{:?}", res.text().await);
     res.json::<Value>().await.expect("json")["id"]
         .as_i64()
         .expect("id")
 }
 
-fn ws_base(app: &TestApp) -> String {
-    format!("ws://{}", app.addr)
-}
-
 fn client(app: &TestApp, id: i64, who: &str, role: Role) -> AuctionClient {
     AuctionClient::start(ClientConfig::new(
-        ws_base(app),
+        app.ws_url(""),
         id,
-        token_for(app, who, role),
+        app.token_for(who, role),
     ))
-}
-
-fn token_for(app: &TestApp, who: &str, role: Role) -> String {
-    bulwark_kernel::auth::Authenticator::hs256(
-        bulwark_tests::app::TEST_SECRET.as_bytes(),
-        app.settings.kernel.auth.clone(),
-    )
-    .issue(who, role, Duration::from_secs(600))
-    .expect("token")
 }
 
 async fn until(c: &AuctionClient, what: &str, pred: impl Fn(&View) -> bool) -> View {
@@ -84,36 +67,22 @@ fn highest(v: &View) -> Option<i64> {
     v.state.as_ref()?.highest.as_ref().map(|h| h.amount)
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.get("/metrics", None)
-        .await
-        .text()
-        .await
-        .expect("metrics")
-}
-
 // ---------------------------------------------------------------- REST
 
 #[tokio::test]
 async fn rest_creates_lists_and_rejects_bad_input() {
-    let app = app(Backend::Embedded).await.expect("embedded");
+    let app = app(Backend::Embedded).await;
     let admin = app.token(Role::Admin);
     let bidder = app.token(Role::Bidder);
     // A bidder may not create; nobody may create without a token.
     let body = json!({"title": "x", "ends_at": iso(60_000)});
     assert_eq!(
-        post(&app, "/api/auction/auctions", &bidder, body.clone())
+        app.post_json("/api/auction/auctions", Some(&bidder), &body)
             .await
             .status(),
         403
     );
-    let res = app
-        .client
-        .post(app.url("/api/auction/auctions"))
-        .json(&body)
-        .send()
-        .await
-        .expect("req");
+    let res = app.post_json("/api/auction/auctions", None, &body).await;
     assert_eq!(res.status(), 401);
     // Bad input names the field and is problem+json.
     for (bad, field) in [
@@ -132,7 +101,9 @@ async fn rest_creates_lists_and_rejects_bad_input() {
             "soft_close_extension_seconds",
         ),
     ] {
-        let res = post(&app, "/api/auction/auctions", &admin, bad.clone()).await;
+        let res = app
+            .post_json("/api/auction/auctions", Some(&admin), &bad)
+            .await;
         assert_eq!(res.status(), 400, "{bad}");
         assert_eq!(
             res.headers()["content-type"].to_str().expect("ct"),
@@ -141,21 +112,21 @@ async fn rest_creates_lists_and_rejects_bad_input() {
         let p: Value = res.json().await.expect("json");
         assert_eq!(p["field"], field, "{p}");
     }
-    let res = post(
-        &app,
-        "/api/auction/auctions",
-        &admin,
-        json!({"title": "x", "ends_at": iso(60_000), "price": 1}),
-    )
-    .await;
+    let res = app
+        .post_json(
+            "/api/auction/auctions",
+            Some(&admin),
+            &json!({"title": "x", "ends_at": iso(60_000), "price": 1}),
+        )
+        .await;
     assert_eq!(res.status(), 400, "unknown fields are refused");
-    let res = post(
-        &app,
-        "/api/auction/auctions",
-        &admin,
-        json!({"title": "x", "ends_at": "tomorrow"}),
-    )
-    .await;
+    let res = app
+        .post_json(
+            "/api/auction/auctions",
+            Some(&admin),
+            &json!({"title": "x", "ends_at": "tomorrow"}),
+        )
+        .await;
     assert_eq!(res.status(), 400);
 
     // Create three; list pages by cursor; the reserve is shown to admins only.
@@ -231,10 +202,8 @@ async fn rest_creates_lists_and_rejects_bad_input() {
 
 // ---------------------------------------------------------------- bidding
 
-async fn bid_ack_apply_broadcast(backend: Backend) {
-    let Some(app) = app(backend).await else {
-        return;
-    };
+async fn bid_is_acked_after_store_applied_and_broadcast(backend: Backend) {
+    let app = app(backend).await;
     let id = create(&app, 60_000, json!({})).await;
     let alice = client(&app, id, "alice", Role::Bidder);
     let watcher = client(&app, id, "watcher", Role::Viewer);
@@ -317,37 +286,22 @@ async fn bid_ack_apply_broadcast(backend: Backend) {
     watcher.stop().await;
 }
 
-#[tokio::test]
-async fn bid_is_acked_after_store_applied_and_broadcast_embedded() {
-    bid_ack_apply_broadcast(Backend::Embedded).await;
-}
+bulwark_tests::each_backend!(bid_is_acked_after_store_applied_and_broadcast);
 
-#[tokio::test]
-async fn bid_is_acked_after_store_applied_and_broadcast_real() {
-    bid_ack_apply_broadcast(Backend::Real).await;
-}
-
-async fn resend_after_window(backend: Backend) {
+async fn resend_after_the_duplicate_window_is_caught_by_the_database(backend: Backend) {
     // A resend after the stream's duplicate window is still caught by the database.
-    let Some(app) = builder(backend)
+    let app = builder(backend)
         .set("bus.duplicate_window", "1s")
-        .spawn()
-        .await
-        .expect("spawn")
-    else {
-        return;
-    };
+        .start()
+        .await;
     let id = create(&app, 60_000, json!({})).await;
     let alice = client(&app, id, "alice", Role::Bidder);
     let b = alice.bid(200);
     until(&alice, "result", |v| v.results.contains_key(&b)).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let db_dups = || async {
-        metrics(&app)
+        app.metric("bulwark_auction_duplicates_total", &[("layer", "database")])
             .await
-            .lines()
-            .find_map(|l| l.strip_prefix("bulwark_auction_duplicates_total{layer=\"database\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
     let before = db_dups().await;
@@ -384,33 +338,24 @@ async fn resend_after_window(backend: Backend) {
     alice.stop().await;
 }
 
-#[tokio::test]
-async fn resend_after_the_duplicate_window_is_caught_by_the_database_embedded() {
-    resend_after_window(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn resend_after_the_duplicate_window_is_caught_by_the_database_real() {
-    resend_after_window(Backend::Real).await;
-}
+bulwark_tests::each_backend!(resend_after_the_duplicate_window_is_caught_by_the_database);
 
 #[tokio::test]
 async fn socket_rejects_bad_input_with_named_errors() {
-    let app = app(Backend::Embedded).await.expect("embedded");
+    let app = app(Backend::Embedded).await;
     let id = create(&app, 60_000, json!({})).await;
     // No token, bad token, unknown auction: refused at upgrade.
     for (url, status) in [
-        (format!("ws://{}/ws/auction/{id}", app.addr), 401),
+        (app.ws_url(&format!("/ws/auction/{id}")), 401),
         (
-            format!("ws://{}/ws/auction/{id}?access_token=nope", app.addr),
+            app.ws_url(&format!("/ws/auction/{id}?access_token=nope")),
             401,
         ),
         (
-            format!(
-                "ws://{}/ws/auction/999999?access_token={}",
-                app.addr,
+            app.ws_url(&format!(
+                "/ws/auction/999999?access_token={}",
                 app.token(Role::Viewer)
-            ),
+            )),
             404,
         ),
     ] {
@@ -421,11 +366,10 @@ async fn socket_rejects_bad_input_with_named_errors() {
             other => panic!("expected {status} at upgrade, got {other:?}"),
         }
     }
-    let url = format!(
-        "ws://{}/ws/auction/{id}?access_token={}",
-        app.addr,
-        token_for(&app, "bob", Role::Bidder)
-    );
+    let url = app.ws_url(&format!(
+        "/ws/auction/{id}?access_token={}",
+        app.token_for("bob", Role::Bidder)
+    ));
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
         .await
         .expect("connect");
@@ -458,11 +402,10 @@ async fn socket_rejects_bad_input_with_named_errors() {
     assert_eq!(s["type"], "state");
     assert_eq!(s["bid_count"], 0);
     // Viewers may watch but not bid.
-    let url = format!(
-        "ws://{}/ws/auction/{id}?access_token={}",
-        app.addr,
+    let url = app.ws_url(&format!(
+        "/ws/auction/{id}?access_token={}",
         app.token(Role::Viewer)
-    );
+    ));
     let (mut vws, _) = tokio_tungstenite::connect_async(&url)
         .await
         .expect("connect");
@@ -509,16 +452,13 @@ async fn bids_are_rate_limited_per_bidder() {
     let app = builder(Backend::Embedded)
         .set("auction.bids_per_second", 1.0)
         .set("auction.bid_burst", 2.0)
-        .spawn()
-        .await
-        .expect("spawn")
-        .expect("app");
+        .start()
+        .await;
     let id = create(&app, 60_000, json!({})).await;
-    let url = format!(
-        "ws://{}/ws/auction/{id}?access_token={}",
-        app.addr,
-        token_for(&app, "rapid", Role::Bidder)
-    );
+    let url = app.ws_url(&format!(
+        "/ws/auction/{id}?access_token={}",
+        app.token_for("rapid", Role::Bidder)
+    ));
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
         .await
         .expect("connect");
@@ -550,10 +490,8 @@ async fn bids_are_rate_limited_per_bidder() {
 
 // ---------------------------------------------------------------- closing
 
-async fn closes_exactly_once(backend: Backend) {
-    let Some(app) = app(backend).await else {
-        return;
-    };
+async fn auction_closes_exactly_once_with_its_winner(backend: Backend) {
+    let app = app(backend).await;
     let id = create(&app, 1_500, json!({"reserve": 120})).await;
     let alice = client(&app, id, "alice", Role::Bidder);
     let bob = client(&app, id, "bob", Role::Bidder);
@@ -624,19 +562,11 @@ async fn closes_exactly_once(backend: Backend) {
     bob.stop().await;
 }
 
-#[tokio::test]
-async fn auction_closes_exactly_once_with_its_winner_embedded() {
-    closes_exactly_once(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn auction_closes_exactly_once_with_its_winner_real() {
-    closes_exactly_once(Backend::Real).await;
-}
+bulwark_tests::each_backend!(auction_closes_exactly_once_with_its_winner);
 
 #[tokio::test]
 async fn reserve_not_met_means_no_winner_and_soft_close_extends() {
-    let app = app(Backend::Embedded).await.expect("app");
+    let app = app(Backend::Embedded).await;
     let id = create(
         &app,
         2_000,
@@ -669,17 +599,10 @@ async fn reserve_not_met_means_no_winner_and_soft_close_extends() {
     alice.stop().await;
 }
 
-async fn backlog_is_applied_before_close(backend: Backend) {
+async fn backlog_before_the_end_is_applied_before_the_close(backend: Backend) {
     // Bids stored before the end are applied even when the worker only comes back after it
     // (A8): a web-only instance takes the bids; the worker+scheduler starts after ends_at.
-    let Some(web) = builder(backend)
-        .role(ProcessRole::Web)
-        .spawn()
-        .await
-        .expect("spawn")
-    else {
-        return;
-    };
+    let web = builder(backend).role(ProcessRole::Web).start().await;
     let id = create(&web, 1_500, json!({})).await;
     let alice = client(&web, id, "alice", Role::Bidder);
     let bob = client(&web, id, "bob", Role::Bidder);
@@ -703,10 +626,8 @@ async fn backlog_is_applied_before_close(backend: Backend) {
     let worker = builder(backend)
         .share(&web)
         .role(ProcessRole::All)
-        .spawn()
-        .await
-        .expect("spawn")
-        .expect("worker");
+        .start()
+        .await;
     // Read the result through the database: on the embedded backend the room broadcast is
     // in-process, so clients of the web instance would not hear the worker's `closed`.
     let viewer = worker.token(Role::Viewer);
@@ -740,20 +661,12 @@ async fn backlog_is_applied_before_close(backend: Backend) {
     bob.stop().await;
 }
 
-#[tokio::test]
-async fn backlog_before_the_end_is_applied_before_the_close_embedded() {
-    backlog_is_applied_before_close(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn backlog_before_the_end_is_applied_before_the_close_real() {
-    backlog_is_applied_before_close(Backend::Real).await;
-}
+bulwark_tests::each_backend!(backlog_before_the_end_is_applied_before_the_close);
 
 // ---------------------------------------------------------------- presence, fan-out, drain
 
-async fn presence_and_fanout(backend: Backend) {
-    let Some(a) = app(backend).await else { return };
+async fn presence_lists_connections(backend: Backend) {
+    let a = app(backend).await;
     let id = create(&a, 60_000, json!({})).await;
     let c1 = client(&a, id, "carol", Role::Bidder);
     let c2 = client(&a, id, "dave", Role::Viewer);
@@ -789,36 +702,27 @@ async fn presence_and_fanout(backend: Backend) {
     c1.stop().await;
 }
 
-#[tokio::test]
-async fn presence_lists_connections_embedded() {
-    presence_and_fanout(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn presence_lists_connections_real() {
-    presence_and_fanout(Backend::Real).await;
-}
+bulwark_tests::each_backend!(presence_lists_connections);
 
 #[tokio::test]
 async fn two_web_instances_share_rooms_presence_and_drain_moves_clients() {
     // A3, A4, A11 with real services: a bid on instance B is seen on instance A; presence
     // lists both; draining B tells its clients 1012, they reconnect to A and get the state,
     // and no acknowledged bid is lost.
-    let Some(a) = app(Backend::Real).await else {
+    if !bulwark_tests::services::real_services() {
         return;
-    };
+    }
+    let a = app(Backend::Real).await;
     let mut b = builder(Backend::Real)
         .share(&a)
         .role(ProcessRole::Web)
-        .spawn()
-        .await
-        .expect("spawn")
-        .expect("b");
+        .start()
+        .await;
     let id = create(&a, 60_000, json!({})).await;
     let on_a = client(&a, id, "erin", Role::Bidder);
     let on_b = AuctionClient::start(ClientConfig {
-        endpoints: vec![ws_base(&b), ws_base(&a)],
-        ..ClientConfig::new("", id, token_for(&a, "frank", Role::Bidder))
+        endpoints: vec![b.ws_url(""), a.ws_url("")],
+        ..ClientConfig::new("", id, a.token_for("frank", Role::Bidder))
     });
     until(&on_a, "state", |v| v.state.is_some()).await;
     until(&on_b, "state", |v| v.state.is_some()).await;
@@ -965,7 +869,7 @@ async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
     // A raw WebSocket client that never reads (tungstenite would buffer reads for us).
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let before = slow_count(&app).await;
-    let token = token_for(&app, "sleepy", Role::Viewer);
+    let token = app.token_for("sleepy", Role::Viewer);
     let mut tcp = tokio::net::TcpStream::connect(app.addr).await.expect("tcp");
     tcp.write_all(
         format!(
@@ -1020,10 +924,7 @@ async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
 }
 
 async fn slow_count(app: &TestApp) -> f64 {
-    metrics(app)
+    app.metric("bulwark_auction_slow_clients_total", &[])
         .await
-        .lines()
-        .find_map(|l| l.strip_prefix("bulwark_auction_slow_clients_total "))
-        .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }

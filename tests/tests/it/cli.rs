@@ -1,24 +1,11 @@
 //! The `bulwark` binary itself (K1, K2, K5, K7, K8): version, config errors with exit code 2
 //! naming the key, token minting, migrations, an unreachable database, and SIGTERM draining.
 
-use std::process::Command;
 use std::time::Duration;
 
-use bulwark_tests::procs::{bulwark_binary, free_port, spawn_bulwark};
-
-fn run(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(bulwark_binary());
-    cmd.args(args).current_dir(dir);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run bulwark");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use bulwark_tests::ProcessBuilder;
+use bulwark_tests::process::run_bulwark as run;
+use bulwark_tests::procs::free_port;
 
 #[test]
 fn version_lists_compiled_modules() {
@@ -207,25 +194,16 @@ fn unreachable_database_retries_then_exits_1() {
 
 #[tokio::test]
 async fn sigterm_fails_readiness_then_exits_0() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let mut proc = spawn_bulwark(dir.path(), port, &[("BULWARK__DRAIN__GRACE", "1s".into())]);
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let ready = bulwark_tests::services::eventually(Duration::from_secs(20), || async {
-        client
-            .get(&url)
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-            .map(|_| ())
-    })
-    .await;
-    assert!(ready.is_some(), "never ready");
+    // The binary's own embedded defaults (SQLite and a generated secret in its directory);
+    // `spawn` waits for /readyz 200.
+    let mut proc = ProcessBuilder::standalone()
+        .env("BULWARK__DRAIN__GRACE", "1s")
+        .spawn()
+        .await;
     proc.term();
+    let url = proc.url("/readyz");
     let draining = bulwark_tests::services::eventually(Duration::from_secs(2), || async {
-        client
+        proc.client
             .get(&url)
             .send()
             .await
@@ -238,10 +216,8 @@ async fn sigterm_fails_readiness_then_exits_0() {
         draining.is_some(),
         "readiness did not fail during the grace period"
     );
-    let code = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(15)))
-        .await
-        .expect("join");
+    let code = proc.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0));
-    let log = std::fs::read_to_string(dir.path().join("log")).expect("log");
+    let log = proc.log();
     assert!(log.contains("Draining") && log.contains("Stopped"), "{log}");
 }

@@ -4,6 +4,7 @@
 
 use sea_orm::{ConnectionTrait, Statement};
 
+use bulwark_tests::Backend;
 use bulwark_tests::services::{TestDatabase, default_settings};
 
 async fn pragma(db: &sea_orm::DatabaseConnection, name: &str) -> String {
@@ -37,46 +38,49 @@ async fn sqlite_is_created_with_wal_busy_timeout_and_foreign_keys() {
     bulwark_kernel::db::ping(&db).await.expect("ping");
 }
 
-#[tokio::test]
-async fn migrations_apply_and_roll_back_on_both_databases() {
-    let mut dbs = vec![TestDatabase::sqlite().expect("sqlite")];
-    if let Some(pg) = TestDatabase::postgres().await.expect("postgres") {
-        dbs.push(pg);
-    }
-    for tdb in dbs {
-        let db = tdb.connect_migrated().await.expect("migrate up");
-        for set in bulwark_migrations::sets() {
-            let status = set.status(&db).await.expect("status");
-            assert!(
-                status.iter().all(|(_, applied)| *applied),
-                "{}: {status:?}",
-                set.module()
-            );
-        }
-        let kernel = bulwark_migrations::sets()
-            .into_iter()
-            .find(|s| s.module() == "kernel")
-            .expect("kernel set");
-        kernel.down(&db, 1).await.expect("down");
+/// On SQLite (embedded) and PostgreSQL (real).
+async fn migrations_apply_and_roll_back(backend: Backend) {
+    let tdb = match backend {
+        Backend::Embedded => TestDatabase::sqlite().expect("sqlite"),
+        Backend::Real => TestDatabase::postgres()
+            .await
+            .expect("postgres")
+            .expect("each_backend! checked"),
+    };
+    let db = tdb.connect_migrated().await.expect("migrate up");
+    for set in bulwark_migrations::sets() {
+        let status = set.status(&db).await.expect("status");
         assert!(
-            kernel
-                .status(&db)
-                .await
-                .expect("status")
-                .iter()
-                .any(|(_, applied)| !applied)
-        );
-        kernel.up(&db).await.expect("up again");
-        assert!(
-            kernel
-                .status(&db)
-                .await
-                .expect("status")
-                .iter()
-                .all(|(_, applied)| *applied)
+            status.iter().all(|(_, applied)| *applied),
+            "{}: {status:?}",
+            set.module()
         );
     }
+    let kernel = bulwark_migrations::sets()
+        .into_iter()
+        .find(|s| s.module() == "kernel")
+        .expect("kernel set");
+    kernel.down(&db, 1).await.expect("down");
+    assert!(
+        kernel
+            .status(&db)
+            .await
+            .expect("status")
+            .iter()
+            .any(|(_, applied)| !applied)
+    );
+    kernel.up(&db).await.expect("up again");
+    assert!(
+        kernel
+            .status(&db)
+            .await
+            .expect("status")
+            .iter()
+            .all(|(_, applied)| *applied)
+    );
 }
+
+bulwark_tests::each_backend!(migrations_apply_and_roll_back);
 
 #[tokio::test]
 async fn a_bad_database_url_is_refused_by_config() {

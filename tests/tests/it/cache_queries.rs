@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use bulwark_kernel::auth::{Authenticator, Role};
-use bulwark_tests::app::TEST_SECRET;
-use bulwark_tests::procs::{free_port, spawn_bulwark};
-use bulwark_tests::services::{TestDatabase, eventually, nats_url, redis_url, unique};
+use bulwark_kernel::auth::Role;
+use bulwark_kernel::module::ProcessRole;
+use bulwark_tests::process::run_bulwark;
+use bulwark_tests::services::{eventually, real_services};
 use bulwark_tests::{Backend, TestAppBuilder};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
@@ -111,51 +111,31 @@ fn bad_query_config_is_refused_naming_the_key() {
             "[cache.namespaces.r]\nclass = \"expensive\"\nreason = \"r\"\nttl = \"1m\"\n[cache.queries.q]\nnamespace = \"r\"\n{extra}\n"
         );
         std::fs::write(dir.path().join("c.toml"), cfg).expect("write");
-        let out = std::process::Command::new(bulwark_tests::procs::bulwark_binary())
-            .args(["--config", "c.toml", "config", "check"])
-            .current_dir(dir.path())
-            .output()
-            .expect("run");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{extra}: {err}");
+        let (code, _, err) =
+            run_bulwark(dir.path(), &["--config", "c.toml", "config", "check"], &[]);
+        assert_eq!(code, 2, "{extra}: {err}");
         assert!(err.contains(&format!("`{key}`")), "{extra}: {err}");
     }
 }
 
 #[tokio::test]
 async fn stampede_across_three_processes_runs_the_query_once() {
-    let (Some(db), Some(redis), Some(nats)) = (
-        TestDatabase::postgres().await.expect("pg"),
-        redis_url(),
-        nats_url(),
-    ) else {
+    if !real_services() {
         return;
-    };
-    let conn = sea_orm::Database::connect(db.url.clone())
+    }
+    // The processes share this application's database, Redis prefix and bus prefix.
+    let app = TestAppBuilder::new(Backend::Real).start().await;
+    let conn = sea_orm::Database::connect(app.db.url.clone())
         .await
         .expect("connect");
-    let name = db.url.rsplit('/').next().expect("db name").to_owned();
+    let name = app.db.url.rsplit('/').next().expect("db name").to_owned();
     for sql in [
         "CREATE FUNCTION slow_report(n int) RETURNS TABLE(v int) LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN QUERY SELECT n; END $$".to_owned(),
         format!("ALTER DATABASE {name} SET track_functions = 'all'"),
     ] {
         conn.execute(Statement::from_string(conn.get_database_backend(), sql)).await.expect("setup");
     }
-    let prefix = unique("st");
-    let config = format!(
-        r#"
-[database]
-url = "{url}"
-[redis]
-url = "{redis}"
-key_prefix = "{prefix}:"
-[bus]
-url = "{nats}"
-prefix = "{prefix}"
-[auth]
-hs256_secret = "{TEST_SECRET}"
-[drain]
-grace = "0s"
+    let config = r#"
 [cache.namespaces.reports]
 class = "expensive"
 reason = "a one-second report; read by everyone, changes hourly"
@@ -166,30 +146,24 @@ lock_lease = "10s"
 [cache.queries.slow]
 namespace = "reports"
 sql = "SELECT v FROM slow_report(:n::int)"
-params = [{{ name = "n", type = "int" }}]
-"#,
-        url = db.url
-    );
-    let (procs, ports, dirs) = start_processes(&config, 3);
+params = [{ name = "n", type = "int" }]
+"#;
+    let procs = app
+        .process(ProcessRole::All)
+        .toml(config)
+        .spawn_many(3)
+        .await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(400)
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    wait_ready(&client, &ports, &dirs).await;
-    let mut cfg = bulwark_tests::services::default_settings().kernel.auth;
-    cfg.hs256_secret = None;
-    let token = Authenticator::hs256(TEST_SECRET.as_bytes(), cfg)
-        .issue("stampede", Role::Viewer, Duration::from_secs(600))
-        .expect("token");
+    let token = app.token_for("stampede", Role::Viewer);
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
     let mut tasks = Vec::new();
     for i in 0..1000 {
         let (client, token, barrier) = (client.clone(), token.clone(), barrier.clone());
-        let url = format!(
-            "http://127.0.0.1:{}/api/cache/queries/slow?n=7",
-            ports[i % 3]
-        );
+        let url = procs[i % 3].url("/api/cache/queries/slow?n=7");
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let res = client
@@ -207,22 +181,11 @@ params = [{{ name = "n", type = "int" }}]
     }
     // Our own counter, summed over the three processes...
     let mut loads = 0.0;
-    for port in &ports {
-        let text = client
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
+    for p in &procs {
+        loads += p
+            .metric("bulwark_cache_loads_total", &[("namespace", "reports")])
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        loads += text
-            .lines()
-            .filter(|l| {
-                l.starts_with("bulwark_cache_loads_total{") && l.contains(r#"namespace="reports""#)
-            })
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum::<f64>();
+            .unwrap_or(0.0);
     }
     assert_eq!(
         loads, 1.0,
@@ -260,14 +223,11 @@ async fn a_killed_lock_holder_is_replaced_after_its_lease() {
     // (SIGKILL) mid-load. Process B's request waits, takes the lock over once A's 2 s lease ran
     // out, and loads. B's fallback is `unavailable` with lock_wait 20 s, so only the takeover
     // can answer 200 — waiting for a fill that never comes would answer 503.
-    let (Some(db), Some(redis), Some(nats)) = (
-        TestDatabase::postgres().await.expect("pg"),
-        redis_url(),
-        nats_url(),
-    ) else {
+    if !real_services() {
         return;
-    };
-    let conn = sea_orm::Database::connect(db.url.clone())
+    }
+    let app = TestAppBuilder::new(Backend::Real).start().await;
+    let conn = sea_orm::Database::connect(app.db.url.clone())
         .await
         .expect("connect");
     conn.execute(Statement::from_string(
@@ -276,21 +236,7 @@ async fn a_killed_lock_holder_is_replaced_after_its_lease() {
     ))
     .await
     .expect("setup");
-    let prefix = unique("lease");
-    let config = format!(
-        r#"
-[database]
-url = "{url}"
-[redis]
-url = "{redis}"
-key_prefix = "{prefix}:"
-[bus]
-url = "{nats}"
-prefix = "{prefix}"
-[auth]
-hs256_secret = "{TEST_SECRET}"
-[drain]
-grace = "0s"
+    let config = r#"
 [cache.namespaces.reports]
 class = "expensive"
 reason = "a slow report"
@@ -302,25 +248,22 @@ fallback = "unavailable"
 [cache.queries.slow]
 namespace = "reports"
 sql = "SELECT v FROM slow_answer(:n::int)"
-params = [{{ name = "n", type = "int" }}]
-"#,
-        url = db.url
-    );
-    let (mut procs, ports, dirs) = start_processes(&config, 2);
+params = [{ name = "n", type = "int" }]
+"#;
+    let mut procs = app
+        .process(ProcessRole::All)
+        .toml(config)
+        .spawn_many(2)
+        .await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    wait_ready(&client, &ports, &dirs).await;
-    let mut cfg = bulwark_tests::services::default_settings().kernel.auth;
-    cfg.hs256_secret = None;
-    let token = Authenticator::hs256(TEST_SECRET.as_bytes(), cfg)
-        .issue("lease", Role::Viewer, Duration::from_secs(600))
-        .expect("token");
-    let url = |port: u16| format!("http://127.0.0.1:{port}/api/cache/queries/slow?n=5");
+    let token = app.token_for("lease", Role::Viewer);
+    const SLOW: &str = "/api/cache/queries/slow?n=5";
     // A starts the load (and holds the lock) ...
     let a = {
-        let (client, token, url) = (client.clone(), token.clone(), url(ports[0]));
+        let (client, token, url) = (client.clone(), token.clone(), procs[0].url(SLOW));
         tokio::spawn(async move { client.get(url).bearer_auth(token).send().await })
     };
     let running = eventually(Duration::from_secs(10), || async {
@@ -342,7 +285,7 @@ params = [{{ name = "n", type = "int" }}]
         "A's client saw the process die"
     );
     let res = client
-        .get(url(ports[1]))
+        .get(procs[1].url(SLOW))
         .bearer_auth(&token)
         .send()
         .await
@@ -353,64 +296,12 @@ params = [{{ name = "n", type = "int" }}]
         "B took the lock over after the lease instead of waiting for a dead filler"
     );
     assert_eq!(res.text().await.expect("body"), r#"[{"v":5}]"#);
-    let metrics = client
-        .get(format!("http://127.0.0.1:{}/metrics", ports[1]))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        !metrics
-            .lines()
-            .any(|l| l.starts_with("bulwark_cache_lock_timeouts_total{") && !l.ends_with(" 0")),
+    assert_eq!(
+        procs[1]
+            .metric("bulwark_cache_lock_timeouts_total", &[])
+            .await
+            .unwrap_or(0.0),
+        0.0,
         "no waiter timed out"
     );
-}
-
-/// `n` bulwark processes on free ports, each in its own directory with `config` as its file.
-fn start_processes(
-    config: &str,
-    n: usize,
-) -> (
-    Vec<bulwark_tests::procs::Proc>,
-    Vec<u16>,
-    Vec<tempfile::TempDir>,
-) {
-    let (mut procs, mut ports, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..n {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("bulwark.toml"), config).expect("config");
-        let port = free_port();
-        procs.push(spawn_bulwark(
-            dir.path(),
-            port,
-            &[("BULWARK_CONFIG", "bulwark.toml".into())],
-        ));
-        ports.push(port);
-        dirs.push(dir);
-    }
-    (procs, ports, dirs)
-}
-
-/// Wait until every process answers `/readyz` 200; on failure show the first one's log.
-async fn wait_ready(client: &reqwest::Client, ports: &[u16], dirs: &[tempfile::TempDir]) {
-    for port in ports {
-        let ready = eventually(Duration::from_secs(30), || async {
-            client
-                .get(format!("http://127.0.0.1:{port}/readyz"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        })
-        .await;
-        assert!(
-            ready.is_some(),
-            "process on {port} not ready: {}",
-            std::fs::read_to_string(dirs[0].path().join("log")).unwrap_or_default()
-        );
-    }
 }

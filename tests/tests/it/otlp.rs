@@ -1,6 +1,7 @@
 //! K3: traces leave over OTLP/HTTP when `telemetry.otlp_endpoint` is set, continuing the W3C
 //! `traceparent` of the incoming request; the same context is what bus messages carry.
-//! (Its own test binary: the tracer is process-wide and installed by the first application.)
+//! (In a process of its own: the tracer and log filter are process-wide and installed by the
+//! first application.)
 
 use std::sync::{Arc, Mutex};
 
@@ -10,6 +11,9 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 #[tokio::test]
 async fn request_spans_are_exported_with_the_callers_trace_id() {
+    if !bulwark_tests::isolated!(request_spans_are_exported_with_the_callers_trace_id) {
+        return;
+    }
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let r = received.clone();
     let collector = axum::Router::new().route(
@@ -36,8 +40,7 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
         .expect("spawn")
         .expect("app");
     let res = app
-        .client
-        .get(app.url("/livez"))
+        .request(reqwest::Method::GET, "/livez", None)
         .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01"))
         .send()
         .await

@@ -30,19 +30,25 @@ async fn problem(res: reqwest::Response, status: u16, type_suffix: &str) -> Valu
     body
 }
 
-#[tokio::test]
-async fn probes_answer() {
-    let app = spawn_app().await;
+/// The probes, on embedded stand-ins and on PostgreSQL, NATS and Redis.
+async fn probes_answer(backend: Backend) {
+    let app = TestAppBuilder::new(backend).start().await;
     let live = app.get("/livez", None).await;
     assert_eq!(live.status(), 200);
     let ready = app.get("/readyz", None).await;
     assert_eq!(ready.status(), 200);
     let body: Value = ready.json().await.expect("json");
-    assert_eq!(body["status"], "ready");
-    for dep in ["database", "bus:embedded", "kv:memory"] {
+    assert_eq!(body["status"], "ready", "{body}");
+    let deps = match backend {
+        Backend::Embedded => ["database", "bus:embedded", "kv:memory"],
+        Backend::Real => ["database", "bus:nats", "kv:redis"],
+    };
+    for dep in deps {
         assert_eq!(body["checks"][dep], "ok", "{dep} in {body}");
     }
 }
+
+bulwark_tests::each_backend!(probes_answer);
 
 #[tokio::test]
 async fn unknown_route_is_problem_404() {
@@ -59,12 +65,7 @@ async fn unknown_route_is_problem_404() {
 #[tokio::test]
 async fn wrong_method_is_problem_405() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .delete(app.url("/livez"))
-        .send()
-        .await
-        .expect("request");
+    let res = app.delete("/livez", None).await;
     assert!(res.headers().get("allow").is_some(), "Allow header kept");
     problem(res, 405, "method-not-allowed").await;
 }
@@ -198,9 +199,7 @@ async fn json_endpoint_rejects_bad_bodies_with_named_problems() {
         .expect("app");
     let admin = app.token(Role::Admin);
     let post = |body: Vec<u8>, ct: &'static str| {
-        app.client
-            .post(app.url("/api/admin/tokens"))
-            .bearer_auth(&admin)
+        app.request(reqwest::Method::POST, "/api/admin/tokens", Some(&admin))
             .header("content-type", ct)
             .body(body)
             .send()
@@ -297,7 +296,7 @@ async fn metrics_use_route_templates_and_build_info() {
     app.get("/api/cache/status", Some(&app.token(Role::Viewer)))
         .await;
     app.get("/secret-raw-path-123", None).await;
-    let text = app.get("/metrics", None).await.text().await.expect("text");
+    let text = app.metrics_text().await;
     assert!(text.contains("bulwark_build_info{"), "build info");
     assert!(
         text.contains(r#"route="/api/cache/status""#),
@@ -428,33 +427,9 @@ async fn separate_metrics_port() {
     // Not on the main port when a metrics port is configured...
     problem(app.get("/metrics", None).await, 404, "not-found").await;
     // ...but on its own.
-    let addr = app.metrics_addr.expect("metrics listener");
-    let text = app
-        .client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("req")
-        .text()
-        .await
-        .expect("text");
+    assert!(app.metrics_addr.is_some(), "metrics listener");
+    let text = app.metrics_text().await;
     assert!(text.contains("bulwark_build_info"), "{text}");
-}
-
-#[tokio::test]
-async fn real_services_are_ready() {
-    // The same probes against PostgreSQL, NATS and Redis.
-    let Some(app) = TestAppBuilder::new(Backend::Real)
-        .spawn()
-        .await
-        .expect("spawn")
-    else {
-        return;
-    };
-    let body: Value = app.get("/readyz", None).await.json().await.expect("json");
-    assert_eq!(body["status"], "ready", "{body}");
-    assert_eq!(body["checks"]["bus:nats"], "ok");
-    assert_eq!(body["checks"]["kv:redis"], "ok");
 }
 
 #[tokio::test]

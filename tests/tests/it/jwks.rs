@@ -126,13 +126,12 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
 
     // Minting is refused: tokens come from the identity provider.
     let res = app
-        .client
-        .post(app.url("/api/admin/tokens"))
-        .bearer_auth(&t2)
-        .json(&serde_json::json!({"sub": "x", "role": "viewer"}))
-        .send()
-        .await
-        .expect("req");
+        .post_json(
+            "/api/admin/tokens",
+            Some(&t2),
+            &serde_json::json!({"sub": "x", "role": "viewer"}),
+        )
+        .await;
     assert_eq!(res.status(), 409);
 }
 

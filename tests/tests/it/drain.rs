@@ -22,12 +22,12 @@ async fn websocket_needs_a_token_at_upgrade() {
         .await
         .expect("spawn")
         .expect("app");
-    let url = format!("ws://{}/ws/probe/echo", app.addr);
+    let url = app.ws_url("/ws/probe/echo");
     match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
         other => panic!("expected a 401 at upgrade, got {other:?}"),
     }
-    let url = format!("ws://{}/ws/probe/echo?access_token=garbage", app.addr);
+    let url = app.ws_url("/ws/probe/echo?access_token=garbage");
     match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
         other => panic!("expected a 401 for a bad token, got {other:?}"),
@@ -47,7 +47,7 @@ async fn websockets_are_closed_with_1012_on_drain() {
     let token = app.token(Role::Viewer);
     let mut clients = Vec::new();
     for _ in 0..5 {
-        let url = format!("ws://{}/ws/probe/echo?access_token={token}", app.addr);
+        let url = app.ws_url(&format!("/ws/probe/echo?access_token={token}"));
         let (mut ws, _) = tokio_tungstenite::connect_async(&url)
             .await
             .expect("connect");
@@ -56,18 +56,14 @@ async fn websockets_are_closed_with_1012_on_drain() {
         assert_eq!(echoed, Message::text("hello"));
         clients.push(ws);
     }
-    let metrics = app
-        .get("/metrics", None)
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = app.metrics_text().await;
     // The recorder is process-wide: other tests in this binary may hold probe sockets too.
-    let open: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"bulwark_websocket_connections{module="probe"} "#))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
+    let open = bulwark_tests::metrics::value(
+        &metrics,
+        "bulwark_websocket_connections",
+        &[("module", "probe")],
+    )
+    .unwrap_or(0.0);
     assert!(
         open >= 5.0,
         "5 tracked sockets, gauge says {open}: {metrics}"
@@ -129,11 +125,10 @@ async fn a_draining_instance_refuses_new_sockets_with_503() {
         .await
         .expect("spawn")
         .expect("app");
-    let url = format!(
-        "ws://{}/ws/probe/echo?access_token={}",
-        app.addr,
+    let url = app.ws_url(&format!(
+        "/ws/probe/echo?access_token={}",
         app.token(Role::Viewer)
-    );
+    ));
     let (mut before, _) = tokio_tungstenite::connect_async(&url)
         .await
         .expect("connect before the drain");
