@@ -12,9 +12,9 @@ const TEMPLATE: &str = include_str!("../assets/home.html");
 /// A browser page a module serves (declared in [`crate::module::ModuleParts::pages`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
-    /// Link text: `Auction room`.
+    /// Link text: `Order book`.
     pub title: String,
-    /// Absolute path. It may be a template with `{param}` segments (`/auction/{id}`): the home
+    /// Absolute path. It may be a template with `{param}` segments (`/orders/{id}`): the home
     /// page then shows it and the description says where the parameter comes from.
     pub path: String,
     /// One or two sentences: what the page is and how to open it.
@@ -225,14 +225,14 @@ mod tests {
     fn home() -> Home {
         Home::new(
             "1.2.3",
-            ["cache", "auction", "annotation"],
+            ["m1", "m2", "m3"],
             [
-                ("cache", vec![]),
+                ("m1", vec![]),
                 (
-                    "auction",
+                    "m2",
                     vec![
-                        Page::new("Room", "/auction/{id}", "Needs an id.").role(Role::Viewer),
-                        Page::new("<Lobby>", "/auction/lobby?a=1&b=2", "{{pages}} <script>"),
+                        Page::new("Room", "/m2/{id}", "Needs an id.").role(Role::Viewer),
+                        Page::new("<Lobby>", "/m2/lobby?a=1&b=2", "{{pages}} <script>"),
                     ],
                 ),
             ],
@@ -244,9 +244,9 @@ mod tests {
         let html = home().render(None);
         assert!(html.contains("<title>Bulwark</title>"));
         assert!(html.contains(r#"<span class="version" id="version">1.2.3</span>"#));
-        assert!(html.contains(r#"data-module="cache" data-enabled="true""#));
-        assert!(html.contains(r#"data-module="auction" data-enabled="true""#));
-        assert!(html.contains(r#"data-module="annotation" data-enabled="false""#));
+        assert!(html.contains(r#"data-module="m1" data-enabled="true""#));
+        assert!(html.contains(r#"data-module="m2" data-enabled="true""#));
+        assert!(html.contains(r#"data-module="m3" data-enabled="false""#));
         assert!(html.contains(r#"<a href="/metrics">"#));
         for name in ["version", "modules", "metrics"] {
             assert!(!html.contains(&format!("{{{{{name}}}}}")), "{name} filled");
@@ -258,10 +258,10 @@ mod tests {
     #[test]
     fn template_pages_are_shown_not_linked_and_everything_is_escaped() {
         let html = home().render(None);
-        assert!(html.contains("<b>Room</b> <code>/auction/{id}</code>"));
-        assert!(!html.contains(r#"href="/auction/{id}""#));
+        assert!(html.contains("<b>Room</b> <code>/m2/{id}</code>"));
+        assert!(!html.contains(r#"href="/m2/{id}""#));
         assert!(html.contains(r#"<span class="token">token: viewer</span>"#));
-        assert!(html.contains(r#"<a href="/auction/lobby?a=1&amp;b=2">&lt;Lobby&gt;</a>"#));
+        assert!(html.contains(r#"<a href="/m2/lobby?a=1&amp;b=2">&lt;Lobby&gt;</a>"#));
         // A value is not scanned for placeholders, and markup in it is inert.
         assert!(html.contains("{{pages}} &lt;script&gt;"));
         assert!(!html.contains("<script>"));
@@ -269,9 +269,9 @@ mod tests {
 
     #[test]
     fn pages_of_modules_not_enabled_are_dropped() {
-        let h = Home::new("1", ["auction"], std::iter::empty::<(&str, Vec<Page>)>());
+        let h = Home::new("1", ["m2"], std::iter::empty::<(&str, Vec<Page>)>());
         let html = h.render(None);
-        assert!(html.contains(r#"data-module="auction" data-enabled="false""#));
+        assert!(html.contains(r#"data-module="m2" data-enabled="false""#));
         assert!(html.contains("No enabled module has a page yet."));
     }
 
@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn an_extra_started_module_is_listed_as_enabled() {
-        let h = Home::new("1", ["cache"], [("probe", vec![])]);
+        let h = Home::new("1", ["m1"], [("probe", vec![])]);
         assert_eq!(h.modules.len(), 2);
         assert!(h.modules[1].enabled);
     }
