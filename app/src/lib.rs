@@ -204,6 +204,7 @@ impl Application {
             });
         }
         let readiness = Readiness::new(checks, shutdown.clone());
+        http::document_common_responses(&mut openapi);
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
         let effective_config =
             Arc::new(serde_json::to_value(effective).context("render effective config")?);
