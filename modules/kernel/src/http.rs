@@ -549,7 +549,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
                 Err(Problem::for_status(rejection.status()).detail(rejection.body_text()))
             }
             Err(rejection) => {
-                let key = match &rejection {
+                let mut key = match &rejection {
                     PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
                         ErrorKind::ParseErrorAtKey { key, .. }
                         | ErrorKind::InvalidUtf8InPathParam { key }
@@ -558,6 +558,16 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
                     },
                     _ => None,
                 };
+                // A single value (`ApiPath<i64>`) fails without a key: it is the route's only one.
+                if key.is_none()
+                    && let Ok(raw) =
+                        axum::extract::RawPathParams::from_request_parts(parts, state).await
+                {
+                    let mut names = raw.iter().map(|(name, _)| name);
+                    if let (Some(only), None) = (names.next(), names.next()) {
+                        key = Some(only.to_owned());
+                    }
+                }
                 let p = Problem::new(
                     StatusCode::BAD_REQUEST,
                     "invalid-path-parameter",
@@ -827,7 +837,12 @@ fn range_pattern(max: u64) -> String {
                 1 => "[0-9]".to_owned(),
                 n => format!("[0-9]{{{n}}}"),
             };
-            alternatives.push(format!("{prefix}[{lowest}-{}]{tail}", d - 1));
+            let digit = if d - 1 == lowest {
+                format!("{lowest}")
+            } else {
+                format!("[{lowest}-{}]", d - 1)
+            };
+            alternatives.push(format!("{prefix}{digit}{tail}"));
         }
     }
     alternatives.push(max.to_string());
@@ -1032,6 +1047,10 @@ mod tests {
         assert_eq!(range_pattern(7), "[1-6]|7");
         assert_eq!(range_pattern(10), "[1-9]|10");
         assert_eq!(range_pattern(100), "[1-9][0-9]{0,1}|100");
+        assert_eq!(
+            range_pattern(2_592_000),
+            "[1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[0-1][0-9]{3}|2592000"
+        );
         // A small matcher for the patterns range_pattern writes (alternatives of literal digits,
         // `[a-b]` classes and `{n}`/`{0,n}` repeats), checked against the numbers themselves.
         fn matches(pattern: &str, s: &str) -> bool {
