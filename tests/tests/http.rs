@@ -857,3 +857,35 @@ async fn a_module_added_later_gets_the_shared_error_responses_documented() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_socket_route_asked_without_an_upgrade_is_a_documented_400() {
+    let app = spawn_app().await;
+    let viewer = app.token(Role::Viewer);
+    // Schemathesis leaves `/ws/` out (an upgrade is not request/response): its 400s are here,
+    // its 401 and 404 in tests/tests/auction.rs.
+    problem(
+        app.get("/ws/auction/1", Some(&viewer)).await,
+        400,
+        "bad-request",
+    )
+    .await;
+    let body = problem(
+        app.get("/ws/auction/abc", Some(&viewer)).await,
+        400,
+        "invalid-path-parameter",
+    )
+    .await;
+    assert_eq!(body["field"], "id");
+    problem(app.get("/ws/auction/1", None).await, 401, "unauthorized").await;
+    let doc: Value = app
+        .get("/api/openapi.json", None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let op = &doc["paths"]["/ws/auction/{id}"]["get"];
+    for status in ["400", "401", "403", "404"] {
+        assert!(documents_problem(op, status), "{status}: {op}");
+    }
+}
