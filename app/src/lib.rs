@@ -171,6 +171,9 @@ impl Application {
         });
 
         let readiness = Readiness::new(checks, ctx.shutdown.clone());
+        let mut openapi = openapi;
+        // Every module's operations get the kernel's shared error responses documented.
+        http::document_common_responses(&mut openapi);
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
         let effective_config =
             Arc::new(serde_json::to_value(effective).context("render effective config")?);

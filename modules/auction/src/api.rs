@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::extract::{State, WebSocketUpgrade};
 use axum::response::Response;
 use bulwark_kernel::auth::{Auth, Identity, Role, require};
-use bulwark_kernel::http::ApiJson;
+use bulwark_kernel::http::{ApiJson, ApiPath, ApiQuery, Bounded, Limit, Text};
 use bulwark_kernel::problem::Problem;
 use chrono::{DateTime, TimeZone as _, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,36 +24,52 @@ fn db_problem(e: sea_orm::DbErr) -> Problem {
     Problem::unavailable("the auction store is unavailable")
 }
 
-/// An auction to create. Money in integer minor units (e.g. cents).
+/// The largest amount of money (10^15 minor units).
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+/// An amount of money in minor units: 0 to [`MAX_AMOUNT`].
+pub type Amount = Bounded<0, MAX_AMOUNT>;
+/// The smallest step between bids: 1 to [`MAX_AMOUNT`].
+pub type Increment = Bounded<1, MAX_AMOUNT>;
+/// The longest soft-close window or extension, in seconds (a day).
+pub const MAX_SOFT_CLOSE_SECONDS: i64 = 86_400;
+/// A soft-close window or extension: 0 to [`MAX_SOFT_CLOSE_SECONDS`].
+pub type SoftCloseSeconds = Bounded<0, MAX_SOFT_CLOSE_SECONDS>;
+
+/// An auction to create. Money in integer minor units (e.g. cents). Every field's range is
+/// checked as it is deserialized, from the same types that document it; what JSON Schema
+/// cannot say is checked after: `ends_at` after `starts_at` and in the future, and the two
+/// soft-close settings both set or both 0 (400 naming the field).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAuction {
-    /// 1 to 200 characters.
-    pub title: String,
+    /// 1 to 200 characters, not blank (stored without blank ends).
+    #[schema(inline)]
+    pub title: Text<200>,
     /// Default: now.
     pub starts_at: Option<DateTime<Utc>>,
+    /// After `starts_at`, and in the future.
     pub ends_at: DateTime<Utc>,
-    /// The lowest first bid.
+    /// The lowest first bid (default 0).
     #[serde(default)]
-    pub start_price: i64,
+    #[schema(inline)]
+    pub start_price: Amount,
     /// Hidden minimum for a sale; shown only to admins.
-    pub reserve: Option<i64>,
-    /// Each bid must beat the highest by at least this much.
-    #[serde(default = "one")]
-    pub min_increment: i64,
-    /// A bid this close to the end extends the auction (soft close); 0 disables.
+    #[schema(inline)]
+    pub reserve: Option<Amount>,
+    /// Each bid must beat the highest by at least this much (default 1).
     #[serde(default)]
-    pub soft_close_window_seconds: u32,
-    /// ... to the bid's time plus this.
+    #[schema(inline)]
+    pub min_increment: Increment,
+    /// A bid this close to the end extends the auction (soft close); 0 (the default) disables.
+    /// Set together with `soft_close_extension_seconds`.
     #[serde(default)]
-    pub soft_close_extension_seconds: u32,
+    #[schema(inline)]
+    pub soft_close_window_seconds: SoftCloseSeconds,
+    /// ... to the bid's time plus this; 0 (the default) when soft close is disabled.
+    #[serde(default)]
+    #[schema(inline)]
+    pub soft_close_extension_seconds: SoftCloseSeconds,
 }
-
-fn one() -> i64 {
-    1
-}
-
-const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
 impl CreateAuction {
     fn validate(self, now: i64) -> Result<store::NewAuction, Problem> {
@@ -61,10 +77,6 @@ impl CreateAuction {
             Err(Problem::bad_request(format!("{field}: {m}"))
                 .extension("field", serde_json::json!(field)))
         };
-        let title = self.title.trim().to_owned();
-        if title.is_empty() || title.chars().count() > 200 {
-            return bad("title", "must be 1 to 200 characters");
-        }
         let starts = self.starts_at.map_or(now, |t| t.timestamp_millis());
         let ends = self.ends_at.timestamp_millis();
         if ends <= starts {
@@ -73,39 +85,46 @@ impl CreateAuction {
         if ends <= now {
             return bad("ends_at", "must be in the future");
         }
-        if !(0..=MAX_AMOUNT).contains(&self.start_price) {
-            return bad("start_price", "must be between 0 and 10^15");
-        }
-        if let Some(r) = self.reserve
-            && !(0..=MAX_AMOUNT).contains(&r)
-        {
-            return bad("reserve", "must be between 0 and 10^15");
-        }
-        if !(1..=MAX_AMOUNT).contains(&self.min_increment) {
-            return bad("min_increment", "must be between 1 and 10^15");
-        }
-        if self.soft_close_window_seconds > 86_400 || self.soft_close_extension_seconds > 86_400 {
-            return bad(
-                "soft_close_window_seconds",
-                "soft-close settings are at most 86400",
-            );
-        }
-        if (self.soft_close_window_seconds == 0) != (self.soft_close_extension_seconds == 0) {
+        let (window, extension) = (
+            self.soft_close_window_seconds.get(),
+            self.soft_close_extension_seconds.get(),
+        );
+        if (window == 0) != (extension == 0) {
             return bad(
                 "soft_close_extension_seconds",
                 "set both soft_close_window_seconds and soft_close_extension_seconds, or neither",
             );
         }
         Ok(store::NewAuction {
-            title,
+            title: self.title.into_string(),
             starts_at_ms: starts,
             ends_at_ms: ends,
-            start_price: self.start_price,
-            reserve: self.reserve,
-            min_increment: self.min_increment,
-            soft_close_window_ms: i64::from(self.soft_close_window_seconds) * 1000,
-            soft_close_extension_ms: i64::from(self.soft_close_extension_seconds) * 1000,
+            start_price: self.start_price.get(),
+            reserve: self.reserve.map(Bounded::get),
+            min_increment: self.min_increment.get(),
+            soft_close_window_ms: window * 1000,
+            soft_close_extension_ms: extension * 1000,
         })
+    }
+}
+
+/// Where an auction is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuctionStatus {
+    /// Before `starts_at`.
+    Scheduled,
+    Open,
+    Closed,
+}
+
+impl AuctionStatus {
+    fn of(a: &auction::Model, now: i64) -> Self {
+        match store::display_status(a, now) {
+            "closed" => Self::Closed,
+            "scheduled" => Self::Scheduled,
+            _ => Self::Open,
+        }
     }
 }
 
@@ -114,8 +133,7 @@ impl CreateAuction {
 pub struct AuctionView {
     pub id: i64,
     pub title: String,
-    /// `scheduled`, `open` or `closed`.
-    pub status: String,
+    pub status: AuctionStatus,
     pub starts_at: DateTime<Utc>,
     /// Current end (moved by soft-close extensions).
     pub ends_at: DateTime<Utc>,
@@ -137,7 +155,7 @@ pub struct AuctionView {
 fn view(a: auction::Model, who: &Identity) -> AuctionView {
     let now = store::now_ms();
     AuctionView {
-        status: store::display_status(&a, now).into(),
+        status: AuctionStatus::of(&a, now),
         id: a.id,
         title: a.title,
         starts_at: at(a.starts_at_ms),
@@ -169,8 +187,9 @@ pub type Shared = Arc<AuctionShared>;
     request_body = CreateAuction,
     responses(
         (status = 201, description = "Created", body = AuctionView),
-        (status = 400, description = "Invalid field (named in `field`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json")
+        (status = 400, description = "Invalid field (named in `field`)"),
+        (status = 403, description = "Role admin required"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn create(
     auth: Auth<require::Admin>,
@@ -183,15 +202,35 @@ pub async fn create(
     Ok((axum::http::StatusCode::CREATED, axum::Json(view(a, &auth))))
 }
 
+/// The statuses `GET /api/auction/auctions` filters on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListStatus {
+    Open,
+    Closed,
+}
+
+impl ListStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            ListStatus::Open => "open",
+            ListStatus::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// `open` or `closed`.
-    pub status: Option<String>,
+    /// Only auctions with this status.
+    #[param(inline)]
+    pub status: Option<ListStatus>,
     /// Cursor: the last id of the previous page.
     pub after: Option<i64>,
-    /// 1 to 200 (default 50).
-    pub limit: Option<u64>,
+    #[serde(default)]
+    #[param(inline)]
+    pub limit: Limit,
 }
 
 /// A page of results with the cursor of the next page.
@@ -202,36 +241,20 @@ pub struct Page<T> {
     pub next: Option<i64>,
 }
 
-fn limit(l: Option<u64>) -> Result<u64, Problem> {
-    match l {
-        None => Ok(50),
-        Some(n @ 1..=200) => Ok(n),
-        Some(_) => Err(Problem::bad_request("limit: must be between 1 and 200")
-            .extension("field", serde_json::json!("limit"))),
-    }
-}
-
 /// List auctions by id (role viewer), keyset-paginated.
 #[utoipa::path(get, path = "/api/auction/auctions", tag = "auction", security(("bearer" = [])),
     params(ListParams),
     responses(
         (status = 200, description = "A page of auctions", body = Page<AuctionView>),
-        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json")
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn list(
     auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Query(p): Query<ListParams>,
+    ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<axum::Json<Page<AuctionView>>, Problem> {
-    let limit = limit(p.limit)?;
-    let status = match p.status.as_deref() {
-        None => None,
-        Some(st @ ("open" | "closed")) => Some(st),
-        Some(_) => {
-            return Err(Problem::bad_request("status: must be `open` or `closed`")
-                .extension("field", serde_json::json!("status")));
-        }
-    };
+    let limit = p.limit.get();
+    let status = p.status.map(ListStatus::as_str);
     let rows = store::list(&s.db, status, p.after, limit)
         .await
         .map_err(db_problem)?;
@@ -256,12 +279,13 @@ async fn find(s: &AuctionShared, id: i64) -> Result<auction::Model, Problem> {
     params(("id" = i64, Path, description = "Auction id")),
     responses(
         (status = 200, description = "The auction", body = AuctionView),
-        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+        (status = 404, description = "No such auction"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn get_one(
     auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<AuctionView>, Problem> {
     Ok(axum::Json(view(find(&s, id).await?, &auth)))
 }
@@ -271,12 +295,13 @@ pub async fn get_one(
     params(("id" = i64, Path, description = "Auction id")),
     responses(
         (status = 200, description = "Full state", body = RoomState),
-        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+        (status = 404, description = "No such auction"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn state(
     _auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<RoomState>, Problem> {
     store::state(&s.db, id, u64::from(s.cfg.state_bids))
         .await
@@ -287,11 +312,13 @@ pub async fn state(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct BidParams {
     /// Cursor: bids with a smaller id than this (the previous page's `next`).
     pub before: Option<i64>,
-    /// 1 to 200 (default 50).
-    pub limit: Option<u64>,
+    #[serde(default)]
+    #[param(inline)]
+    pub limit: Limit,
 }
 
 /// A stored bid with its outcome.
@@ -328,16 +355,16 @@ fn bid_view(b: bid::Model) -> BidView {
     params(("id" = i64, Path, description = "Auction id"), BidParams),
     responses(
         (status = 200, description = "A page of bids", body = Page<BidView>),
-        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+        (status = 404, description = "No such auction"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn bids(
     _auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
-    Query(p): Query<BidParams>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(p): ApiQuery<BidParams>,
 ) -> Result<axum::Json<Page<BidView>>, Problem> {
-    let limit = limit(p.limit)?;
+    let limit = p.limit.get();
     find(&s, id).await?;
     let rows = store::bids_page(&s.db, id, p.before, limit)
         .await
@@ -356,12 +383,13 @@ pub async fn bids(
     params(("id" = i64, Path, description = "Auction id")),
     responses(
         (status = 200, description = "The result", body = ResultView),
-        (status = 404, description = "No such auction, or not closed yet", body = Problem, content_type = "application/problem+json")
+        (status = 404, description = "No such auction, or not closed yet"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn result(
     _auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<ResultView>, Problem> {
     let r = store::result(&s.db, id)
         .await
@@ -397,13 +425,13 @@ pub struct Presence {
     params(("id" = i64, Path, description = "Auction id")),
     responses(
         (status = 200, description = "Live connections", body = Presence),
-        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Key-value store unavailable", body = Problem, content_type = "application/problem+json")
+        (status = 404, description = "No such auction"),
+        (status = 503, description = "The auction store or the key-value store is unavailable")
 ))]
 pub async fn presence(
     _auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<Presence>, Problem> {
     find(&s, id).await?;
     let members =
@@ -438,13 +466,15 @@ pub async fn presence(
     params(("id" = i64, Path, description = "Auction id")),
     responses(
         (status = 101, description = "WebSocket upgrade"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such auction", body = Problem, content_type = "application/problem+json")
+        (status = 400, description = "Invalid id, or not a WebSocket upgrade request"),
+        (status = 401, description = "Missing or invalid token (header or `access_token`)"),
+        (status = 404, description = "No such auction"),
+        (status = 503, description = "The auction store is unavailable")
 ))]
 pub async fn socket(
     auth: Auth<require::Viewer>,
     State(s): State<Shared>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, Problem> {
     find(&s, id).await?;
@@ -466,7 +496,7 @@ pub async fn socket(
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(create, list, get_one, state, bids, result, presence, socket, page),
-    components(schemas(CreateAuction, AuctionView, BidView, RoomState, ResultView, Highest,
+    components(schemas(CreateAuction, AuctionView, AuctionStatus, BidView, RoomState, ResultView, Highest,
         crate::protocol::PlacedBid, Presence, PresenceEntry, Page<AuctionView>, Page<BidView>))
 )]
 pub struct AuctionApi;
@@ -476,6 +506,6 @@ pub struct AuctionApi;
 #[utoipa::path(get, path = "/auction/{id}", tag = "auction",
     params(("id" = i64, Path, description = "Auction id")),
     responses((status = 200, description = "HTML page", content_type = "text/html")))]
-pub async fn page(Path(_id): Path<i64>) -> axum::response::Html<&'static str> {
+pub async fn page(ApiPath(_id): ApiPath<i64>) -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../assets/auction.html"))
 }

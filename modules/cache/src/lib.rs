@@ -12,12 +12,12 @@ pub mod queries;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bulwark_kernel::auth::{Auth, require};
 use bulwark_kernel::config::{ConfigError, Section, Settings};
-use bulwark_kernel::http::ApiJson;
+use bulwark_kernel::http::{ApiJson, ApiPath, ApiQuery};
 use bulwark_kernel::module::{
     Context, Module, ModuleError, ModuleParts, Worker, WorkerKind, status_route,
 };
@@ -35,23 +35,63 @@ pub struct CacheModule;
 /// through it share its single-flight, fill lock, metrics and invalidation broadcast.
 pub const LOADER: ServiceKey<Cache> = ServiceKey::new("cache", "loader");
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// `{"namespace", "key"}` or `{"namespace", "tag"}`: exactly one of `key` and `tag` (checked by
+/// the handler; the schema below says the same with `oneOf`). Neither may be `null`.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InvalidateRequest {
     namespace: String,
     /// One key; or
+    #[serde(default, deserialize_with = "present")]
     key: Option<String>,
     /// every key filed under this tag (`get_or_load_tagged`).
+    #[serde(default, deserialize_with = "present")]
     tag: Option<String>,
 }
+
+/// An optional field that, when present, is a string (not `null`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
+impl utoipa::PartialSchema for InvalidateRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let string = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+        };
+        let target = |name: &str, description: &str| {
+            ObjectBuilder::new()
+                .property("namespace", string("A namespace of `[cache.namespaces]`"))
+                .property(name, string(description))
+                .required("namespace")
+                .required(name)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .item(target("key", "The key to drop"))
+            .item(target(
+                "tag",
+                "Drop every key filed under this tag (`get_or_load_tagged`)",
+            ))
+            .description(Some("Exactly one of `key` and `tag`"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for InvalidateRequest {}
 
 /// Drop a key, or every key of a tag, from every tier of every instance (role admin).
 #[utoipa::path(post, path = "/api/cache/invalidate", tag = "cache", security(("bearer" = [])),
     request_body = InvalidateRequest,
     responses(
         (status = 204, description = "Invalidated everywhere"),
-        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown namespace", body = Problem, content_type = "application/problem+json")
+        (status = 400, description = "Invalid body, or not exactly one of `key` and `tag`"),
+        (status = 403, description = "Role admin required"),
+        (status = 404, description = "Unknown namespace"),
+        (status = 503, description = "The shared tier or the invalidation broadcast is unavailable")
 ))]
 async fn invalidate(
     _auth: Auth<require::Admin>,
@@ -127,8 +167,8 @@ struct QueriesState {
 async fn run_query(
     _auth: Auth<require::Viewer>,
     State(s): State<QueriesState>,
-    Path(name): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
     let q = s
         .queries

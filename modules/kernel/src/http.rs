@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -52,10 +53,12 @@ pub struct KernelHttp {
 struct KernelApi;
 
 struct BearerAuth;
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+impl BearerAuth {
+    fn modify_components(&self, components: &mut utoipa::openapi::Components) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
+        if components.security_schemes.contains_key("bearer") {
+            return;
+        }
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(
@@ -67,8 +70,14 @@ impl utoipa::Modify for BearerAuth {
         );
     }
 }
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        self.modify_components(openapi.components.get_or_insert_with(Default::default));
+    }
+}
 
-/// The kernel's OpenAPI document, to merge module documents into.
+/// The kernel's OpenAPI document, to merge module documents into (then complete the merged
+/// document with [`document_common_responses`]).
 pub fn kernel_openapi(version: &str) -> utoipa::openapi::OpenApi {
     let mut doc = KernelApi::openapi();
     doc.info.version = version.to_owned();
@@ -76,7 +85,9 @@ pub fn kernel_openapi(version: &str) -> utoipa::openapi::OpenApi {
 }
 
 /// Liveness: the process answers. Never checks dependencies.
-#[utoipa::path(get, path = "/livez", tag = "kernel", responses((status = 200, description = "The process is alive")))]
+#[utoipa::path(get, path = "/livez", tag = "kernel", responses(
+    (status = 200, description = "The process is alive: `{\"status\":\"ok\"}`", body = Object, content_type = "application/json")
+))]
 async fn livez() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -117,7 +128,9 @@ async fn readyz(State(k): State<KernelHttp>) -> impl IntoResponse {
 }
 
 /// The OpenAPI document of this build (kernel and every compiled-in module).
-#[utoipa::path(get, path = "/api/openapi.json", tag = "kernel", responses((status = 200, description = "OpenAPI 3.1 document")))]
+#[utoipa::path(get, path = "/api/openapi.json", tag = "kernel", responses(
+    (status = 200, description = "OpenAPI 3.1 document", body = Object, content_type = "application/json")
+))]
 async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -127,9 +140,8 @@ async fn openapi_json(State(k): State<KernelHttp>) -> impl IntoResponse {
 
 /// The effective configuration of this process, secrets redacted.
 #[utoipa::path(get, path = "/api/admin/config", tag = "kernel", security(("bearer" = [])), responses(
-    (status = 200, description = "Effective configuration"),
-    (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-    (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json")
+    (status = 200, description = "Effective configuration", body = Object),
+    (status = 403, description = "Role admin required")
 ))]
 async fn admin_config(
     _auth: Auth<require::Admin>,
@@ -142,13 +154,14 @@ async fn admin_config(
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Subject (user name).
-    pub sub: String,
+    /// Subject (user name): 1 to 256 characters, not blank.
+    #[schema(inline)]
+    pub sub: Text<256>,
     pub role: Role,
-    /// Lifetime such as `1h` (default) or `15m`; at most 30 days.
-    #[serde(default, with = "humantime_serde")]
-    #[schema(value_type = Option<String>)]
-    pub ttl: Option<Duration>,
+    /// Lifetime: a whole number and one unit (`s`, `m`, `h`, `d`), 1s to 30d; default `1h`.
+    #[serde(default)]
+    #[schema(inline)]
+    pub ttl: Option<TokenTtl>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -163,26 +176,15 @@ pub struct TokenResponse {
     request_body = TokenRequest,
     responses(
         (status = 200, description = "Token minted", body = TokenResponse),
-        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Role admin required", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json")
+        (status = 403, description = "Role admin required"),
+        (status = 409, description = "Tokens come from the identity provider (`auth.jwks_url` is set)")
 ))]
 async fn issue_token(
     _auth: Auth<require::Admin>,
     Extension(authn): Extension<Arc<Authenticator>>,
     ApiJson(req): ApiJson<TokenRequest>,
 ) -> Result<Json<TokenResponse>, Problem> {
-    let ttl = req.ttl.unwrap_or(Duration::from_secs(3600));
-    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86400) {
-        return Err(Problem::bad_request("`ttl` must be between 1s and 30 days")
-            .extension("field", "ttl".into()));
-    }
-    if req.sub.trim().is_empty() {
-        return Err(
-            Problem::bad_request("`sub` must not be empty").extension("field", "sub".into())
-        );
-    }
+    let ttl = req.ttl.map_or(Duration::from_secs(3600), TokenTtl::get);
     let token = authn
         .issue(&req.sub, req.role, ttl)
         .map_err(|e| Problem::conflict(e.to_string()))?;
@@ -529,12 +531,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
                         Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
                             .detail(rejection.body_text())
                     }
-                    J::JsonDataError(_) => Problem::new(
-                        StatusCode::BAD_REQUEST,
+                    J::JsonDataError(_) => invalid(
                         "invalid-body",
                         "Invalid request body",
-                    )
-                    .detail(rejection.body_text()),
+                        rejection.body_text(),
+                    ),
                     _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                         Problem::for_status(StatusCode::PAYLOAD_TOO_LARGE)
                             .detail(rejection.body_text())
@@ -542,6 +543,530 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
                     _ => Problem::for_status(rejection.status()).detail(rejection.body_text()),
                 };
                 Err(p)
+            }
+        }
+    }
+}
+
+/// The field a serde error message (as `serde_path_to_error` renders it, which axum's `Json` and
+/// `Query` use) is about: `a.b[0]: message` gives `a.b[0]`; at the top level, the field of
+/// `missing field `x`` / `unknown field `x``.
+fn serde_field(message: &str) -> Option<String> {
+    if let Some((head, _)) = message.split_once(": ")
+        && !head.is_empty()
+        && head
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']' | '-'))
+    {
+        return Some(head.to_owned());
+    }
+    ["missing field `", "unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|marker| {
+            let rest = &message[message.find(marker)? + marker.len()..];
+            rest.split('`').next().map(str::to_owned)
+        })
+}
+
+/// A 400 problem for a request part that did not deserialize; `text` is the rejection's text
+/// (`<what failed>: <serde message>`), and the field it names goes into `field`.
+fn invalid(slug: &str, title: &str, text: String) -> Problem {
+    let field = text.split_once(": ").and_then(|(_, m)| serde_field(m));
+    let p = Problem::new(StatusCode::BAD_REQUEST, slug, title).detail(text);
+    match field {
+        Some(f) => p.extension("field", f.into()),
+        None => p,
+    }
+}
+
+/// Path parameters. A malformed one (`/api/auction/auctions/abc`) is a 400 problem of type
+/// `invalid-path-parameter` naming the parameter, documented on every operation with
+/// parameters by [`document_common_responses`].
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            // A route/type mismatch is a bug of ours, not of the request.
+            Err(rejection) if rejection.status().is_server_error() => {
+                Err(Problem::for_status(rejection.status()).detail(rejection.body_text()))
+            }
+            Err(rejection) => {
+                let mut key = match &rejection {
+                    PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                        ErrorKind::ParseErrorAtKey { key, .. }
+                        | ErrorKind::InvalidUtf8InPathParam { key }
+                        | ErrorKind::DeserializeError { key, .. } => Some(key.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                // A single value (`ApiPath<i64>`) fails without a key: it is the route's only one.
+                if key.is_none()
+                    && let Ok(raw) =
+                        axum::extract::RawPathParams::from_request_parts(parts, state).await
+                {
+                    let mut names = raw.iter().map(|(name, _)| name);
+                    if let (Some(only), None) = (names.next(), names.next()) {
+                        key = Some(only.to_owned());
+                    }
+                }
+                let p = Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-path-parameter",
+                    "Invalid path parameter",
+                )
+                .detail(rejection.body_text());
+                Err(match key {
+                    Some(k) => p.extension("field", k.into()),
+                    None => p,
+                })
+            }
+        }
+    }
+}
+
+/// Query parameters. One that does not deserialize (wrong type, out of range, unknown with
+/// `deny_unknown_fields`) is a 400 problem of type `invalid-query` naming it in `field`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(invalid(
+                "invalid-query",
+                "Invalid query parameter",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Characters that do not count as text: a [`Text`] is more than these, and loses them at its
+/// ends. Deliberately ASCII, so that every regex engine (Rust, ECMAScript, Python) agrees with
+/// the pattern in the schema.
+const BLANK: [char; 4] = [' ', '\t', '\n', '\r'];
+/// [`Text`]'s pattern: no NUL anywhere, and one character that is neither NUL nor [`BLANK`].
+const TEXT_PATTERN: &str = r"^[^\x00]*[^\x00 \t\n\r][^\x00]*$";
+
+/// Text a person typed (a title, a name): 1 to `MAX` characters, at least one of them not a
+/// space, tab or line break, and no NUL (PostgreSQL refuses it in text). It deserializes only
+/// when its OpenAPI schema (`minLength`, `maxLength`, `pattern`; use `#[schema(inline)]`) says
+/// it is valid, so the two cannot drift. The value is the text with blank ends removed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Text<const MAX: usize>(String);
+
+impl<const MAX: usize> Text<MAX> {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let n = raw.chars().count();
+        if n == 0 || n > MAX {
+            return Err(format!("must be 1 to {MAX} characters, not {n}"));
+        }
+        if raw.contains('\0') {
+            return Err("must not contain NUL".into());
+        }
+        let text = raw.trim_matches(BLANK);
+        if text.is_empty() {
+            return Err("must not be blank".into());
+        }
+        Ok(Self(text.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl<const MAX: usize> std::ops::Deref for Text<MAX> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de, const MAX: usize> serde::Deserialize<'de> for Text<MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<const MAX: usize> utoipa::PartialSchema for Text<MAX> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX))
+            .pattern(Some(TEXT_PATTERN))
+            .into()
+    }
+}
+
+impl<const MAX: usize> utoipa::ToSchema for Text<MAX> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("Text{MAX}").into()
+    }
+}
+
+/// Deserializes an integer as JSON Schema defines one: `5`, and also `5.0` or `5e0` (a number
+/// with no fractional part), which JSON Schema's `integer` admits and serde's `i64` does not.
+/// Query strings and paths give it plain digits.
+fn json_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // i64::MAX as f64 rounds up to 2^63, which does not fit: the bound is exclusive.
+            if v.fract() == 0.0 && v >= i64::MIN as f64 && v < i64::MAX as f64 {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_i64(Visitor)
+}
+
+/// An integer in `MIN..=MAX`: it deserializes only in range and documents the range
+/// (`minimum`, `maximum`; use `#[schema(inline)]`/`#[param(inline)]`) from the same constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Bounded<const MIN: i64, const MAX: i64>(i64);
+
+impl<const MIN: i64, const MAX: i64> Bounded<MIN, MAX> {
+    pub const fn new(v: i64) -> Option<Self> {
+        if v >= MIN && v <= MAX {
+            Some(Self(v))
+        } else {
+            None
+        }
+    }
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// The minimum.
+impl<const MIN: i64, const MAX: i64> Default for Bounded<MIN, MAX> {
+    fn default() -> Self {
+        Self(MIN)
+    }
+}
+
+impl<'de, const MIN: i64, const MAX: i64> serde::Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = json_integer(d)?;
+        Self::new(v).ok_or_else(|| {
+            serde::de::Error::custom(format!("must be between {MIN} and {MAX}, not {v}"))
+        })
+    }
+}
+
+impl<const MIN: i64, const MAX: i64> utoipa::PartialSchema for Bounded<MIN, MAX> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(MIN))
+            .maximum(Some(MAX))
+            .into()
+    }
+}
+
+impl<const MIN: i64, const MAX: i64> utoipa::ToSchema for Bounded<MIN, MAX> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("Integer{MIN}To{MAX}").replace('-', "Minus").into()
+    }
+}
+
+/// A page size: 1 to [`Limit::MAX`], [`Limit::DEFAULT`] when absent. Use it as
+/// `#[serde(default)] #[param(inline)] limit: Limit` in a query struct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Limit(u64);
+
+impl Limit {
+    pub const DEFAULT: u64 = 50;
+    pub const MAX: u64 = 200;
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Self(Self::DEFAULT)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = json_integer(d)?;
+        if let Some(v) = u64::try_from(v)
+            .ok()
+            .filter(|v| (1..=Self::MAX).contains(v))
+        {
+            Ok(Self(v))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "must be between 1 and {}, not {v}",
+                Self::MAX
+            )))
+        }
+    }
+}
+
+impl utoipa::PartialSchema for Limit {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(1))
+            .maximum(Some(Self::MAX))
+            .default(Some(Self::DEFAULT.into()))
+            .description(Some(format!(
+                "Page size: 1 to {} (default {}).",
+                Self::MAX,
+                Self::DEFAULT
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Limit {}
+
+/// A regular expression matching exactly the decimal numbers 1..=`max` (no sign, no leading
+/// zero), for a `pattern` derived from the same bound the parser checks.
+fn range_pattern(max: u64) -> String {
+    if max == 0 {
+        return "(?!)".into();
+    }
+    let digits: Vec<u8> = max.to_string().bytes().map(|b| b - b'0').collect();
+    let k = digits.len();
+    let mut alternatives = Vec::new();
+    // Every number with fewer digits.
+    match k {
+        1 => {}
+        2 => alternatives.push("[1-9]".to_owned()),
+        _ => alternatives.push(format!("[1-9][0-9]{{0,{}}}", k - 2)),
+    }
+    // k digits: agree with `max` on a prefix, then one smaller digit, then anything.
+    for i in 0..k {
+        let lowest = u8::from(i == 0);
+        let d = digits[i];
+        if d > lowest {
+            let prefix: String = digits[..i].iter().map(|d| char::from(b'0' + d)).collect();
+            let rest = k - i - 1;
+            let tail = match rest {
+                0 => String::new(),
+                1 => "[0-9]".to_owned(),
+                n => format!("[0-9]{{{n}}}"),
+            };
+            let digit = if d - 1 == lowest {
+                format!("{lowest}")
+            } else {
+                format!("[{lowest}-{}]", d - 1)
+            };
+            alternatives.push(format!("{prefix}{digit}{tail}"));
+        }
+    }
+    alternatives.push(max.to_string());
+    alternatives.join("|")
+}
+
+/// The longest token lifetime `POST /api/admin/tokens` mints.
+const MAX_TTL_SECS: u64 = 30 * 86400;
+const TTL_UNITS: [(char, u64); 4] = [('s', 1), ('m', 60), ('h', 3600), ('d', 86400)];
+
+/// A token lifetime: a whole number and one unit (`s`, `m`, `h` or `d`: `90s`, `15m`, `1h`,
+/// `30d`), from 1 second to 30 days. Its schema's pattern is built from the same bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenTtl(Duration);
+
+impl TokenTtl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let err = || format!("`{s}` is not a lifetime from 1s to 30d such as `15m` or `1h`");
+        let unit = s.chars().last().ok_or_else(err)?;
+        let per = TTL_UNITS
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, secs)| *secs)
+            .ok_or_else(err)?;
+        let number = &s[..s.len() - unit.len_utf8()];
+        if number.starts_with('0') || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let secs = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(per))
+            .filter(|secs| (1..=MAX_TTL_SECS).contains(secs))
+            .ok_or_else(err)?;
+        Ok(Self(Duration::from_secs(secs)))
+    }
+    pub fn pattern() -> String {
+        let units: Vec<String> = TTL_UNITS
+            .iter()
+            .map(|(u, secs)| format!("(?:{}){u}", range_pattern(MAX_TTL_SECS / secs)))
+            .collect();
+        format!("^(?:{})$", units.join("|"))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenTtl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for TokenTtl {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(Self::pattern()))
+            .examples(["15m", "1h", "30d"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TokenTtl {}
+
+/// Paths that need a token by convention: everything under `/api/` and `/ws/` except the
+/// OpenAPI document itself.
+fn needs_token(path: &str) -> bool {
+    (path.starts_with("/api/") && path != "/api/openapi.json") || path.starts_with("/ws/")
+}
+
+/// Complete the merged OpenAPI document with what every route shares, so that no module can
+/// forget it and a module added later gets it too (call it once on the merged document):
+///
+/// * operations under `/api/` and `/ws/` (except `/api/openapi.json`) require the bearer token;
+/// * an operation that requires it documents 401 (with `WWW-Authenticate`), 403 and 503 (the
+///   identity provider's keys unavailable);
+/// * an operation with a request body documents 400, 413 and 415;
+/// * an operation with parameters documents 400;
+/// * every error response the document has without a body gets the problem+json `Problem` body.
+///
+/// What a route documents itself (its own description of 404, say) is kept.
+pub fn document_common_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::SecurityRequirement;
+    use utoipa::openapi::{Content, HeaderBuilder, Ref, RefOr};
+
+    let components = doc.components.get_or_insert_with(Default::default);
+    if !components.schemas.contains_key("Problem") {
+        components.schemas.insert(
+            "Problem".into(),
+            <Problem as utoipa::PartialSchema>::schema(),
+        );
+    }
+    BearerAuth.modify_components(components);
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let shared_params = item.parameters.as_ref().is_some_and(|p| !p.is_empty());
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if needs_token(path) && op.security.is_none() {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+            }
+            let secured = op
+                .security
+                .as_ref()
+                .is_some_and(|s| s.iter().any(|r| *r != SecurityRequirement::default()));
+            let has_params = shared_params || op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let has_body = op.request_body.is_some();
+            let mut add = |status: &str, description: &str| {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| RefOr::T(problem::openapi_response(description)));
+            };
+            if has_body {
+                add(
+                    "400",
+                    "Invalid request body (named in `field`), or an invalid parameter",
+                );
+                add("413", "Request body too large (`server.body_limit_bytes`)");
+                add("415", "Request body is not `application/json`");
+            }
+            if has_params {
+                add("400", "Invalid parameter (named in `field`)");
+            }
+            if secured {
+                add(
+                    "401",
+                    "Missing, malformed, expired or wrongly signed bearer token",
+                );
+                add("403", "The token's role does not grant this operation");
+                add(
+                    "503",
+                    "The identity provider's signing keys are unavailable (`auth.jwks_url`)",
+                );
+            }
+            for (status, response) in op.responses.responses.iter_mut() {
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                let is_error = status.starts_with('4') || status.starts_with('5');
+                if is_error && response.content.is_empty() {
+                    response.content.insert(
+                        problem::CONTENT_TYPE.to_owned(),
+                        Content::new(Some(Ref::from_schema_name("Problem"))),
+                    );
+                }
+                if status == "401" && !response.headers.contains_key("WWW-Authenticate") {
+                    response.headers.insert(
+                        "WWW-Authenticate".into(),
+                        HeaderBuilder::new()
+                            .schema(
+                                utoipa::openapi::schema::ObjectBuilder::new()
+                                    .schema_type(utoipa::openapi::schema::Type::String)
+                                    .enum_values(Some(["Bearer"])),
+                            )
+                            .description(Some("The scheme to authenticate with"))
+                            .build(),
+                    );
+                }
             }
         }
     }
@@ -559,5 +1084,179 @@ mod tests {
         assert_eq!(module_of("/api/docs/{*rest}"), "kernel");
         assert_eq!(module_of("/livez"), "kernel");
         assert_eq!(module_of("unmatched"), "kernel");
+    }
+
+    #[test]
+    fn range_patterns_match_exactly_the_range() {
+        assert_eq!(range_pattern(30), "[1-9]|[1-2][0-9]|30");
+        assert_eq!(
+            range_pattern(720),
+            "[1-9][0-9]{0,1}|[1-6][0-9]{2}|7[0-1][0-9]|720"
+        );
+        assert_eq!(range_pattern(7), "[1-6]|7");
+        assert_eq!(range_pattern(10), "[1-9]|10");
+        assert_eq!(range_pattern(100), "[1-9][0-9]{0,1}|100");
+        assert_eq!(
+            range_pattern(2_592_000),
+            "[1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[0-1][0-9]{3}|2592000"
+        );
+        // A small matcher for the patterns range_pattern writes (alternatives of literal digits,
+        // `[a-b]` classes and `{n}`/`{0,n}` repeats), checked against the numbers themselves.
+        fn matches(pattern: &str, s: &str) -> bool {
+            pattern.split('|').any(|alt| {
+                let mut rest = s.as_bytes();
+                let mut p = alt.as_bytes();
+                while !p.is_empty() {
+                    let (lo, hi, consumed) = if p[0] == b'[' {
+                        (p[1], p[3], 5)
+                    } else {
+                        (p[0], p[0], 1)
+                    };
+                    p = &p[consumed..];
+                    let (min, max) = if p.first() == Some(&b'{') {
+                        let end = p.iter().position(|&c| c == b'}').unwrap_or(0);
+                        let inner = std::str::from_utf8(&p[1..end]).unwrap_or("");
+                        p = &p[end + 1..];
+                        match inner.split_once(',') {
+                            Some((a, b)) => (a.parse().unwrap_or(0), b.parse().unwrap_or(0)),
+                            None => (inner.parse().unwrap_or(0), inner.parse().unwrap_or(0)),
+                        }
+                    } else {
+                        (1, 1)
+                    };
+                    let mut n = 0;
+                    while n < max && n < rest.len() && (lo..=hi).contains(&rest[n]) {
+                        n += 1;
+                    }
+                    // Greedy is exact here: a repeat is always the last part of its alternative.
+                    if n < min {
+                        return false;
+                    }
+                    rest = &rest[n..];
+                }
+                rest.is_empty()
+            })
+        }
+        for max in [1, 7, 9, 10, 30, 99, 100, 101, 720, 999, 1000, 43_200] {
+            let pattern = range_pattern(max);
+            for n in 0..=max + 20 {
+                assert_eq!(
+                    matches(&pattern, &n.to_string()),
+                    (1..=max).contains(&n),
+                    "{n} against {pattern}"
+                );
+            }
+            assert!(!matches(&pattern, "01"));
+        }
+    }
+
+    #[test]
+    fn token_ttl_parses_what_its_pattern_says() {
+        assert_eq!(
+            TokenTtl::parse("90s").map(TokenTtl::get),
+            Ok(Duration::from_secs(90))
+        );
+        assert_eq!(
+            TokenTtl::parse("30d").map(TokenTtl::get),
+            Ok(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(
+            TokenTtl::parse("720h").map(TokenTtl::get),
+            Ok(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(
+            TokenTtl::parse("2592000s").map(TokenTtl::get),
+            Ok(Duration::from_secs(30 * 86400))
+        );
+        for bad in [
+            "",
+            "s",
+            "0s",
+            "01m",
+            "31d",
+            "721h",
+            "43201m",
+            "2592001s",
+            "1h30m",
+            "1 h",
+            "1hour",
+            "-1s",
+            "1é",
+            "99999999999999999999d",
+        ] {
+            assert!(TokenTtl::parse(bad).is_err(), "{bad}");
+        }
+        let p = TokenTtl::pattern();
+        assert!(p.starts_with("^(?:(?:") && p.ends_with("d)$"), "{p}");
+        assert!(p.contains("(?:[1-9]|[1-2][0-9]|30)d"), "{p}");
+    }
+
+    #[test]
+    fn text_is_trimmed_bounded_and_not_blank() {
+        assert_eq!(
+            Text::<5>::parse(" ab ").map(Text::into_string),
+            Ok("ab".to_owned())
+        );
+        assert_eq!(
+            Text::<3>::parse("éèê").map(Text::into_string),
+            Ok("éèê".to_owned())
+        );
+        for bad in ["", "   ", "\t\n\r ", "abcdef", "a\0b"] {
+            assert!(Text::<5>::parse(bad).is_err(), "{bad:?}");
+        }
+        // Counted before trimming, as JSON Schema's maxLength counts.
+        assert!(Text::<3>::parse(" ab ").is_err());
+        // Other Unicode spaces are text (the pattern is ASCII so every engine agrees).
+        assert!(Text::<3>::parse("\u{2003}").is_ok());
+    }
+
+    #[test]
+    fn integers_are_json_schema_integers() {
+        type Small = Bounded<-5, 10>;
+        let ok = |json: &str| serde_json::from_str::<Small>(json).map(Small::get).ok();
+        assert_eq!(ok("10"), Some(10));
+        assert_eq!(ok("-5"), Some(-5));
+        assert_eq!(ok("3.0"), Some(3));
+        assert_eq!(ok("1e1"), Some(10));
+        for bad in [
+            "11",
+            "-6",
+            "3.5",
+            "\"3\"",
+            "null",
+            "1e300",
+            "18446744073709551615",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+        let limit = |json: &str| serde_json::from_str::<Limit>(json).map(Limit::get).ok();
+        assert_eq!(limit("200.0"), Some(200));
+        assert_eq!(limit("0"), None);
+        assert_eq!(limit("201"), None);
+        assert_eq!(limit("-1"), None);
+    }
+
+    #[test]
+    fn serde_messages_name_their_field() {
+        assert_eq!(
+            serde_field("title: must be 1 to 200 characters at line 1"),
+            Some("title".into())
+        );
+        assert_eq!(
+            serde_field("b[0].y: missing field `z`"),
+            Some("b[0].y".into())
+        );
+        assert_eq!(
+            serde_field("missing field `ends_at` at line 1 column 2"),
+            Some("ends_at".into())
+        );
+        assert_eq!(
+            serde_field("unknown field `price`, expected one of `title`"),
+            Some("price".into())
+        );
+        assert_eq!(
+            serde_field("invalid type: integer `5`, expected struct X"),
+            None
+        );
     }
 }

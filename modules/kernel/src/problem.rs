@@ -125,6 +125,20 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The OpenAPI response of an error: `description`, with a `Problem` body as problem+json.
+/// Modules rarely need it: every error response a route documents without a body gets this one
+/// (see [`crate::http::document_common_responses`]).
+pub fn openapi_response(description: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            CONTENT_TYPE,
+            Content::new(Some(Ref::from_schema_name("Problem"))),
+        )
+        .build()
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
