@@ -82,6 +82,18 @@ mod tests {
         assert_eq!(declared, known);
     }
 
+    /// Each compiled-in module has its migration set, in the same order (the migrations crate
+    /// keeps its own per-module features and `sets()` lines).
+    #[test]
+    fn every_compiled_module_has_its_migration_set() {
+        let sets: Vec<&str> = bulwark_migrations::sets()
+            .iter()
+            .map(|s| s.module())
+            .filter(|m| *m != "kernel")
+            .collect();
+        assert_eq!(sets, compiled_names());
+    }
+
     /// The kernel must not know the modules: no module name as a word (in code, strings or
     /// comments) in its sources. Identifiers are split at `_` and case is ignored, so
     /// `AUCTION_BIDS` or `Cache::new` count too.

@@ -1,9 +1,10 @@
 //! The `cache` module: stampede-proof caching (C1–C7).
 //!
-//! [`Cache::get_or_load`] is the library other modules call; the module mounts the admin API
-//! (`/api/cache/stats`, `POST /api/cache/invalidate`) and follows invalidations broadcast by
-//! other instances. Still to come (issue 3): named cached queries, observed-vs-declared policy
-//! report, admission by frequency, L2 memory gauges, the Grafana dashboard and alerts.
+//! [`Cache::get_or_load`] is the library other modules call, reached through the kernel's
+//! services as [`LOADER`] (this process's running instance). The module mounts the admin API
+//! (`/api/cache/stats`, `/api/cache/policies`, `POST /api/cache/invalidate`), named cached
+//! queries (`/api/cache/queries/{name}`), and follows invalidations broadcast by other
+//! instances. See docs/cache.md.
 
 pub mod config;
 pub mod loader;

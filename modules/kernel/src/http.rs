@@ -579,7 +579,7 @@ fn invalid(slug: &str, title: &str, text: String) -> Problem {
     }
 }
 
-/// Path parameters. A malformed one (`/api/auction/auctions/abc`) is a 400 problem of type
+/// Path parameters. A malformed one (`/api/orders/abc`) is a 400 problem of type
 /// `invalid-path-parameter` naming the parameter, documented on every operation with
 /// parameters by [`document_common_responses`].
 pub struct ApiPath<T>(pub T);

@@ -179,7 +179,13 @@ async fn wrong_role_is_403() {
 #[tokio::test]
 async fn every_module_route_requires_auth() {
     let app = spawn_app().await;
-    for m in ["cache", "auction", "annotation", "pipeline", "reporting"] {
+    let modules = bulwark::modules::compiled_names();
+    assert_eq!(
+        modules.len(),
+        bulwark::modules::KNOWN.len(),
+        "tests build every module"
+    );
+    for m in modules {
         let res = app.get(&format!("/api/{m}/status"), None).await;
         assert_eq!(res.status(), 401, "{m}");
         let res = app

@@ -34,7 +34,9 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
 
     let mut app = TestAppBuilder::new(Backend::Embedded)
         .set("telemetry.otlp_endpoint", format!("http://{addr}"))
-        .set("telemetry.log_level", "info")
+        // A bare level covers only Bulwark's crates; this test's own span (target `it::otlp`)
+        // must be enabled too.
+        .set("telemetry.log_level", "warn,bulwark=info,it=info")
         .spawn()
         .await
         .expect("spawn")
