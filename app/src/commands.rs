@@ -284,7 +284,7 @@ pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsStri
 async fn run(cli: Cli, settings: Settings, modules: Vec<Arc<dyn Module>>) -> Result<(), CliError> {
     match cli.command {
         Command::Serve { role } => {
-            // Config errors exit 2 before anything connects; `build` reuses the result.
+            // Config errors exit 2 before anything connects (inside `build` they would exit 1).
             check(&settings, &modules)?;
             let app = crate::Application::build_with_modules(settings, role, modules).await?;
             app.run_until_stopped().await?;

@@ -29,7 +29,7 @@ pub fn version_line() -> String {
 }
 
 /// The PostgreSQL advisory-lock key that serialises migrations between replicas starting at
-/// once (any fixed number no other code of ours locks; this one spells "rams" on a keypad).
+/// once: any fixed number that no other code of ours locks (the value is historical).
 pub const MIGRATION_LOCK_KEY: i64 = 7_262_353;
 
 /// Apply every compiled-in migration set, kernel first.
@@ -148,11 +148,16 @@ impl Application {
         let names: Vec<&'static str> = enabled.iter().map(|m| m.name()).collect();
         telemetry::record_build_info(env!("CARGO_PKG_VERSION"), &modules::compiled_names());
 
-        let ctx = connect_kernel(&settings, role, Services::new(compiled, names.clone())).await?;
+        let ctx = connect_kernel(
+            &settings,
+            role,
+            Services::new(compiled.clone(), names.clone()),
+        )
+        .await?;
         let mut checks = kernel_checks(&ctx);
         let StartedModules {
             routes,
-            openapi,
+            mut openapi,
             mut workers,
             checks: module_checks,
             pages,
@@ -171,7 +176,6 @@ impl Application {
         });
 
         let readiness = Readiness::new(checks, ctx.shutdown.clone());
-        let mut openapi = openapi;
         // Every module's operations get the kernel's shared error responses documented.
         http::document_common_responses(&mut openapi);
         let openapi = Arc::new(openapi.to_json().context("render OpenAPI")?);
@@ -184,7 +188,7 @@ impl Application {
             effective_config,
             home: Arc::new(bulwark_kernel::home::Home::new(
                 env!("CARGO_PKG_VERSION"),
-                modules::compiled_names(),
+                compiled,
                 pages,
             )),
         };
@@ -394,7 +398,8 @@ async fn start_modules(
     Ok(merged)
 }
 
-/// Pool use for the platform dashboard, every 5 s in every role.
+/// Pool use for the platform dashboard, every 5 s. The app's own workers (this and the bus lag
+/// reporter) are not filtered by role: every process reports its pools and consumers.
 fn pool_gauges(ctx: &Context) -> Worker {
     let database = &ctx.settings.kernel.database;
     let (primary, read, max, separate_read) = (

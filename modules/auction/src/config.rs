@@ -70,14 +70,8 @@ impl Default for AuctionConfig {
 }
 
 impl bulwark_kernel::config::ModuleConfig for AuctionConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        AuctionConfig::validate(self)
-    }
-}
-
-impl AuctionConfig {
     /// Rules serde cannot express; errors name the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let err = |k: &str, m: &str| Err(ConfigError::new(format!("auction.{k}"), m));
         if self.partitions == 0 || self.partitions > 1024 {
             return err("partitions", "must be between 1 and 1024");

@@ -163,14 +163,8 @@ fn default_l1_max_bytes() -> u64 {
 }
 
 impl bulwark_kernel::config::ModuleConfig for CacheConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        CacheConfig::validate(self)
-    }
-}
-
-impl CacheConfig {
     /// Rules serde cannot express; errors name the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.l1_max_bytes == 0 {
             return Err(ConfigError::new(
                 "cache.l1_max_bytes",

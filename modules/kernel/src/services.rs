@@ -156,21 +156,23 @@ impl Services {
         consumer: &str,
         key: ServiceKey<T>,
     ) -> Result<Arc<T>, ServiceError> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let found = state.handles.get(&(key.provider, key.name));
+        if let Some(value) = found.and_then(|h| h.downcast_ref::<Arc<T>>()) {
+            return Ok(value.clone());
+        }
+        // Only a failed lookup pays for the names in its message.
         let (c, s, p) = (
             consumer.to_owned(),
             key.to_string(),
             key.provider.to_owned(),
         );
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = state.handles.get(&(key.provider, key.name)) {
-            return handle
-                .downcast_ref::<Arc<T>>()
-                .cloned()
-                .ok_or(ServiceError::WrongType {
-                    consumer: c,
-                    service: s,
-                    provider: p,
-                });
+        if found.is_some() {
+            return Err(ServiceError::WrongType {
+                consumer: c,
+                service: s,
+                provider: p,
+            });
         }
         Err(if !self.compiled.contains(&key.provider) {
             ServiceError::NotCompiled {

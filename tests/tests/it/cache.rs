@@ -2,6 +2,7 @@
 //! `Cache` values sharing one store stand in for two processes (the three-process stampede
 //! test over HTTP comes with the named queries).
 
+use bulwark_kernel::config::ModuleConfig as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

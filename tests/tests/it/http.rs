@@ -119,12 +119,7 @@ async fn auth_rejects_missing_malformed_wrongly_signed_and_expired_tokens() {
         .expect("clock")
         .as_secs();
     let claims = serde_json::json!({"sub": "old", "role": "admin", "iss": "bulwark", "aud": "bulwark", "iat": now - 600, "exp": now - 300});
-    let expired = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
-    )
-    .expect("encode");
+    let expired = signed_with_test_secret(&claims);
     problem(
         app.get("/api/cache/status", Some(&expired)).await,
         401,
@@ -134,12 +129,7 @@ async fn auth_rejects_missing_malformed_wrongly_signed_and_expired_tokens() {
     // a token without a role
     let claims =
         serde_json::json!({"sub": "x", "iss": "bulwark", "aud": "bulwark", "exp": now + 300});
-    let roleless = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
-    )
-    .expect("encode");
+    let roleless = signed_with_test_secret(&claims);
     problem(
         app.get("/api/cache/status", Some(&roleless)).await,
         401,
@@ -153,6 +143,16 @@ async fn auth_rejects_missing_malformed_wrongly_signed_and_expired_tokens() {
             .status(),
         200
     );
+}
+
+/// A JWT with exactly `claims`, signed with the test applications' secret.
+fn signed_with_test_secret(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .expect("encode")
 }
 
 #[tokio::test]
