@@ -4,8 +4,8 @@
 //!
 //! * `raw`: the baseline. 1M items in a database of its own (`bench_annotation_raw`) on the same
 //!   PostgreSQL, and `--clients` connections each looping {BEGIN; SELECT the next item FOR UPDATE
-//!   SKIP LOCKED; INSERT its lock; COMMIT} then {BEGIN; DELETE the lock; INSERT the annotation;
-//!   UPDATE the item done; COMMIT}. Also keyset vs OFFSET pages and a COUNT-based progress query
+//!   SKIP LOCKED; INSERT its lock; COMMIT} then {BEGIN; UPDATE the item done; DELETE the lock;
+//!   INSERT the annotation; COMMIT}. Also keyset vs OFFSET pages and a COUNT-based progress query
 //!   on that table, for reference.
 //! * `label-studio`: the same closed loop against a running Label Studio (`GET
 //!   /api/projects/{id}/next`, then `POST /api/tasks/{id}/annotations`), one user and one legacy
@@ -526,7 +526,16 @@ impl Worker for RawWorker {
 
             let t = Instant::now();
             self.seq += 1;
+            // The item's row lock first, as a claimer takes it: a claimer that picked this item
+            // in the window before our lock was visible to it then waits on nothing of ours.
             let mut tx = self.conn.begin().await?;
+            sqlx::query(
+                "UPDATE raw_items SET done = true, annotation_count = annotation_count + 1, \
+                 version = version + 1 WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
             let held = sqlx::query(
                 "DELETE FROM raw_locks WHERE item_id = $1 AND annotator = $2 AND expires_at > now()",
             )
@@ -546,13 +555,6 @@ impl Worker for RawWorker {
             .bind(id)
             .bind(&self.annotator)
             .bind(format!("{}-{}", self.annotator, self.seq))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE raw_items SET done = true, annotation_count = annotation_count + 1, \
-                 version = version + 1 WHERE id = $1",
-            )
-            .bind(id)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
