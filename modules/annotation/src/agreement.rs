@@ -744,3 +744,651 @@ impl PairTable {
         Agreement::Value(num as f64 / den as f64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOL: f64 = 1e-6;
+
+    fn row(item: i64, annotator: &str, labels: &[&str]) -> Row {
+        Row {
+            item,
+            annotator: annotator.to_owned(),
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+        }
+    }
+
+    fn single(classes: &[&str]) -> Schema {
+        Schema {
+            classes: classes.iter().map(|c| (*c).to_owned()).collect(),
+            multi_label: false,
+        }
+    }
+
+    fn multi(classes: &[&str]) -> Schema {
+        Schema {
+            multi_label: true,
+            ..single(classes)
+        }
+    }
+
+    fn rule(min_votes: u32, tie_rule: TieRule) -> ConsolidationRule {
+        ConsolidationRule {
+            min_votes,
+            tie_rule,
+            multi_label_threshold: Threshold::HALF,
+        }
+    }
+
+    #[track_caller]
+    fn close(got: Agreement, want: f64) {
+        let v = got.value().unwrap_or_else(|| panic!("undefined: {got:?}"));
+        assert!((v - want).abs() < TOL, "got {v}, want {want}");
+    }
+
+    /// Reliability data as a coder × unit matrix, `None` = missing; classes "1".."9".
+    fn matrix(coders: &[(&str, &[Option<u8>])]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (coder, values) in coders {
+            for (unit, v) in values.iter().enumerate() {
+                if let Some(v) = v {
+                    rows.push(row(unit as i64 + 1, coder, &[&v.to_string()]));
+                }
+            }
+        }
+        rows
+    }
+
+    // N5: Cohen's κ on the 2×2 example (20 yes/yes, 5 A-yes/B-no, 10 A-no/B-yes, 15 no/no):
+    // p_o = 0.7, p_e = 0.5·0.6 + 0.5·0.4 = 0.5, κ = 0.4. Same table as the Wikipedia article
+    // "Cohen's kappa", simple example.
+    #[test]
+    fn cohen_two_by_two() {
+        let mut rows = Vec::new();
+        let cells = [
+            (20, "yes", "yes"),
+            (5, "yes", "no"),
+            (10, "no", "yes"),
+            (15, "no", "no"),
+        ];
+        let mut item = 0;
+        for (count, a, b) in cells {
+            for _ in 0..count {
+                item += 1;
+                rows.push(row(item, "A", &[a]));
+                rows.push(row(item, "B", &[b]));
+            }
+        }
+        let r = report(
+            &rows,
+            &single(&["yes", "no"]),
+            &ConsolidationRule::default(),
+        );
+        assert_eq!(r.pairs.len(), 1);
+        let p = &r.pairs[0];
+        assert_eq!(
+            (p.annotator_a.as_str(), p.annotator_b.as_str(), p.n),
+            ("A", "B", 50)
+        );
+        close(p.cohen_kappa, 0.40);
+        close(p.percent, 0.70);
+        close(r.overall.percent, 0.70);
+    }
+
+    // N5: Fleiss' κ, worked example of the Wikipedia article "Fleiss' kappa": 10 subjects,
+    // 14 raters each, 5 categories; cells are the number of raters putting subject i in
+    // category j. Published: p_j = 0.143, 0.200, 0.279, 0.150, 0.229; P̄ = 0.378;
+    // P_e = 0.213; κ = 0.210 (0.2099307 unrounded).
+    #[test]
+    fn fleiss_wikipedia() {
+        let table: [[usize; 5]; 10] = [
+            [0, 0, 0, 0, 14],
+            [0, 2, 6, 4, 2],
+            [0, 0, 3, 5, 6],
+            [0, 3, 9, 2, 0],
+            [2, 2, 8, 1, 1],
+            [7, 7, 0, 0, 0],
+            [3, 2, 6, 3, 0],
+            [2, 5, 3, 2, 2],
+            [6, 5, 2, 1, 0],
+            [0, 2, 2, 3, 7],
+        ];
+        let classes = ["1", "2", "3", "4", "5"];
+        let mut rows = Vec::new();
+        for (i, counts) in table.iter().enumerate() {
+            assert_eq!(counts.iter().sum::<usize>(), 14);
+            let mut rater = 0;
+            for (j, &n) in counts.iter().enumerate() {
+                for _ in 0..n {
+                    rows.push(row(i as i64, &format!("r{rater:02}"), &[classes[j]]));
+                    rater += 1;
+                }
+            }
+        }
+        let r = report(&rows, &single(&classes), &ConsolidationRule::default());
+        assert_eq!(
+            (r.overall.items_rated, r.overall.items_with_2plus),
+            (10, 10)
+        );
+        let p: Vec<f64> = r
+            .per_label
+            .iter()
+            .map(|l| l.chosen as f64 / 140.0)
+            .collect();
+        for (got, want) in p.iter().zip([0.143, 0.200, 0.279, 0.150, 0.229]) {
+            assert!((got - want).abs() < 5e-4, "p_j {got} vs {want}");
+        }
+        close(r.overall.percent, 0.378_022_0);
+        close(r.overall.fleiss_kappa, 0.209_930_7);
+    }
+
+    // N5: Krippendorff's α, nominal, with missing values: the computational example of the
+    // Wikipedia article "Krippendorff's alpha" (3 coders, 15 units; units 1, 2 and 14 have
+    // fewer than two values and drop out; 26 pairable values). Published α = 0.691.
+    #[test]
+    fn krippendorff_wikipedia() {
+        let (x, s) = (None, Some);
+        let rows = matrix(&[
+            (
+                "A",
+                &[
+                    x,
+                    x,
+                    x,
+                    x,
+                    x,
+                    s(3),
+                    s(4),
+                    s(1),
+                    s(2),
+                    s(1),
+                    s(1),
+                    s(3),
+                    s(3),
+                    x,
+                    s(3),
+                ],
+            ),
+            (
+                "B",
+                &[
+                    s(1),
+                    x,
+                    s(2),
+                    s(1),
+                    s(3),
+                    s(3),
+                    s(4),
+                    s(3),
+                    x,
+                    x,
+                    x,
+                    x,
+                    x,
+                    x,
+                    x,
+                ],
+            ),
+            (
+                "C",
+                &[
+                    x,
+                    x,
+                    s(2),
+                    s(1),
+                    s(3),
+                    s(4),
+                    s(4),
+                    x,
+                    s(2),
+                    s(1),
+                    s(1),
+                    s(3),
+                    s(3),
+                    x,
+                    s(4),
+                ],
+            ),
+        ]);
+        let r = report(
+            &rows,
+            &single(&["1", "2", "3", "4"]),
+            &ConsolidationRule::default(),
+        );
+        assert_eq!(
+            (r.overall.items_rated, r.overall.items_with_2plus),
+            (13, 12)
+        );
+        close(r.overall.krippendorff_alpha, 0.691_358);
+    }
+
+    // N5: perfect agreement with two categories in use gives 1 everywhere.
+    #[test]
+    fn perfect_agreement_is_one() {
+        let mut rows = Vec::new();
+        for item in 0..6 {
+            let label = if item % 2 == 0 { "cat" } else { "dog" };
+            for a in ["a", "b", "c"] {
+                rows.push(row(item, a, &[label]));
+            }
+        }
+        let r = report(
+            &rows,
+            &single(&["cat", "dog"]),
+            &ConsolidationRule::default(),
+        );
+        close(r.overall.percent, 1.0);
+        close(r.overall.fleiss_kappa, 1.0);
+        close(r.overall.krippendorff_alpha, 1.0);
+        assert_eq!(r.pairs.len(), 3);
+        for p in &r.pairs {
+            close(p.cohen_kappa, 1.0);
+        }
+        for l in &r.per_label {
+            close(l.fleiss_kappa, 1.0);
+            close(l.krippendorff_alpha, 1.0);
+        }
+    }
+
+    // N5: a one-value domain (everyone always "cat") has zero expected disagreement:
+    // chance-corrected coefficients are undefined, not NaN; percent agreement is 1.
+    #[test]
+    fn one_value_domain_is_undefined() {
+        let mut rows = Vec::new();
+        for item in 0..4 {
+            for a in ["a", "b"] {
+                rows.push(row(item, a, &["cat"]));
+            }
+        }
+        let r = report(
+            &rows,
+            &single(&["cat", "dog"]),
+            &ConsolidationRule::default(),
+        );
+        let one = Agreement::Undefined(UndefinedReason::SingleCategory);
+        close(r.overall.percent, 1.0);
+        assert_eq!(r.overall.fleiss_kappa, one);
+        assert_eq!(r.overall.krippendorff_alpha, one);
+        assert_eq!(r.pairs[0].cohen_kappa, one);
+        // "dog" one-vs-rest: everyone always "not dog".
+        assert_eq!(r.per_label[1].krippendorff_alpha, one);
+        let json = serde_json::to_value(&r).expect("serialize");
+        assert_eq!(
+            json["overall"]["fleiss_kappa"],
+            serde_json::json!({"undefined": "single_category"})
+        );
+        assert_eq!(
+            json["overall"]["percent"],
+            serde_json::json!({"value": 1.0})
+        );
+    }
+
+    // N5: with no item rated twice nothing is pairable.
+    #[test]
+    fn no_pairable_data_is_undefined() {
+        let rows = vec![row(1, "a", &["cat"]), row(2, "b", &["dog"])];
+        let r = report(
+            &rows,
+            &single(&["cat", "dog"]),
+            &ConsolidationRule::default(),
+        );
+        let none = Agreement::Undefined(UndefinedReason::NoPairableData);
+        assert_eq!(
+            (
+                r.overall.percent,
+                r.overall.fleiss_kappa,
+                r.overall.krippendorff_alpha
+            ),
+            (none, none, none)
+        );
+        assert_eq!((r.overall.items_rated, r.overall.items_with_2plus), (2, 0));
+        assert!(r.pairs.is_empty());
+        assert_eq!(r.consolidation.insufficient, 2);
+    }
+
+    // N5: a 1–1 tie goes to review under `Review` and to the class listed first under
+    // `FirstInSchemaOrder` (schema order, not alphabetical or input order).
+    #[test]
+    fn ties_under_each_rule() {
+        let rows = vec![
+            row(1, "a", &["cat"]),
+            row(1, "b", &["dog"]),
+            row(2, "a", &["cat"]),
+            row(2, "b", &["cat"]),
+            row(2, "c", &["dog"]),
+        ];
+        let schema = single(&["dog", "cat"]);
+        let review = consolidate(&rows, &schema, &rule(2, TieRule::Review));
+        assert_eq!(
+            review[0].consensus,
+            Consensus::Unresolved {
+                candidates: vec!["dog".into(), "cat".into()]
+            }
+        );
+        let majority = Consensus::Label {
+            labels: vec!["cat".into()],
+            tie_broken: false,
+        };
+        assert_eq!(review[1].consensus, majority);
+
+        let first = consolidate(&rows, &schema, &rule(2, TieRule::FirstInSchemaOrder));
+        assert_eq!(
+            first[0].consensus,
+            Consensus::Label {
+                labels: vec!["dog".into()],
+                tie_broken: true
+            }
+        );
+        assert_eq!(first[1].consensus, majority);
+
+        let r = report(&rows, &schema, &rule(2, TieRule::FirstInSchemaOrder));
+        assert_eq!(
+            r.consolidation,
+            ConsolidationSummary {
+                resolved: 2,
+                tie_broken: 1,
+                unresolved: 0,
+                insufficient: 0
+            }
+        );
+        let r = report(&rows, &schema, &rule(2, TieRule::Review));
+        assert_eq!(
+            (r.consolidation.resolved, r.consolidation.unresolved),
+            (1, 1)
+        );
+    }
+
+    // N5: items with fewer voters than min_votes are insufficient, with their vote count.
+    #[test]
+    fn min_votes() {
+        let rows = vec![
+            row(1, "a", &["cat"]),
+            row(2, "a", &["cat"]),
+            row(2, "b", &["cat"]),
+            row(3, "a", &["dog"]),
+            row(3, "b", &["dog"]),
+            row(3, "c", &["cat"]),
+        ];
+        let schema = single(&["cat", "dog"]);
+        let out = consolidate(&rows, &schema, &rule(3, TieRule::Review));
+        let got: Vec<(i64, u32, &Consensus)> = out
+            .iter()
+            .map(|c| (c.item, c.votes, &c.consensus))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 1, &Consensus::Insufficient { votes: 1 }),
+                (2, 2, &Consensus::Insufficient { votes: 2 }),
+                (
+                    3,
+                    3,
+                    &Consensus::Label {
+                        labels: vec!["dog".into()],
+                        tie_broken: false
+                    }
+                ),
+            ]
+        );
+        let json = serde_json::to_value(&out[0]).expect("serialize");
+        assert_eq!(
+            json,
+            serde_json::json!({"item": 1, "votes": 1, "consensus": {"status": "insufficient", "votes": 1}})
+        );
+        // min_votes 1: a single vote is its own consensus.
+        let out = consolidate(&rows, &schema, &rule(1, TieRule::Review));
+        assert_eq!(
+            out[0].consensus,
+            Consensus::Label {
+                labels: vec!["cat".into()],
+                tie_broken: false
+            }
+        );
+    }
+
+    // N5: agreement with the consensus finds the unreliable annotator; an annotator with no
+    // resolved item is listed as undefined.
+    #[test]
+    fn annotator_vs_consensus() {
+        let mut rows = Vec::new();
+        for (item, ab, c) in [
+            (1, "pos", "neg"),
+            (2, "neg", "neg"),
+            (3, "pos", "neg"),
+            (4, "neg", "pos"),
+        ] {
+            rows.push(row(item, "a", &[ab]));
+            rows.push(row(item, "b", &[ab]));
+            rows.push(row(item, "c", &[c]));
+        }
+        rows.push(row(5, "c", &["pos"]));
+        rows.push(row(6, "d", &["pos"]));
+        let r = report(&rows, &single(&["pos", "neg"]), &rule(2, TieRule::Review));
+        let got: Vec<(&str, u64, u64, Option<f64>)> = r
+            .annotators
+            .iter()
+            .map(|a| (a.annotator.as_str(), a.n, a.agreed, a.agreement.value()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 4, 4, Some(1.0)),
+                ("b", 4, 4, Some(1.0)),
+                ("c", 4, 1, Some(0.25)),
+                ("d", 0, 0, None),
+            ]
+        );
+        assert_eq!(
+            r.annotators[3].agreement,
+            Agreement::Undefined(UndefinedReason::NoResolvedItems)
+        );
+    }
+
+    // N5: multi-label agreement per label (binary present/absent), pooled overall figures,
+    // pooled Cohen per pair and threshold consensus. Values derived by hand:
+    // item 1: a {cat}, b {cat, dog}, c {cat}; item 2: a {}, b {dog}, c {dog}.
+    // cat: every unit unanimous → percent 1, κ 1, α 1.
+    // dog: units [2 absent, 1 present], [1, 2] → P_i = 1/3, P_e = 1/2, κ = −1/3;
+    //      α: n = 6, Σ o_off = 4, Σ n_c n_k = 18 → α = 1 − 5·4/18 = −1/9.
+    // pooled: 4 units → percent 2/3, κ 1/3, α = 1 − 11·4/72 = 7/18.
+    // pair a–b over 4 decisions: cells (0,0)=1, (0,1)=2, (1,1)=1 → κ = (4·2 − 6)/(16 − 6) = 0.2.
+    #[test]
+    fn multi_label_per_label() {
+        let rows = vec![
+            row(1, "a", &["cat"]),
+            row(1, "b", &["dog", "cat", "dog"]),
+            row(1, "c", &["cat"]),
+            row(2, "a", &[]),
+            row(2, "b", &["dog"]),
+            row(2, "c", &["dog"]),
+        ];
+        let schema = multi(&["cat", "dog"]);
+        let r = report(&rows, &schema, &rule(2, TieRule::Review));
+        assert_eq!(r.overall.basis, Basis::PooledBinary);
+        let cat = &r.per_label[0];
+        assert_eq!((cat.label.as_str(), cat.chosen), ("cat", 3));
+        close(cat.percent, 1.0);
+        close(cat.fleiss_kappa, 1.0);
+        close(cat.krippendorff_alpha, 1.0);
+        let dog = &r.per_label[1];
+        assert_eq!((dog.label.as_str(), dog.chosen), ("dog", 3));
+        close(dog.percent, 1.0 / 3.0);
+        close(dog.fleiss_kappa, -1.0 / 3.0);
+        close(dog.krippendorff_alpha, -1.0 / 9.0);
+        close(r.overall.percent, 2.0 / 3.0);
+        close(r.overall.fleiss_kappa, 1.0 / 3.0);
+        close(r.overall.krippendorff_alpha, 7.0 / 18.0);
+        let ab = &r.pairs[0];
+        assert_eq!(
+            (ab.annotator_a.as_str(), ab.annotator_b.as_str(), ab.n),
+            ("a", "b", 2)
+        );
+        close(ab.percent, 0.5);
+        close(ab.cohen_kappa, 0.2);
+
+        let out = consolidate(&rows, &schema, &rule(2, TieRule::Review));
+        assert_eq!(
+            out[0].consensus,
+            Consensus::Label {
+                labels: vec!["cat".into()],
+                tie_broken: false
+            }
+        );
+        assert_eq!(
+            out[1].consensus,
+            Consensus::Label {
+                labels: vec!["dog".into()],
+                tie_broken: false
+            }
+        );
+        let agreement: Vec<(u64, u64)> = r.annotators.iter().map(|a| (a.n, a.agreed)).collect();
+        assert_eq!(agreement, vec![(2, 1), (2, 1), (2, 2)]);
+
+        // A fourth voter makes "dog" 2 of 4 on item 1: exactly the threshold, a tie.
+        let mut tied = rows.clone();
+        tied.push(row(1, "d", &["dog", "cat"]));
+        let out = consolidate(&tied, &schema, &rule(2, TieRule::Review));
+        assert_eq!(
+            out[0].consensus,
+            Consensus::Unresolved {
+                candidates: vec!["dog".into()]
+            }
+        );
+        let out = consolidate(&tied, &schema, &rule(2, TieRule::FirstInSchemaOrder));
+        assert_eq!(
+            out[0].consensus,
+            Consensus::Label {
+                labels: vec!["cat".into()],
+                tie_broken: true
+            }
+        );
+        // A lower threshold lets 1 of 3 in.
+        let low = ConsolidationRule {
+            multi_label_threshold: Threshold::new(0.3).expect("valid"),
+            ..rule(2, TieRule::Review)
+        };
+        let out = consolidate(&rows, &schema, &low);
+        assert_eq!(
+            out[0].consensus,
+            Consensus::Label {
+                labels: vec!["cat".into(), "dog".into()],
+                tie_broken: false
+            }
+        );
+    }
+
+    // N5: single-label per-label values are one-vs-rest binary agreement.
+    #[test]
+    fn single_label_one_vs_rest() {
+        // Item 1: cat, cat; item 2: dog, bird; item 3: bird, bird.
+        let rows = vec![
+            row(1, "a", &["cat"]),
+            row(1, "b", &["cat"]),
+            row(2, "a", &["dog"]),
+            row(2, "b", &["bird"]),
+            row(3, "a", &["bird"]),
+            row(3, "b", &["bird"]),
+        ];
+        let r = report(
+            &rows,
+            &single(&["cat", "dog", "bird"]),
+            &ConsolidationRule::default(),
+        );
+        // cat vs rest: all three units unanimous.
+        close(r.per_label[0].percent, 1.0);
+        close(r.per_label[0].krippendorff_alpha, 1.0);
+        // dog vs rest: item 2 splits → percent 2/3; n = 6, one present value:
+        // α = 1 − 5·2/(36 − 26) = 0.
+        close(r.per_label[1].percent, 2.0 / 3.0);
+        close(r.per_label[1].krippendorff_alpha, 0.0);
+        close(r.overall.percent, 2.0 / 3.0);
+    }
+
+    // N5: malformed rows are counted and left out, whatever their order.
+    #[test]
+    fn skipped_rows() {
+        let rows = vec![
+            row(1, "a", &["cat"]),
+            row(1, "b", &["cat"]),
+            row(1, "c", &["gone"]),
+            row(1, "d", &["cat", "dog"]),
+            row(1, "e", &[]),
+            row(1, "f", &["cat"]),
+            row(1, "f", &["dog"]),
+        ];
+        let r = report(
+            &rows,
+            &single(&["cat", "dog"]),
+            &ConsolidationRule::default(),
+        );
+        assert_eq!(
+            r.skipped,
+            SkippedRows {
+                unknown_label: 1,
+                wrong_label_count: 2,
+                duplicate: 2
+            }
+        );
+        let names: Vec<&str> = r.annotators.iter().map(|a| a.annotator.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    // N5: thresholds outside [0, 1) are refused, also when deserialized.
+    #[test]
+    fn threshold_bounds() {
+        assert!(Threshold::new(0.0).is_ok());
+        assert!(Threshold::new(1.0).is_err());
+        assert!(Threshold::new(-0.1).is_err());
+        assert!(Threshold::new(f64::NAN).is_err());
+        let rule: ConsolidationRule =
+            serde_json::from_str(r#"{"min_votes": 3, "tie_rule": "first_in_schema_order"}"#)
+                .expect("defaults fill the rest");
+        assert_eq!(rule.multi_label_threshold, Threshold::HALF);
+        assert_eq!(rule.tie_rule, TieRule::FirstInSchemaOrder);
+        assert!(
+            serde_json::from_str::<ConsolidationRule>(r#"{"multi_label_threshold": 1.5}"#).is_err()
+        );
+    }
+
+    // N5: the same rows in another order give a byte-identical report and consolidation,
+    // so datasets built from them are reproducible.
+    #[test]
+    fn deterministic_under_shuffle() {
+        let classes = ["a", "b", "c"];
+        let mut rows = Vec::new();
+        for item in 0..40i64 {
+            for (k, annotator) in ["zoe", "amy", "max", "bob"].iter().enumerate() {
+                // Spread labels unevenly and leave some ratings missing.
+                if (item + k as i64) % 5 == 0 {
+                    continue;
+                }
+                let label = classes[((item * 7 + k as i64 * 3) % 3) as usize];
+                rows.push(row(item, annotator, &[label]));
+            }
+        }
+        // A fixed permutation: reverse, then interleave halves.
+        let mut shuffled: Vec<Row> = rows.iter().rev().cloned().collect();
+        let half = shuffled.split_off(shuffled.len() / 2);
+        let shuffled: Vec<Row> = half
+            .into_iter()
+            .zip(shuffled.iter().cloned())
+            .flat_map(|(x, y)| [x, y])
+            .chain(rows.iter().take(rows.len() % 2).cloned())
+            .collect();
+        assert_eq!(shuffled.len(), rows.len());
+        assert_ne!(shuffled, rows);
+
+        for schema in [single(&classes), multi(&classes)] {
+            let rule = rule(2, TieRule::FirstInSchemaOrder);
+            let one = serde_json::to_string(&report(&rows, &schema, &rule)).expect("serialize");
+            let two = serde_json::to_string(&report(&shuffled, &schema, &rule)).expect("serialize");
+            assert_eq!(one, two);
+            let one =
+                serde_json::to_string(&consolidate(&rows, &schema, &rule)).expect("serialize");
+            let two =
+                serde_json::to_string(&consolidate(&shuffled, &schema, &rule)).expect("serialize");
+            assert_eq!(one, two);
+        }
+    }
+}
