@@ -483,19 +483,15 @@ impl<'a> Prepared<'a> {
             }
         }
 
-        // Group first, so duplicates are found whatever the input order.
-        let mut grouped: BTreeMap<(i64, &str), Vec<&Row>> = BTreeMap::new();
-        for row in rows {
-            grouped
-                .entry((row.item, row.annotator.as_str()))
-                .or_default()
-                .push(row);
-        }
+        // Sort first, so duplicates are adjacent and found whatever the input order. Equal keys
+        // are all dropped below, so their relative order does not matter.
+        let mut sorted: Vec<&Row> = rows.iter().collect();
+        sorted.sort_unstable_by(|x, y| (x.item, &x.annotator).cmp(&(y.item, &y.annotator)));
 
         let mut items: BTreeMap<i64, Vec<(&str, Vec<usize>)>> = BTreeMap::new();
         let mut skipped = SkippedRows::default();
-        for ((item, annotator), group) in grouped {
-            let [row] = group.as_slice() else {
+        for group in sorted.chunk_by(|x, y| x.item == y.item && x.annotator == y.annotator) {
+            let [row] = group else {
                 skipped.duplicate += group.len() as u64;
                 continue;
             };
@@ -514,8 +510,11 @@ impl<'a> Prepared<'a> {
                 skipped.wrong_label_count += 1;
                 continue;
             }
-            // BTreeMap iteration is by (item, annotator), so each Vec is ordered by annotator.
-            items.entry(item).or_default().push((annotator, labels));
+            // Rows come in (item, annotator) order, so each Vec is ordered by annotator.
+            items
+                .entry(row.item)
+                .or_default()
+                .push((row.annotator.as_str(), labels));
         }
         Self {
             classes,
@@ -801,8 +800,9 @@ mod tests {
     }
 
     // N5: Cohen's κ on the 2×2 example (20 yes/yes, 5 A-yes/B-no, 10 A-no/B-yes, 15 no/no):
-    // p_o = 0.7, p_e = 0.5·0.6 + 0.5·0.4 = 0.5, κ = 0.4. Same table as the Wikipedia article
-    // "Cohen's kappa", simple example.
+    // p_o = 0.7, p_e = 0.5·0.6 + 0.5·0.4 = 0.5, κ = 0.4. The Wikipedia article "Cohen's kappa",
+    // simple example (grant proposals, readers A and B); table confirmed against the copy at
+    // http://howcodex.com/statistics/cohen_kappa_coefficient.htm.
     #[test]
     fn cohen_two_by_two() {
         let mut rows = Vec::new();
@@ -885,7 +885,9 @@ mod tests {
 
     // N5: Krippendorff's α, nominal, with missing values: the computational example of the
     // Wikipedia article "Krippendorff's alpha" (3 coders, 15 units; units 1, 2 and 14 have
-    // fewer than two values and drop out; 26 pairable values). Published α = 0.691.
+    // fewer than two values and drop out). Published α = 0.691. By hand: n = 26 pairable values
+    // (n_1..n_4 = 7, 4, 10, 5), off-diagonal coincidences Σ o_ck = 6, Σ_{c≠k} n_c n_k = 486,
+    // α = 1 − 25·6/486 = 56/81 = 0.691358.
     #[test]
     fn krippendorff_wikipedia() {
         let (x, s) = (None, Some);
