@@ -5,6 +5,7 @@
 //! * [`api`] — the REST surface under `/api/annotation/`.
 //! * [`cli`] — `bulwark annotation ...`.
 
+pub mod agreement;
 pub mod api;
 pub mod cli;
 pub mod config;
