@@ -903,3 +903,103 @@ async fn cli_import_reports_and_is_idempotent() {
         .expect("json");
     assert_eq!(p["items"], 2, "nothing imported twice: {p}");
 }
+
+/// N5: the agreement report over the API uses the current records (a correction counts, the
+/// record it replaced does not) and resolves ties by the requested rule.
+async fn agreement_over_current_records(backend: Backend) {
+    let app = app(backend).await;
+    let project = create_project(
+        &app,
+        json!({"name": "agree", "labels": ["cat", "dog"], "overlap": 2}),
+    )
+    .await;
+    seed(&app, project, 4).await;
+    // a: cat cat dog dog; b: cat dog dog dog, but b first said "cat" on the last item and
+    // corrected it to "dog".
+    let plan = [
+        ("a", ["cat", "cat", "dog", "dog"]),
+        ("b", ["cat", "dog", "dog", "cat"]),
+    ];
+    let mut last_of_b = None;
+    for (who, labels) in plan {
+        let token = app.token_for(who, Role::Annotator);
+        for label in labels {
+            let task = next(&app, &token, project).await.expect("task");
+            let item = task["item"]["id"].as_i64().expect("id");
+            let idx = task["item"]["external_id"].as_str().expect("ext")[4..]
+                .parse::<usize>()
+                .expect("n");
+            let label = if who == "a" { label } else { plan[1].1[idx] };
+            let (s, body) = submit(
+                &app,
+                &token,
+                json!({"item_id": item, "labels": [label], "request_id": format!("{who}{item}")}),
+            )
+            .await;
+            assert_eq!(s, 201, "{body}");
+            if who == "b" && idx == 3 {
+                last_of_b = Some((item, body["id"].as_i64().expect("id")));
+            }
+        }
+    }
+    let b = app.token_for("b", Role::Annotator);
+    let (item, first) = last_of_b.expect("b labeled item 3");
+    let res = app
+        .post_json(
+            &format!("/api/annotation/data/{item}/lock"),
+            Some(&b),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let (s, _) = submit(
+        &app,
+        &b,
+        json!({"item_id": item, "labels": ["dog"], "request_id": "fix", "supersedes": first}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let viewer = app.token(Role::Viewer);
+    let report: Value = app
+        .get(
+            &format!("/api/annotation/projects/{project}/agreement"),
+            Some(&viewer),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    // p_o = 3/4, p_e = 1/2·1/4 + 1/2·3/4 = 1/2, κ = (0.75 − 0.5) / 0.5 = 0.5.
+    let kappa = report["pairs"][0]["cohen_kappa"]["value"]
+        .as_f64()
+        .expect("kappa");
+    assert!((kappa - 0.5).abs() < 1e-9, "{report}");
+    assert_eq!(report["consolidation"]["unresolved"], 1, "{report}");
+    assert_eq!(report["consolidation"]["resolved"], 3, "{report}");
+    let broken: Value = app
+        .get(
+            &format!("/api/annotation/projects/{project}/agreement?tie_rule=first_in_schema_order"),
+            Some(&viewer),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(broken["consolidation"]["unresolved"], 0, "{broken}");
+    assert_eq!(
+        app.get(
+            &format!("/api/annotation/projects/{project}/agreement?tie_rule=coin"),
+            Some(&viewer)
+        )
+        .await
+        .status(),
+        400
+    );
+    assert_eq!(
+        app.get("/api/annotation/projects/999999/agreement", Some(&viewer))
+            .await
+            .status(),
+        404
+    );
+}
+bulwark_tests::each_backend!(agreement_over_current_records);
