@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bulwark_kernel::http::Bounded;
 use bulwark_kernel::problem::Problem;
 use chrono::{DateTime, TimeZone as _, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,11 @@ pub mod stats;
 pub mod work;
 
 pub type Shared = Arc<AnnotationShared>;
+
+/// A row id in a request body (an unknown one is 404).
+pub type Id = Bounded<1, { i64::MAX }>;
+/// The version a change was made against.
+pub type Version = Bounded<1, { i64::MAX }>;
 
 pub(crate) fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()

@@ -31,9 +31,12 @@ pub struct CreateProject {
     pub name: Text<200>,
     /// Shown to annotators above the item (plain text or Markdown).
     #[serde(default)]
-    pub instructions: Option<String>,
-    /// The classes, 1 to 200 distinct names of 1 to 200 characters, in display order.
-    pub labels: Vec<String>,
+    #[schema(inline)]
+    pub instructions: Option<Text<{ MAX_INSTRUCTIONS }>>,
+    /// The classes, 1 to 200 names, in display order (keys 1–9 pick the first nine). A name
+    /// given twice counts once, at its first place.
+    #[schema(inline, min_items = 1, max_items = 200)]
+    pub labels: Vec<Text<200>>,
     /// Several labels per annotation (default: exactly one).
     #[serde(default)]
     pub multi_label: bool,
@@ -48,7 +51,7 @@ pub struct CreateProject {
 /// The longest instructions text.
 pub const MAX_INSTRUCTIONS: usize = 20_000;
 
-fn check_labels(labels: &[String]) -> Result<Vec<String>, Problem> {
+fn check_labels(labels: Vec<Text<200>>) -> Result<Vec<String>, Problem> {
     let bad = |m: String| {
         Problem::bad_request(format!("labels: {m}")).extension("field", "labels".into())
     };
@@ -57,26 +60,12 @@ fn check_labels(labels: &[String]) -> Result<Vec<String>, Problem> {
     }
     let mut out: Vec<String> = Vec::with_capacity(labels.len());
     for l in labels {
-        let t = l.trim();
-        if t.is_empty() || t.chars().count() > 200 {
-            return Err(bad(format!("{l:?} must be 1 to 200 characters, not blank")));
+        // Text trims blank ends, so "cat" and "cat " are one class given twice.
+        if !out.iter().any(|o| o == l.as_str()) {
+            out.push(l.into_string());
         }
-        if out.iter().any(|o| o == t) {
-            return Err(bad(format!("{t:?} is listed twice")));
-        }
-        out.push(t.to_owned());
     }
     Ok(out)
-}
-
-fn check_instructions(text: Option<String>) -> Result<Option<String>, Problem> {
-    match text {
-        Some(t) if t.chars().count() > MAX_INSTRUCTIONS => Err(Problem::bad_request(format!(
-            "instructions: longer than {MAX_INSTRUCTIONS} characters"
-        ))
-        .extension("field", "instructions".into())),
-        other => Ok(other),
-    }
 }
 
 /// Create a project (role admin).
@@ -84,7 +73,8 @@ fn check_instructions(text: Option<String>) -> Result<Option<String>, Problem> {
     request_body = CreateProject,
     responses(
         (status = 201, description = "Created", body = ProjectView),
-        (status = 400, description = "Invalid field (named in `field`), or the name is taken"),
+        (status = 400, description = "Invalid field (named in `field`)"),
+        (status = 409, description = "A project with that name exists (`reason`: `name_taken`)"),
         (status = 403, description = "Role admin required"),
         (status = 503, description = "The annotation store is unavailable")
 ))]
@@ -93,10 +83,10 @@ pub async fn create(
     State(s): State<Shared>,
     ApiJson(req): ApiJson<CreateProject>,
 ) -> Result<(StatusCode, axum::Json<ProjectView>), Problem> {
-    let labels = check_labels(&req.labels)?;
+    let labels = check_labels(req.labels)?;
     let new = store::NewProject {
         name: req.name.into_string(),
-        instructions: check_instructions(req.instructions)?.unwrap_or_default(),
+        instructions: req.instructions.map(Text::into_string).unwrap_or_default(),
         labels,
         multi_label: req.multi_label,
         overlap: req
@@ -167,8 +157,10 @@ pub async fn get_one(
 #[serde(deny_unknown_fields)]
 pub struct UpdateProject {
     /// The version the change was made against.
-    pub version: i64,
-    pub instructions: Option<String>,
+    #[schema(inline)]
+    pub version: super::Version,
+    #[schema(inline)]
+    pub instructions: Option<Text<{ MAX_INSTRUCTIONS }>>,
     /// A new overlap re-judges which items are complete.
     #[schema(inline)]
     pub overlap: Option<Overlap>,
@@ -192,8 +184,8 @@ pub async fn update(
     ApiJson(req): ApiJson<UpdateProject>,
 ) -> Result<axum::Json<ProjectView>, Problem> {
     let change = store::ProjectChange {
-        version: req.version,
-        instructions: check_instructions(req.instructions)?,
+        version: req.version.get(),
+        instructions: req.instructions.map(Text::into_string),
         overlap: req.overlap.map(|o| i32::try_from(o.get()).unwrap_or(1)),
         lock_ttl_ms: req.lock_ttl_seconds.map(|t| t.get() * 1000),
     };
@@ -247,10 +239,16 @@ pub(crate) fn import_report(r: import::Report) -> ImportReport {
 /// `bulwark annotation import`.
 #[utoipa::path(post, path = "/api/annotation/projects/{id}/items", tag = "annotation", security(("bearer" = [])),
     params(ProjectId),
-    request_body(content = String, content_type = "application/x-ndjson", description = "JSON lines, or CSV with `Content-Type: text/csv`"),
+    request_body(
+        description = "JSON lines (one `ItemLine` object per line), or CSV with a header",
+        content(
+            (Vec<import::ItemLine> = "application/x-ndjson"),
+            (String = "text/csv"),
+        ),
+    ),
     responses(
         (status = 200, description = "Imported; refused lines listed", body = ImportReport),
-        (status = 400, description = "Bad CSV header or broken upload"),
+        (status = 400, description = "The upload broke off (what was read is stored)"),
         (status = 404, description = "No such project"),
         (status = 415, description = "Neither JSON lines nor CSV")
 ))]

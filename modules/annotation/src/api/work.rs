@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bulwark_kernel::auth::{Auth, require};
-use bulwark_kernel::http::{ApiJson, ApiPath, ApiQuery, Limit, Text};
+use bulwark_kernel::http::{ApiJson, ApiPath, ApiQuery, Bounded, Limit, Text};
 use bulwark_kernel::problem::Problem;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -160,9 +160,11 @@ pub async fn get_item(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateItem {
-    pub version: i64,
+    #[schema(inline)]
+    pub version: super::Version,
     /// Higher is served first.
-    pub priority: Option<i32>,
+    #[schema(inline)]
+    pub priority: Option<crate::store::import::Priority>,
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -182,8 +184,10 @@ pub async fn update_item(
     ApiJson(req): ApiJson<UpdateItem>,
 ) -> Result<axum::Json<ItemView>, Problem> {
     let change = store::ItemChange {
-        version: req.version,
-        priority: req.priority,
+        version: req.version.get(),
+        priority: req
+            .priority
+            .map(|p| i32::try_from(p.get()).unwrap_or_default()),
         metadata: req.metadata,
     };
     let i = store::update_item(&s.db, id, change)
@@ -196,17 +200,21 @@ pub async fn update_item(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitAnnotation {
-    pub item_id: i64,
+    #[schema(inline)]
+    pub item_id: super::Id,
     /// Classes of the project's schema: exactly one unless the project is multi-label.
+    #[schema(min_items = 1, max_items = 200)]
     pub labels: Vec<String>,
     /// Made by the client, 1 to 100 characters: a retry with the same id returns the first
     /// result instead of storing twice.
     #[schema(inline)]
     pub request_id: Text<100>,
     /// Correct one of the caller's own records on this item: a new record that replaces it.
-    pub supersedes: Option<i64>,
+    #[schema(inline)]
+    pub supersedes: Option<super::Id>,
     /// Milliseconds the annotator spent on the item, if the client measured it.
-    pub lead_time_ms: Option<i64>,
+    #[schema(inline)]
+    pub lead_time_ms: Option<Bounded<0, { i64::MAX }>>,
 }
 
 /// The most classes in one annotation.
@@ -237,22 +245,16 @@ pub async fn submit(
             message: format!("at most {MAX_ANNOTATION_LABELS} labels"),
         }));
     }
-    if req.lead_time_ms.is_some_and(|t| t < 0) {
-        return Err(problem(store::StoreError::Invalid {
-            field: "lead_time_ms",
-            message: "must not be negative".into(),
-        }));
-    }
     let correction = req.supersedes.is_some();
     let done = queue::submit(
         &s.db,
         &auth.subject,
         queue::Submit {
-            item_id: req.item_id,
+            item_id: req.item_id.get(),
             labels: req.labels,
             request_id: req.request_id.into_string(),
-            supersedes: req.supersedes,
-            lead_time_ms: req.lead_time_ms,
+            supersedes: req.supersedes.map(Bounded::get),
+            lead_time_ms: req.lead_time_ms.map(Bounded::get),
         },
     )
     .await
@@ -327,7 +329,8 @@ pub struct AddReview {
     pub verdict: Verdict,
     /// Up to 2,000 characters.
     #[serde(default)]
-    pub comment: Option<String>,
+    #[schema(inline)]
+    pub comment: Option<Text<{ MAX_COMMENT }>>,
 }
 
 /// The longest review comment.
@@ -354,13 +357,7 @@ pub async fn review(
     ApiPath(AnnotationId { id }): ApiPath<AnnotationId>,
     ApiJson(req): ApiJson<AddReview>,
 ) -> Result<(StatusCode, axum::Json<ReviewView>), Problem> {
-    let comment = req.comment.unwrap_or_default();
-    if comment.chars().count() > MAX_COMMENT {
-        return Err(problem(store::StoreError::Invalid {
-            field: "comment",
-            message: format!("longer than {MAX_COMMENT} characters"),
-        }));
-    }
+    let comment = req.comment.map(Text::into_string).unwrap_or_default();
     let r = store::add_review(
         &s.db,
         id,

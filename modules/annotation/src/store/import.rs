@@ -3,6 +3,7 @@
 //! stored, and an `external_id` the project has already is left as it is, so re-running an
 //! import (or resuming one that stopped) adds nothing twice.
 
+use bulwark_kernel::http::{Bounded, Text};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait, Value};
 use serde::Deserialize;
@@ -15,8 +16,10 @@ use super::{Result, StoreError, add_counts, now_ms, sql};
 const BATCH: usize = 500;
 /// Per-line errors listed in the report; later ones are only counted.
 pub const MAX_LISTED_ERRORS: usize = 1000;
-/// Longest `external_id`.
-const MAX_EXTERNAL_ID: usize = 255;
+/// Longest `external_id`, in characters.
+pub const MAX_EXTERNAL_ID: usize = 255;
+/// Longest `uri`, in characters.
+pub const MAX_URI: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -26,19 +29,29 @@ pub enum Format {
     Csv,
 }
 
-/// One item as a line gives it.
-#[derive(Debug, Clone, Deserialize)]
+/// An item's priority: higher is served first.
+pub type Priority = Bounded<{ i32::MIN as i64 }, { i32::MAX as i64 }>;
+
+/// One item as a line gives it (the JSON-lines schema of the import endpoint).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemLine {
-    pub external_id: String,
+    /// Unique in the project; a line with a known one is left as it is.
+    #[schema(inline)]
+    pub external_id: Text<{ MAX_EXTERNAL_ID }>,
+    /// Where the data is (a path or URL the labeling page can show).
     #[serde(default)]
-    pub uri: Option<String>,
+    #[schema(inline)]
+    pub uri: Option<Text<{ MAX_URI }>>,
+    /// What the annotator sees (text, fields); any JSON.
     #[serde(default)]
     pub payload: Option<serde_json::Value>,
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// Default 0.
     #[serde(default)]
-    pub priority: Option<i32>,
+    #[schema(inline)]
+    pub priority: Option<Priority>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -68,25 +81,9 @@ impl Report {
     }
 }
 
-fn check(line: ItemLine) -> std::result::Result<ItemLine, String> {
-    let id = line.external_id.trim();
-    if id.is_empty() {
-        return Err("external_id: must not be blank".into());
-    }
-    if id.len() > MAX_EXTERNAL_ID {
-        return Err(format!("external_id: longer than {MAX_EXTERNAL_ID} bytes"));
-    }
-    Ok(ItemLine {
-        external_id: id.to_owned(),
-        ..line
-    })
-}
-
 /// Parse one JSON line.
 fn parse_json(text: &str) -> std::result::Result<ItemLine, String> {
-    serde_json::from_str::<ItemLine>(text)
-        .map_err(|e| e.to_string())
-        .and_then(check)
+    serde_json::from_str::<ItemLine>(text).map_err(|e| e.to_string())
 }
 
 /// The columns of a CSV header: known ones by name, the rest go into `payload`.
@@ -117,8 +114,9 @@ impl CsvHeader {
                 self.names.len()
             ));
         }
+        let mut external_id = None;
         let mut line = ItemLine {
-            external_id: String::new(),
+            external_id: Text::parse("-").map_err(|e| e.to_string())?,
             uri: None,
             payload: None,
             metadata: None,
@@ -128,13 +126,23 @@ impl CsvHeader {
         for (name, value) in self.names.iter().zip(fields) {
             let json = |v: &str| serde_json::from_str(v).map_err(|e| format!("{name}: {e}"));
             match name.as_str() {
-                "external_id" => line.external_id = value,
-                "uri" => line.uri = (!value.is_empty()).then_some(value),
+                "external_id" => {
+                    external_id =
+                        Some(Text::parse(&value).map_err(|e| format!("external_id: {e}"))?)
+                }
+                "uri" if !value.is_empty() => {
+                    line.uri = Some(Text::parse(&value).map_err(|e| format!("uri: {e}"))?)
+                }
+                "uri" => {}
                 "priority" if !value.is_empty() => {
                     line.priority = Some(
                         value
-                            .parse()
-                            .map_err(|_| format!("priority: {value:?} is not an integer"))?,
+                            .parse::<i64>()
+                            .ok()
+                            .and_then(Priority::new)
+                            .ok_or_else(|| {
+                                format!("priority: {value:?} is not a 32-bit integer")
+                            })?,
                     )
                 }
                 "priority" => {}
@@ -155,7 +163,8 @@ impl CsvHeader {
                 }
             }
         }
-        check(line)
+        line.external_id = external_id.ok_or("external_id: missing")?;
+        Ok(line)
     }
 }
 
@@ -257,10 +266,11 @@ pub async fn import<R: AsyncRead + Unpin + Send>(
                             continue;
                         }
                         Err(e) => {
-                            return Err(StoreError::invalid(
-                                "header",
-                                format!("line {pending_start}: {e}"),
-                            ));
+                            // Without a usable header no line can be read: nothing is imported,
+                            // and the report says why, like any other refused line.
+                            report.lines += 1;
+                            report.error(pending_start, format!("header: {e}"));
+                            return Ok(report);
                         }
                     },
                     Some(h) => {
@@ -293,12 +303,6 @@ pub async fn import<R: AsyncRead + Unpin + Send>(
             pending_start,
             "unterminated quoted field at the end of the input".into(),
         );
-    }
-    if format == Format::Csv && header.is_none() {
-        return Err(StoreError::invalid(
-            "header",
-            "the CSV input has no header line",
-        ));
     }
     flush(db, project_id, &mut batch, &mut report).await?;
     on_progress(Progress {
@@ -340,11 +344,15 @@ async fn flush(
             b + 4,
             "false"
         ));
-        values.push(it.external_id.clone().into());
-        values.push(it.uri.clone().into());
+        values.push(it.external_id.as_str().into());
+        values.push(it.uri.as_ref().map(|u| u.as_str().to_owned()).into());
         values.push(it.payload.as_ref().map(|v| v.to_string()).into());
         values.push(it.metadata.as_ref().map(|v| v.to_string()).into());
-        values.push(it.priority.unwrap_or(0).into());
+        values.push(
+            i32::try_from(it.priority.map_or(0, Priority::get))
+                .unwrap_or(0)
+                .into(),
+        );
     }
     text.push_str(" ON CONFLICT (project_id, external_id) DO NOTHING RETURNING id");
     let tx = db.begin().await?;
@@ -376,9 +384,9 @@ mod tests {
         let line = h
             .record("a1,s3://b/a1.jpg,5,\"hello, world\"")
             .expect("record");
-        assert_eq!(line.external_id, "a1");
+        assert_eq!(line.external_id.as_str(), "a1");
         assert_eq!(line.uri.as_deref(), Some("s3://b/a1.jpg"));
-        assert_eq!(line.priority, Some(5));
+        assert_eq!(line.priority.map(Priority::get), Some(5));
         assert_eq!(
             line.payload,
             Some(serde_json::json!({"text": "hello, world"}))
@@ -405,5 +413,6 @@ mod tests {
         assert!(parse_json("not json").is_err());
         let long = format!(r#"{{"external_id":"{}"}}"#, "x".repeat(300));
         assert!(parse_json(&long).is_err_and(|e| e.contains("255")));
+        assert!(parse_json(r#"{"external_id":"a\u0000b"}"#).is_err_and(|e| e.contains("NUL")));
     }
 }

@@ -36,10 +36,12 @@ pub enum ConflictReason {
     AlreadySuperseded,
     /// The write named a version that is no longer current.
     StaleVersion,
+    /// A project with that name exists.
+    NameTaken,
 }
 
 impl ConflictReason {
-    pub const ALL: [ConflictReason; 7] = [
+    pub const ALL: [ConflictReason; 8] = [
         Self::NoLock,
         Self::LockExpired,
         Self::LockedByOthers,
@@ -47,6 +49,7 @@ impl ConflictReason {
         Self::AlreadyAnnotated,
         Self::AlreadySuperseded,
         Self::StaleVersion,
+        Self::NameTaken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl ConflictReason {
             Self::AlreadyAnnotated => "already_annotated",
             Self::AlreadySuperseded => "already_superseded",
             Self::StaleVersion => "stale_version",
+            Self::NameTaken => "name_taken",
         }
     }
 }
@@ -219,8 +223,8 @@ pub async fn create_project(db: &DatabaseConnection, p: NewProject) -> Result<pr
                 Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
             ) =>
         {
-            Err(StoreError::invalid(
-                "name",
+            Err(StoreError::conflict(
+                ConflictReason::NameTaken,
                 format!("a project named {:?} exists", p.name),
             ))
         }
