@@ -51,11 +51,12 @@ pub struct PageApi;
 pub fn home_entry() -> Page {
     Page::new(
         "Labeling",
-        "/annotation/?token=TOKEN",
-        "Label a project's items from the keyboard (1-9 pick, Enter submit, S skip, Z undo), \
-         with lock countdown and live progress. Open it with a token of role annotator \
-         (bulwark token issue --sub NAME --role annotator); the page keeps the token for the \
-         tab and removes it from the address bar.",
+        PATH,
+        "Label a project's items from the keyboard (1-9 pick, Enter submit, S skip, Z undo) \
+         with a lock countdown, and watch its progress live. Open it as \
+         /annotation/?token=TOKEN with a token of role annotator (bulwark token issue --sub \
+         NAME --role annotator); the page keeps the token for the tab and removes it from the \
+         address bar.",
     )
     .role(Role::Annotator)
 }
