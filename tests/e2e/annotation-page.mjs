@@ -168,7 +168,11 @@ async function main() {
   for (let i = 0; i < 4 && (await a.getAttribute("#msg", "data-kind")) !== "only-skipped"; i++) {
     const cur = await itemId(a);
     await a.keyboard.press("s");
-    await a.waitForFunction((c) => document.querySelector("#item").dataset.itemId !== c || document.querySelector("#msg").dataset.kind === "only-skipped", cur, { timeout: 10_000 });
+    await a.waitForFunction((c) => {
+      const id = document.querySelector("#item").dataset.itemId;
+      const s = document.querySelector("#work").dataset.state;
+      return (s === "labeling" && id && id !== c) || (s === "empty" && document.querySelector("#msg").dataset.kind === "only-skipped");
+    }, cur, { timeout: 10_000 });
   }
   check((await a.getAttribute("#msg", "data-kind")) === "only-skipped", `"only skipped items left" is said (${await a.textContent("#msg")})`);
   await a.click("#again");
