@@ -68,8 +68,12 @@ mod tests {
     #[test]
     fn every_nonce_mark_is_on_a_script_or_style_tag() {
         let marks = HTML.matches(NONCE_MARK).count();
-        let tags = HTML.matches(&format!(r#"<script nonce="{NONCE_MARK}">"#)).count()
-            + HTML.matches(&format!(r#"<style nonce="{NONCE_MARK}">"#)).count();
+        let tags = HTML
+            .matches(&format!(r#"<script nonce="{NONCE_MARK}">"#))
+            .count()
+            + HTML
+                .matches(&format!(r#"<style nonce="{NONCE_MARK}">"#))
+                .count();
         assert_eq!(marks, 2);
         assert_eq!(marks, tags);
         // Nothing outside the page: no external script, style or image.

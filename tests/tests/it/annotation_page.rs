@@ -42,8 +42,14 @@ async fn the_labeling_page_is_served_with_a_strict_policy_and_no_token() {
     assert_eq!(n.len(), 32, "{csp}");
     let html = res.text().await.expect("text");
     assert!(html.contains(r#"<main id="view""#), "app root");
-    assert!(html.contains(&format!(r#"<script nonce="{n}">"#)), "script nonce");
-    assert!(html.contains(&format!(r#"<style nonce="{n}">"#)), "style nonce");
+    assert!(
+        html.contains(&format!(r#"<script nonce="{n}">"#)),
+        "script nonce"
+    );
+    assert!(
+        html.contains(&format!(r#"<style nonce="{n}">"#)),
+        "style nonce"
+    );
     assert!(!html.contains("__CSP_NONCE__"));
     // A fresh nonce for every response.
     let again = app.get("/annotation/", None).await;
@@ -133,6 +139,9 @@ async fn next_task_passes_over_skipped_items() {
     assert_eq!(res.status(), 400);
     let problem: Value = res.json().await.expect("json");
     assert_eq!(problem["field"], "skip");
-    let many = (1..=101).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let many = (1..=101)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     assert_eq!(next(&many).await.status(), 400);
 }

@@ -60,7 +60,12 @@ pub struct NextParams {
 pub const MAX_SKIP: usize = 100;
 
 fn skip_list(text: Option<&str>) -> Result<Vec<i64>, Problem> {
-    let bad = |m: String| problem(store::StoreError::Invalid { field: "skip", message: m });
+    let bad = |m: String| {
+        problem(store::StoreError::Invalid {
+            field: "skip",
+            message: m,
+        })
+    };
     let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
         return Ok(Vec::new());
     };
