@@ -205,6 +205,10 @@ impl Module for AnnotationModule {
                 get(work::reviews).post(work::review),
             )
             .route("/api/annotation/stats/progress", get(stats::progress))
+            .route(
+                "/api/annotation/projects/{id}/agreement",
+                get(stats::agreement_report),
+            )
             .route(page::PATH, get(page::page))
             .with_state(shared.clone())
             .merge(status);
