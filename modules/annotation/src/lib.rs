@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod entity;
+pub mod page;
 pub mod store;
 
 use std::sync::Arc;
@@ -167,6 +168,7 @@ impl Module for AnnotationModule {
         });
         let (status, mut openapi) = status_route(self.name(), effective);
         openapi.merge(<api::AnnotationApi as utoipa::OpenApi>::openapi());
+        openapi.merge(<page::PageApi as utoipa::OpenApi>::openapi());
         use api::{projects, stats, work};
         let routes = axum::Router::new()
             .route(
@@ -207,6 +209,7 @@ impl Module for AnnotationModule {
                 "/api/annotation/projects/{id}/agreement",
                 get(stats::agreement_report),
             )
+            .route(page::PATH, get(page::page))
             .with_state(shared.clone())
             .merge(status);
         let workers = vec![Worker {
@@ -218,6 +221,7 @@ impl Module for AnnotationModule {
             routes,
             openapi,
             workers,
+            pages: vec![page::home_entry()],
             ..ModuleParts::default()
         })
     }

@@ -51,16 +51,48 @@ pub struct Task {
 pub struct NextParams {
     /// The project to work on.
     pub project: i64,
+    /// Item ids to pass over, comma-separated (at most 100): the items the caller skipped.
+    /// The caller's own lock on one of them is passed over too (release it first).
+    pub skip: Option<String>,
+}
+
+/// The most item ids in `skip`.
+pub const MAX_SKIP: usize = 100;
+
+fn skip_list(text: Option<&str>) -> Result<Vec<i64>, Problem> {
+    let bad = |m: String| {
+        problem(store::StoreError::Invalid {
+            field: "skip",
+            message: m,
+        })
+    };
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ids = text
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<i64>()
+                .map_err(|_| bad(format!("{p:?} is not an item id")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() > MAX_SKIP {
+        return Err(bad(format!("at most {MAX_SKIP} item ids")));
+    }
+    Ok(ids)
 }
 
 /// Claim the next item (role annotator, N1): the caller's live lock in the project if there is
 /// one, else the first item by priority then age that the caller has not labeled and whose
-/// annotations plus live locks are below the project's overlap. 204 when nothing is left.
+/// annotations plus live locks are below the project's overlap; items in `skip` are passed
+/// over. 204 when nothing is left.
 #[utoipa::path(get, path = "/api/annotation/tasks/next", tag = "annotation", security(("bearer" = [])),
     params(NextParams),
     responses(
         (status = 200, description = "An item, locked for the caller", body = Task),
         (status = 204, description = "Nothing left for the caller in this project"),
+        (status = 400, description = "A bad `skip` list (`field`: `skip`)"),
         (status = 404, description = "No such project"),
         (status = 503, description = "The annotation store is unavailable")
 ))]
@@ -70,8 +102,9 @@ pub async fn next(
     ApiQuery(q): ApiQuery<NextParams>,
 ) -> Result<Response, Problem> {
     let started = Instant::now();
+    let skip = skip_list(q.skip.as_deref())?;
     let p = store::project(&s.db, q.project).await.map_err(problem)?;
-    let claim = queue::next_task(&s.db, &p, &auth.subject)
+    let claim = queue::next_task(&s.db, &p, &auth.subject, &skip)
         .await
         .map_err(problem)?;
     metrics::histogram!("bulwark_annotation_claim_seconds").record(started.elapsed().as_secs_f64());

@@ -49,8 +49,25 @@ const CANDIDATE: &str = "FROM annotation_items i \
                        WHERE a.item_id = i.id AND a.annotator = $2) \
        AND i.annotation_count + (SELECT COUNT(*) FROM annotation_locks l \
                                  WHERE l.item_id = i.id AND l.expires_at_ms > $3 \
-                                   AND l.annotator <> $2) < $4 \
-     ORDER BY i.priority DESC, i.id";
+                                   AND l.annotator <> $2) < $4";
+
+/// [`CANDIDATE`] without the items in `skip`, in queue order. The ids are integers written
+/// into the text (no injection is possible); the list is bounded by the API.
+fn candidates(skip: &[i64]) -> String {
+    format!(
+        "{CANDIDATE}{} ORDER BY i.priority DESC, i.id",
+        not_in("i.id", skip)
+    )
+}
+
+/// ` AND column NOT IN (1,2)`, or nothing for an empty list.
+fn not_in(column: &str, ids: &[i64]) -> String {
+    if ids.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!(" AND {column} NOT IN ({})", list.join(","))
+}
 
 /// Insert or extend `$2`'s lock on item `$1` (project `$3`) until `$4`, but only while the
 /// item's annotations plus other live locks (at `$5`) stay below `$6`; `$7` skips the check
@@ -89,15 +106,19 @@ async fn live_lock(
     project_id: i64,
     who: &str,
     now: i64,
+    skip: &[i64],
 ) -> std::result::Result<Option<Lock>, DbErr> {
     let row = db
         .query_one(sql(
             db,
-            "SELECT l.item_id, l.expires_at_ms FROM annotation_locks l \
-             WHERE l.annotator = $1 AND l.project_id = $2 AND l.expires_at_ms > $3 \
-               AND NOT EXISTS (SELECT 1 FROM annotation_annotations a \
-                               WHERE a.item_id = l.item_id AND a.annotator = $1) \
-             ORDER BY l.acquired_at_ms, l.item_id LIMIT 1",
+            &format!(
+                "SELECT l.item_id, l.expires_at_ms FROM annotation_locks l \
+                 WHERE l.annotator = $1 AND l.project_id = $2 AND l.expires_at_ms > $3 \
+                   AND NOT EXISTS (SELECT 1 FROM annotation_annotations a \
+                                   WHERE a.item_id = l.item_id AND a.annotator = $1){} \
+                 ORDER BY l.acquired_at_ms, l.item_id LIMIT 1",
+                not_in("l.item_id", skip)
+            ),
             vec![who.into(), project_id.into(), now.into()],
         ))
         .await?;
@@ -113,22 +134,25 @@ async fn live_lock(
 }
 
 /// Claim the next item of `project` for `who` (N1): the caller's live lock if they hold one,
-/// else the first item in queue order with a free slot. `None` when nothing is left for them.
+/// else the first item in queue order with a free slot. Items in `skip` (those the caller
+/// skipped) are passed over, the caller's locks on them included. `None` when nothing is left
+/// for them.
 pub async fn next_task(
     db: &DatabaseConnection,
     project: &project_e::Model,
     who: &str,
+    skip: &[i64],
 ) -> Result<Option<Claim>> {
     let now = now_ms();
-    if let Some(lock) = live_lock(db, project.id, who, now).await? {
+    if let Some(lock) = live_lock(db, project.id, who, now, skip).await? {
         let item = item(db, lock.item_id).await?;
         return Ok(Some(Claim { item, lock }));
     }
     let expires = now.saturating_add(project.lock_ttl_ms);
     let lock = if is_postgres(db) {
-        claim_postgres(db, project, who, now, expires).await?
+        claim_postgres(db, project, who, now, expires, skip).await?
     } else {
-        claim_sqlite(db, project, who, now, expires).await?
+        claim_sqlite(db, project, who, now, expires, skip).await?
     };
     match lock {
         Some(lock) => {
@@ -149,13 +173,15 @@ async fn claim_postgres(
     who: &str,
     now: i64,
     expires: i64,
+    skip: &[i64],
 ) -> Result<Option<Lock>> {
+    let candidates = candidates(skip);
     for _ in 0..CLAIM_ATTEMPTS {
         let tx = db.begin().await?;
         let pick = tx
             .query_one(sql(
                 &tx,
-                &format!("SELECT i.id {CANDIDATE} LIMIT 1 FOR UPDATE OF i SKIP LOCKED"),
+                &format!("SELECT i.id {candidates} LIMIT 1 FOR UPDATE OF i SKIP LOCKED"),
                 vec![p.id.into(), who.into(), now.into(), p.overlap.into()],
             ))
             .await?;
@@ -183,14 +209,16 @@ async fn claim_sqlite(
     who: &str,
     now: i64,
     expires: i64,
+    skip: &[i64],
 ) -> Result<Option<Lock>> {
+    let candidates = candidates(skip);
     let row = db
         .query_one(sql(
             db,
             &format!(
                 "INSERT INTO annotation_locks \
                    (item_id, annotator, project_id, expires_at_ms, acquired_at_ms) \
-                 SELECT i.id, $2, $1, $5, $3 {CANDIDATE} LIMIT 1 \
+                 SELECT i.id, $2, $1, $5, $3 {candidates} LIMIT 1 \
                  ON CONFLICT (item_id, annotator) DO UPDATE SET \
                    expires_at_ms = excluded.expires_at_ms, \
                    acquired_at_ms = excluded.acquired_at_ms \
