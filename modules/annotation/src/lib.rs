@@ -9,7 +9,10 @@ pub mod agreement;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dataset;
+pub mod dvc;
 pub mod entity;
+pub mod export;
 pub mod store;
 
 use std::sync::Arc;
@@ -76,6 +79,21 @@ fn describe_metrics() {
         "bulwark_annotation_import_errors_total",
         "Import lines refused."
     );
+    describe_counter!(
+        "bulwark_annotation_exports_total",
+        "Export jobs finished, by format and outcome (done, failed)."
+    );
+    describe_histogram!(
+        "bulwark_annotation_export_seconds",
+        Unit::Seconds,
+        "Time to run one export job, claim to file, by format."
+    );
+    for format in dataset::Format::ALL {
+        for outcome in export::OUTCOMES {
+            counter!("bulwark_annotation_exports_total", "format" => format.as_str(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
     // Series exist from the start (at 0): dashboards and alerts see a rate of 0, not "no data".
     for outcome in ["claimed", "existing", "empty"] {
         counter!("bulwark_annotation_claims_total", "outcome" => outcome).increment(0);
@@ -167,7 +185,7 @@ impl Module for AnnotationModule {
         });
         let (status, mut openapi) = status_route(self.name(), effective);
         openapi.merge(<api::AnnotationApi as utoipa::OpenApi>::openapi());
-        use api::{projects, stats, work};
+        use api::{exports, projects, stats, work};
         let routes = axum::Router::new()
             .route(
                 "/api/annotation/projects",
@@ -203,13 +221,26 @@ impl Module for AnnotationModule {
                 get(work::reviews).post(work::review),
             )
             .route("/api/annotation/stats/progress", get(stats::progress))
+            .route("/api/annotation/exports", post(exports::create))
+            .route("/api/annotation/exports/{id}", get(exports::get_one))
+            .route(
+                "/api/annotation/exports/{id}/download",
+                get(exports::download),
+            )
             .with_state(shared.clone())
             .merge(status);
-        let workers = vec![Worker {
-            name: "annotation-janitor".into(),
-            kind: WorkerKind::Worker,
-            run: Box::pin(janitor(shared, ctx.shutdown.closing_token())),
-        }];
+        let workers = vec![
+            Worker {
+                name: "annotation-janitor".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(janitor(shared.clone(), ctx.shutdown.closing_token())),
+            },
+            Worker {
+                name: "annotation-exports".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(export::worker(shared, ctx.shutdown.closing_token())),
+            },
+        ];
         Ok(ModuleParts {
             routes,
             openapi,
