@@ -173,7 +173,11 @@ async fn request(app: &TestApp, spec: &Value) -> Value {
         .await;
     assert_eq!(res.status(), 202, "export: {:?}", res.text().await);
     let job = json_of(res).await;
-    assert_eq!(job["state"], "pending");
+    // A fast worker may have claimed it already.
+    assert!(
+        matches!(job["state"].as_str(), Some("pending" | "running" | "done")),
+        "{job}"
+    );
     job
 }
 
