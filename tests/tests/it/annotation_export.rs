@@ -845,3 +845,101 @@ async fn dvc_flow_commits_pushes_and_restores_on_failure() {
         "{e}"
     );
 }
+
+// ---- scale (N7, N8) ----
+
+/// Peak resident memory of this process, in KiB (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// An export of `BULWARK_TEST_EXPORT_ROWS` annotations (e.g. 100000), one per item, seeded with
+/// bulk SQL, in every format: prints the time, the size and the peak memory. Gated by the
+/// variable (slow); without it, a note.
+#[tokio::test]
+async fn export_scales_with_flat_memory() {
+    let Some(n) = std::env::var("BULWARK_TEST_EXPORT_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        eprintln!("note: BULWARK_TEST_EXPORT_ROWS not set; the export scale run is skipped");
+        return;
+    };
+    use sea_orm::ConnectionTrait as _;
+    let app = builder(Backend::Embedded).start().await;
+    let admin = app.token(Role::Admin);
+    let res = app
+        .post_json(
+            "/api/annotation/projects",
+            Some(&admin),
+            &json!({"name": "scale", "labels": ["cat", "dog", "bird"]}),
+        )
+        .await;
+    let p = json_of(res).await["id"].as_i64().expect("id");
+    let db = bulwark_kernel::db::connect(&app.settings.kernel.database)
+        .await
+        .expect("connect");
+    let exec = |text: String| {
+        let db = &db;
+        async move {
+            db.execute(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                text,
+            ))
+            .await
+            .expect("bulk insert");
+        }
+    };
+    let started = std::time::Instant::now();
+    let batch = 1000;
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch as u64).min(n);
+        let values: Vec<String> = (start..end)
+            .map(|i| format!("({p}, 'item-{i:08}', 's3://scale/{i}.jpg', '{{\"i\":{i}}}', NULL, 0, 1, 1, true, 0)"))
+            .collect();
+        exec(format!(
+            "INSERT INTO annotation_items (project_id, external_id, uri, payload, metadata, priority, version, annotation_count, done, created_at_ms) VALUES {}",
+            values.join(",")
+        ))
+        .await;
+    }
+    exec(format!(
+        "INSERT INTO annotation_annotations (project_id, item_id, annotator, labels, supersedes, request_id, lead_time_ms, created_at_ms) \
+         SELECT {p}, id, 'ann-' || CAST(id % 7 AS TEXT), CASE id % 3 WHEN 0 THEN '[\"cat\"]' WHEN 1 THEN '[\"dog\"]' ELSE '[\"bird\"]' END, \
+           NULL, 'r-' || CAST(id AS TEXT), NULL, 1 FROM annotation_items WHERE project_id = {p}"
+    ))
+    .await;
+    eprintln!(
+        "seeded {n} items and annotations in {:?}",
+        started.elapsed()
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    for format in ["csv", "jsonl", "parquet"] {
+        let spec: DatasetSpec =
+            serde_json::from_value(json!({"project": p, "format": format})).expect("spec");
+        let out = dir.path().join(format!("scale.{format}"));
+        let rss_before = peak_rss_kib();
+        let t = std::time::Instant::now();
+        let done = cli::export(
+            &db,
+            &Default::default(),
+            &spec,
+            Destination::File(Some(out.clone())),
+            false,
+        )
+        .await
+        .expect("export");
+        let took = t.elapsed();
+        assert_eq!(done.manifest.counts.rows, n);
+        eprintln!(
+            "{format}: {n} rows in {took:?}, {} bytes, peak RSS {:?} → {:?} KiB",
+            done.manifest.file.bytes,
+            rss_before,
+            peak_rss_kib()
+        );
+    }
+}
