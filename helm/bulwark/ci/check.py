@@ -545,14 +545,12 @@ def annotation_rendered(docs: list[dict], conf: dict, values: dict, label: str) 
 
 
 def annotation_tests(chart: helm.Chart, base: dict) -> None:
-    """The annotation section enabled, rendered in memory. Not a ci/*-values.yaml file (yet):
-    those also run `bulwark config check`, which refuses [annotation] keys until the module's
-    config lands; then move the claim case into a ci file."""
-    step("annotation: section and exports volume (enabled, emptyDir and claim)")
+    """annotation.enabled false, rendered in memory: no ci/*-values.yaml turns it off (the
+    enabled cases, emptyDir by default and a claim in ci/annotation-values.yaml, are ci files,
+    so `bulwark config check` sees their [annotation] section)."""
+    step("annotation: disabled (no section, no exports volume)")
     cases = {
-        "annotation enabled, emptyDir": {"annotation": {"enabled": True}},
-        "annotation enabled, claim, overlap 3": {"annotation": {"enabled": True, "settings": {"overlap": 3},
-                                                                "exports": {"existingClaim": "bulwark-exports"}}},
+        "annotation disabled": {"annotation": {"enabled": False}},
     }
     for what, over in cases.items():
         values = deep_merge(base, over)
@@ -582,6 +580,7 @@ def negative_tests(chart: helm.Chart, base: dict) -> None:
         "drain.grace \"5 seconds\"": {"config": {"drain": {"grace": "5 seconds"}}},
         "trace_sample_ratio 2": {"config": {"telemetry": {"trace_sample_ratio": 2}}},
         "annotation.settings.overlap 0": {"annotation": {"settings": {"overlap": 0}}},
+        "annotation.settings.overlap 101": {"annotation": {"settings": {"overlap": 101}}},
         "an unknown annotation.settings key": {"annotation": {"settings": {"lock_tll": "5m"}}},
         "config.moduleSettings.annotation (annotation.settings is the place)":
             {"config": {"moduleSettings": {"annotation": {"overlap": 2}}}},
@@ -648,7 +647,7 @@ def main() -> int:
     schema = json.load(open(os.path.join(CHART, "values.schema.json")))
     defaults = load_yaml(os.path.join(CHART, "values.yaml"))
     values_files = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
-    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml"):
+    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml", "annotation-values.yaml"):
         check(os.path.join(CHART, "ci", required) in values_files, f"ci/{required} exists")
 
     schema_is_closed(schema)

@@ -221,6 +221,10 @@ impl Module for AnnotationModule {
                 get(work::reviews).post(work::review),
             )
             .route("/api/annotation/stats/progress", get(stats::progress))
+            .route(
+                "/api/annotation/projects/{id}/agreement",
+                get(stats::agreement_report),
+            )
             .route("/api/annotation/exports", post(exports::create))
             .route("/api/annotation/exports/{id}", get(exports::get_one))
             .route(

@@ -6,6 +6,7 @@
 //! installed once, by the first application. Read metrics relative to a value taken before,
 //! or run the test in a process of its own with `bulwark_tests::isolated!`.
 
+mod annotation;
 mod annotation_export;
 mod auction;
 mod auction_kill;

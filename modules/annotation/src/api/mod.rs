@@ -213,7 +213,7 @@ pub(crate) fn review_view(r: review::Model) -> ReviewView {
         work::next, work::lock, work::unlock, work::get_item, work::update_item,
         work::submit, work::list_annotations, work::item_annotations,
         work::review, work::reviews,
-        stats::progress,
+        stats::progress, stats::agreement_report,
         exports::create, exports::get_one, exports::download,
     ),
     components(schemas(

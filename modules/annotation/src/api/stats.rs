@@ -2,12 +2,13 @@
 
 use axum::extract::State;
 use bulwark_kernel::auth::{Auth, require};
-use bulwark_kernel::http::{ApiQuery, Bounded};
+use bulwark_kernel::http::{ApiPath, ApiQuery, Bounded};
 use bulwark_kernel::problem::Problem;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{Shared, problem};
+use crate::agreement;
 use crate::store::{self, stats};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -103,4 +104,59 @@ pub async fn progress(
             })
             .collect(),
     }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AgreementParams {
+    /// Fewest annotators for an item's consensus (default 2).
+    #[param(inline)]
+    pub min_votes: Option<Bounded<1, 100>>,
+    /// What a tie resolves to: `review` (default: the item is unresolved) or
+    /// `first_in_schema_order`.
+    pub tie_rule: Option<agreement::TieRule>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ProjectId {
+    pub id: i64,
+}
+
+/// Inter-annotator agreement of a project (role viewer, N5): percent agreement, Cohen's κ per
+/// pair, Fleiss' κ, Krippendorff's α (nominal), per label; majority-vote consolidation; each
+/// annotator's agreement with the consensus. Over the current record of every annotation
+/// (corrections applied). Computed on request, in memory, in time linear in the annotations.
+#[utoipa::path(get, path = "/api/annotation/projects/{id}/agreement", tag = "annotation", security(("bearer" = [])),
+    params(ProjectId, AgreementParams),
+    responses(
+        (status = 200, description = "The report", body = agreement::AgreementReport),
+        (status = 404, description = "No such project")
+))]
+pub async fn agreement_report(
+    _auth: Auth<require::Viewer>,
+    State(s): State<Shared>,
+    ApiPath(ProjectId { id }): ApiPath<ProjectId>,
+    ApiQuery(q): ApiQuery<AgreementParams>,
+) -> Result<axum::Json<agreement::AgreementReport>, Problem> {
+    let p = store::project(&s.db, id).await.map_err(problem)?;
+    let rows = store::current_annotations(&s.db, p.id)
+        .await
+        .map_err(problem)?;
+    let schema = agreement::Schema {
+        classes: store::labels_of(&p),
+        multi_label: p.multi_label,
+    };
+    let mut rule = agreement::ConsolidationRule::default();
+    if let Some(m) = q.min_votes {
+        rule.min_votes = u32::try_from(m.get()).unwrap_or(2);
+    }
+    if let Some(t) = q.tie_rule {
+        rule.tie_rule = t;
+    }
+    let report = tokio::task::spawn_blocking(move || agreement::report(&rows, &schema, &rule))
+        .await
+        .map_err(|e| Problem::internal(e.to_string()))?;
+    Ok(axum::Json(report))
 }

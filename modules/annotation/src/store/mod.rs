@@ -495,3 +495,31 @@ pub async fn reviews(db: &DatabaseConnection, annotation_id: i64) -> Result<Vec<
         .all(db)
         .await?)
 }
+
+/// The current record of each (item, annotator) of a project: the one no other record
+/// supersedes. In item then annotator order.
+pub async fn current_annotations(
+    db: &DatabaseConnection,
+    project_id: i64,
+) -> Result<Vec<crate::agreement::Row>> {
+    let rows = db
+        .query_all(sql(
+            db,
+            "SELECT a.item_id, a.annotator, a.labels FROM annotation_annotations a \
+             WHERE a.project_id = $1 AND NOT EXISTS \
+               (SELECT 1 FROM annotation_annotations s WHERE s.supersedes = a.id) \
+             ORDER BY a.item_id, a.annotator",
+            vec![project_id.into()],
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            let labels: String = r.try_get("", "labels")?;
+            Ok(crate::agreement::Row {
+                item: r.try_get("", "item_id")?,
+                annotator: r.try_get("", "annotator")?,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
