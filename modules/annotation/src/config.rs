@@ -25,6 +25,16 @@ pub struct AnnotationConfig {
     /// the queue-depth gauges.
     #[serde(with = "humantime_serde")]
     pub janitor_interval: Duration,
+    /// How often an idle export worker looks for pending export jobs.
+    #[serde(with = "humantime_serde")]
+    pub export_poll_interval: Duration,
+    /// An export job `running` for longer than this is taken to be a crashed worker's and is
+    /// claimed again (its file is rewritten from the start; the bytes are the same).
+    #[serde(with = "humantime_serde")]
+    pub export_stale_after: Duration,
+    /// The `dvc` executable `bulwark annotation export --dvc` runs: a name looked up on PATH,
+    /// or a path.
+    pub dvc_bin: String,
 }
 
 impl Default for AnnotationConfig {
@@ -35,6 +45,9 @@ impl Default for AnnotationConfig {
             export_dir: PathBuf::from("annotation/exports"),
             max_import_line_bytes: 1024 * 1024,
             janitor_interval: Duration::from_secs(10),
+            export_poll_interval: Duration::from_secs(1),
+            export_stale_after: Duration::from_secs(30 * 60),
+            dvc_bin: "dvc".into(),
         }
     }
 }
@@ -59,6 +72,15 @@ impl bulwark_kernel::config::ModuleConfig for AnnotationConfig {
         }
         if self.janitor_interval < Duration::from_millis(100) {
             return bad("janitor_interval", "must be at least 100ms");
+        }
+        if self.export_poll_interval < Duration::from_millis(10) {
+            return bad("export_poll_interval", "must be at least 10ms");
+        }
+        if self.export_stale_after < Duration::from_secs(1) {
+            return bad("export_stale_after", "must be at least 1s");
+        }
+        if self.dvc_bin.trim().is_empty() {
+            return bad("dvc_bin", "must not be empty");
         }
         Ok(())
     }

@@ -9,7 +9,10 @@ pub mod agreement;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dataset;
+pub mod dvc;
 pub mod entity;
+pub mod export;
 pub mod page;
 pub mod store;
 
@@ -77,6 +80,21 @@ fn describe_metrics() {
         "bulwark_annotation_import_errors_total",
         "Import lines refused."
     );
+    describe_counter!(
+        "bulwark_annotation_exports_total",
+        "Export jobs finished, by format and outcome (done, failed)."
+    );
+    describe_histogram!(
+        "bulwark_annotation_export_seconds",
+        Unit::Seconds,
+        "Time to run one export job, claim to file, by format."
+    );
+    for format in dataset::Format::ALL {
+        for outcome in export::OUTCOMES {
+            counter!("bulwark_annotation_exports_total", "format" => format.as_str(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
     // Series exist from the start (at 0): dashboards and alerts see a rate of 0, not "no data".
     for outcome in ["claimed", "existing", "empty"] {
         counter!("bulwark_annotation_claims_total", "outcome" => outcome).increment(0);
@@ -169,7 +187,7 @@ impl Module for AnnotationModule {
         let (status, mut openapi) = status_route(self.name(), effective);
         openapi.merge(<api::AnnotationApi as utoipa::OpenApi>::openapi());
         openapi.merge(<page::PageApi as utoipa::OpenApi>::openapi());
-        use api::{projects, stats, work};
+        use api::{exports, projects, stats, work};
         let routes = axum::Router::new()
             .route(
                 "/api/annotation/projects",
@@ -209,14 +227,27 @@ impl Module for AnnotationModule {
                 "/api/annotation/projects/{id}/agreement",
                 get(stats::agreement_report),
             )
+            .route("/api/annotation/exports", post(exports::create))
+            .route("/api/annotation/exports/{id}", get(exports::get_one))
+            .route(
+                "/api/annotation/exports/{id}/download",
+                get(exports::download),
+            )
             .route(page::PATH, get(page::page))
             .with_state(shared.clone())
             .merge(status);
-        let workers = vec![Worker {
-            name: "annotation-janitor".into(),
-            kind: WorkerKind::Worker,
-            run: Box::pin(janitor(shared, ctx.shutdown.closing_token())),
-        }];
+        let workers = vec![
+            Worker {
+                name: "annotation-janitor".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(janitor(shared.clone(), ctx.shutdown.closing_token())),
+            },
+            Worker {
+                name: "annotation-exports".into(),
+                kind: WorkerKind::Worker,
+                run: Box::pin(export::worker(shared, ctx.shutdown.closing_token())),
+            },
+        ];
         Ok(ModuleParts {
             routes,
             openapi,

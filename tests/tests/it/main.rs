@@ -7,6 +7,7 @@
 //! or run the test in a process of its own with `bulwark_tests::isolated!`.
 
 mod annotation;
+mod annotation_export;
 mod annotation_page;
 mod auction;
 mod auction_kill;

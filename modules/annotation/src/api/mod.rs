@@ -13,6 +13,7 @@ use crate::AnnotationShared;
 use crate::entity::{annotation, item, project, review};
 use crate::store::{self, StoreError};
 
+pub mod exports;
 pub mod projects;
 pub mod stats;
 pub mod work;
@@ -219,10 +220,12 @@ pub(crate) fn review_view(r: review::Model) -> ReviewView {
         work::submit, work::list_annotations, work::item_annotations,
         work::review, work::reviews,
         stats::progress, stats::agreement_report,
+        exports::create, exports::get_one, exports::download,
     ),
     components(schemas(
         ProjectView, ItemView, AnnotationView, ReviewView, Verdict,
         Page<ProjectView>, Page<ItemView>, Page<AnnotationView>,
+        exports::ExportView, crate::dataset::DatasetSpec, crate::dataset::Manifest,
     ))
 )]
 pub struct AnnotationApi;
