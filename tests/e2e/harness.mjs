@@ -1,7 +1,8 @@
-// Shared helpers of the browser end-to-end tests in this folder (auction-page.mjs, home-page.mjs):
-// where the binary and Chromium are, a temp data dir, one-line checks, starting `bulwark serve` on
-// a free port and waiting for /readyz, issuing tokens, launching Chromium, and `run`, which runs a
-// test's main, cleans up and exits 0 only when every check passed.
+// Shared helpers of the browser end-to-end tests in this folder (auction-page.mjs, home-page.mjs,
+// annotation-page.mjs): where the binary and Chromium are, a temp data dir, one-line checks,
+// starting `bulwark serve` on a free port and waiting for /readyz, issuing tokens, launching
+// Chromium, and `run`, which runs a test's main, cleans up and exits 0 only when every check
+// passed.
 //
 // Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium).
 import { spawn, execFileSync } from "node:child_process";

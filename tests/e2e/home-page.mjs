@@ -48,7 +48,10 @@ async function main() {
   const room = await page.textContent('#pages li[data-module="auction"]');
   check(room.includes("/auction/{id}") && room.includes("token: viewer"),
     "it shows the auction room page and that it needs a token");
-  for (const href of ["/readyz", "/metrics", "/api/openapi.json"]) {
+  const labeling = await page.textContent('#pages li[data-module="annotation"]');
+  check(labeling.includes("/annotation/") && labeling.includes("token: annotator"),
+    "it links the labeling page and says it needs an annotator token");
+  for (const href of ["/readyz", "/metrics", "/api/openapi.json", "/annotation/"]) {
     check(await page.$(`a[href="${href}"]`) !== null, `it links ${href}`);
   }
   if (shots) await page.screenshot({ path: path.join(shots, "home.png"), fullPage: true });

@@ -4,8 +4,8 @@
 No cluster and no helm binary: helm-python-sdk (Helm's Go SDK through a C ABI) lints and renders,
 kubernetes-validate validates the rendered core objects strictly against KUBE_VERSION, and the
 assertions below check what the chart promises (rolling updates, draining, PDB/Service/
-ServiceMonitor wiring, HPA, single-source rules and dashboards, a closed values schema, a README
-that lists every value).
+ServiceMonitor wiring, HPA, single-source rules and dashboards, the annotation module's section
+and exports volume, a closed values schema, a README that lists every value).
 
 Usage:
   check.py                 run every check; exit 1 when any fails
@@ -443,6 +443,7 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
               and "hs256_secret" not in conf["auth"], f"{label}: no secret in the ConfigMap")
         check(conf["database"]["migrate_on_start"] == (not values["migrations"]["enabled"]),
               f"{label}: migrate_on_start is off when the migration Job runs")
+        annotation_rendered(docs, conf, values, label)
     except Exception as e:  # noqa: BLE001
         check(False, f"{label}: ConfigMap bulwark.toml is not valid TOML: {e}")
 
@@ -520,6 +521,52 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
         check(not dcms, f"{label}: no dashboard ConfigMaps when disabled")
 
 
+def annotation_rendered(docs: list[dict], conf: dict, values: dict, label: str) -> None:
+    """annotation.enabled: [annotation] is annotation.settings plus export_dir = exports.mountPath,
+    and every role mounts the exports volume there (the claim when one is named). Disabled: no
+    [annotation] section and no such volume."""
+    a = values["annotation"]
+    want = dict(a["settings"], export_dir=a["exports"]["mountPath"]) if a["enabled"] else None
+    check(conf.get("annotation") == want, f"{label}: [annotation] is {want} (got {conf.get('annotation')})")
+    for dep in by_kind(docs, "Deployment"):
+        n = dep["metadata"]["name"]
+        spec = dep["spec"]["template"]["spec"]
+        vol = next((v for v in spec.get("volumes", []) if v["name"] == "annotation-exports"), None)
+        mounts = [m["mountPath"] for m in spec["containers"][0].get("volumeMounts", [])
+                  if m["name"] == "annotation-exports"]
+        if not a["enabled"]:
+            check(vol is None and not mounts, f"{label}: {n} has no exports volume while annotation is disabled")
+            continue
+        claim = a["exports"]["existingClaim"]
+        want_vol = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+        check(vol is not None and {k: v for k, v in vol.items() if k != "name"} == want_vol,
+              f"{label}: {n} exports volume is {want_vol} (got {vol})")
+        check(mounts == [a["exports"]["mountPath"]], f"{label}: {n} mounts the exports volume at export_dir ({mounts})")
+
+
+def annotation_tests(chart: helm.Chart, base: dict) -> None:
+    """annotation.enabled false, rendered in memory: no ci/*-values.yaml turns it off (the
+    enabled cases, emptyDir by default and a claim in ci/annotation-values.yaml, are ci files,
+    so `bulwark config check` sees their [annotation] section)."""
+    step("annotation: disabled (no section, no exports volume)")
+    cases = {
+        "annotation disabled": {"annotation": {"enabled": False}},
+    }
+    for what, over in cases.items():
+        values = deep_merge(base, over)
+        try:
+            docs = render(chart, values)
+        except helm.HelmError as e:
+            check(False, f"{what}: render failed: {e}")
+            continue
+        import tomllib
+        conf = tomllib.loads(named(docs, "ConfigMap", RELEASE)["data"]["bulwark.toml"])
+        before = passed
+        annotation_rendered(docs, conf, values, what)
+        validate_core(docs, what)
+        print(f"  ok   {what}: {passed - before} checks passed")
+
+
 def negative_tests(chart: helm.Chart, base: dict) -> None:
     step("negative tests: the schema rejects bad values (render must fail)")
     cases = {
@@ -532,6 +579,11 @@ def negative_tests(chart: helm.Chart, base: dict) -> None:
         "port 70000": {"ports": {"http": 70000}},
         "drain.grace \"5 seconds\"": {"config": {"drain": {"grace": "5 seconds"}}},
         "trace_sample_ratio 2": {"config": {"telemetry": {"trace_sample_ratio": 2}}},
+        "annotation.settings.overlap 0": {"annotation": {"settings": {"overlap": 0}}},
+        "annotation.settings.overlap 101": {"annotation": {"settings": {"overlap": 101}}},
+        "an unknown annotation.settings key": {"annotation": {"settings": {"lock_tll": "5m"}}},
+        "config.moduleSettings.annotation (annotation.settings is the place)":
+            {"config": {"moduleSettings": {"annotation": {"overlap": 2}}}},
     }
     for what, over in cases.items():
         values = deep_merge(base, over)
@@ -595,7 +647,7 @@ def main() -> int:
     schema = json.load(open(os.path.join(CHART, "values.schema.json")))
     defaults = load_yaml(os.path.join(CHART, "values.yaml"))
     values_files = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
-    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml"):
+    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml", "annotation-values.yaml"):
         check(os.path.join(CHART, "ci", required) in values_files, f"ci/{required} exists")
 
     schema_is_closed(schema)
@@ -618,6 +670,7 @@ def main() -> int:
         validate_core(docs, label)
         assertions(docs, deep_merge(defaults, over), label, rules, dashboards)
         print(f"  {len(docs)} objects ({', '.join(kinds)}); {passed - before} checks passed")
+    annotation_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
     negative_tests(chart, load_yaml(os.path.join(CHART, "ci", "default-values.yaml")))
     chart.close()
 

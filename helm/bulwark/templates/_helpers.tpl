@@ -144,7 +144,12 @@ timeout = {{ $c.drain.timeout | toJson }}
 
 [modules]
 enabled = {{ $c.modules.enabled | toJson }}
-{{- range $section, $keys := $c.moduleSettings }}
+{{- /* annotation.settings (when annotation.enabled) is one more module section, rendered alike. */}}
+{{- $sections := deepCopy $c.moduleSettings }}
+{{- if .Values.annotation.enabled }}
+{{- $_ := set $sections "annotation" (merge (dict "export_dir" .Values.annotation.exports.mountPath) (deepCopy .Values.annotation.settings)) }}
+{{- end }}
+{{- range $section, $keys := $sections }}
 
 [{{ $section }}]
 {{- range $k, $v := $keys }}

@@ -48,6 +48,8 @@ pub enum Role {
     Admin,
     /// Labels data; can read what viewers read.
     Annotator,
+    /// Accepts or rejects other people's labels; can label and read too.
+    Reviewer,
     /// Places bids; can read what viewers read.
     Bidder,
     /// Reads.
@@ -55,15 +57,20 @@ pub enum Role {
 }
 
 impl Role {
-    /// Does holding `self` grant `required`? Admin grants all; annotator and bidder grant viewer.
+    /// Does holding `self` grant `required`? Admin grants all; reviewer grants annotator;
+    /// every role grants viewer.
     pub fn grants(self, required: Role) -> bool {
-        self == required || self == Role::Admin || required == Role::Viewer
+        self == required
+            || self == Role::Admin
+            || required == Role::Viewer
+            || (self == Role::Reviewer && required == Role::Annotator)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::Annotator => "annotator",
+            Role::Reviewer => "reviewer",
             Role::Bidder => "bidder",
             Role::Viewer => "viewer",
         }
@@ -73,6 +80,7 @@ impl Role {
         match s {
             "admin" => Some(Role::Admin),
             "annotator" => Some(Role::Annotator),
+            "reviewer" => Some(Role::Reviewer),
             "bidder" => Some(Role::Bidder),
             "viewer" => Some(Role::Viewer),
             _ => None,
@@ -547,6 +555,7 @@ pub mod require {
     pub struct Any;
     pub struct Admin;
     pub struct Annotator;
+    pub struct Reviewer;
     pub struct Bidder;
     pub struct Viewer;
     impl RoleRequirement for Any {
@@ -557,6 +566,9 @@ pub mod require {
     }
     impl RoleRequirement for Annotator {
         const ROLE: Option<Role> = Some(Role::Annotator);
+    }
+    impl RoleRequirement for Reviewer {
+        const ROLE: Option<Role> = Some(Role::Reviewer);
     }
     impl RoleRequirement for Bidder {
         const ROLE: Option<Role> = Some(Role::Bidder);
@@ -650,6 +662,9 @@ mod tests {
         assert!(Role::Bidder.grants(Role::Viewer));
         assert!(!Role::Viewer.grants(Role::Bidder));
         assert!(!Role::Annotator.grants(Role::Bidder));
+        assert!(Role::Reviewer.grants(Role::Annotator));
+        assert!(!Role::Annotator.grants(Role::Reviewer));
+        assert!(!Role::Reviewer.grants(Role::Admin));
     }
 
     #[tokio::test]

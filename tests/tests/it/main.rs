@@ -6,6 +6,9 @@
 //! installed once, by the first application. Read metrics relative to a value taken before,
 //! or run the test in a process of its own with `bulwark_tests::isolated!`.
 
+mod annotation;
+mod annotation_export;
+mod annotation_page;
 mod auction;
 mod auction_kill;
 mod bus_conformance;
