@@ -102,7 +102,7 @@ struct Args {
     /// Body of `POST /exports`; `{project}` is replaced by the project id.
     #[arg(
         long,
-        default_value = r#"{"spec": {"project": {project}, "format": "jsonl"}}"#
+        default_value = r#"{"project": {project}, "format": "jsonl"}"#
     )]
     export_body: String,
     /// Give up on an export after this long.
@@ -245,16 +245,15 @@ impl LoopFigures {
 struct WorkerFigures {
     claim: Vec<f64>,
     submit: Vec<f64>,
-    last_done: Option<Instant>,
     retries: std::collections::BTreeMap<String, u64>,
     errors: u64,
     first_error: Option<String>,
     ran_dry: bool,
 }
 
-/// Runs `workers` concurrently, each cycling until `warmup + duration` has passed; cycles
-/// started after the warm-up count. The rate is counted cycles over the time from the end of
-/// the warm-up to the last counted cycle's end.
+/// Runs `workers` concurrently, each starting cycles until `warmup + duration` has passed.
+/// Cycles that end inside the measured window (after the warm-up, before its end) count; the
+/// rate is their number over the window's length.
 async fn closed_loop<W: Worker>(
     name: &str,
     workers: Vec<W>,
@@ -286,13 +285,12 @@ async fn closed_loop<W: Worker>(
                 if t >= until {
                     break;
                 }
-                let counts = t >= measure_from;
                 match w.cycle().await {
                     Ok(Outcome::Done { claim, submit }) => {
-                        if counts {
+                        let end = Instant::now();
+                        if end >= measure_from && end <= until {
                             f.claim.push(ms(claim));
                             f.submit.push(ms(submit));
-                            f.last_done = Some(Instant::now());
                             counted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -322,7 +320,6 @@ async fn closed_loop<W: Worker>(
         };
         all.claim.extend(f.claim);
         all.submit.extend(f.submit);
-        all.last_done = all.last_done.max(f.last_done);
         for (k, v) in f.retries {
             *all.retries.entry(k).or_default() += v;
         }
@@ -332,9 +329,7 @@ async fn closed_loop<W: Worker>(
     }
     ticker.abort();
     pb.finish_and_clear();
-    let seconds = all
-        .last_done
-        .map_or(f64::NAN, |l| l.duration_since(measure_from).as_secs_f64());
+    let seconds = duration.as_secs_f64();
     LoopFigures {
         done: all.claim.len() as u64,
         seconds,
@@ -349,7 +344,7 @@ async fn closed_loop<W: Worker>(
 
 fn print_loop(label: &str, clients: usize, f: &LoopFigures) {
     println!(
-        "  {label}: {:.0} claims/s, {:.0} submits/s ({} cycles in {:.1} s, {clients} clients)",
+        "  {label}: {:.1} claims/s, {:.1} submits/s ({} cycles ended in {:.0} s, {clients} clients)",
         f.rate(),
         f.rate(),
         f.done,
@@ -1439,7 +1434,7 @@ async fn export(
         .map(|n| n.to_string())
         .or_else(|| id.as_str().map(str::to_owned))
         .context("export id")?;
-    let pb = bar(100, "bulwark: export");
+    let pb = bar(total.max(1) as u64, "bulwark: export");
     let mut max_rss = before_rss;
     let state = loop {
         if let Some(p) = args.pid {
@@ -1447,9 +1442,10 @@ async fn export(
         }
         let v = api.get_json(&format!("/exports/{id}")).await?;
         let state = v["state"].as_str().unwrap_or("?").to_owned();
-        if let Some(p) = v["progress"].as_f64() {
-            pb.set_position(if p <= 1.0 { p * 100.0 } else { p } as u64);
+        if let Some(total) = v["rows_total"].as_u64() {
+            pb.set_length(total.max(1));
         }
+        pb.set_position(v["rows_done"].as_u64().unwrap_or(0));
         pb.set_message(state.clone());
         match state.as_str() {
             "done" | "completed" | "complete" | "succeeded" | "ready" | "finished" => break v,
@@ -1487,8 +1483,17 @@ async fn export(
         lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
     }
     let dl = t.elapsed().as_secs_f64();
+    let worker = match (
+        state["started_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+        state["finished_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+    ) {
+        (Some(a), Some(b)) => format!("{:.2} s", (b - a).num_milliseconds() as f64 / 1000.0),
+        _ => "?".into(),
+    };
     println!(
-        "  export of {total} annotations: {took:.2} s from POST to state done (goal < 10 s); final status {state}"
+        "  export of {total} annotations ({} rows): {took:.2} s from POST to state done (goal < 10 s); \
+         the worker's started_at -> finished_at {worker}",
+        state["rows_done"]
     );
     println!(
         "  download: {:.1} MiB, {lines} lines in {dl:.2} s",
@@ -1502,7 +1507,7 @@ async fn export(
         mib(after_hwm)
     );
     Ok(format!(
-        "Bulwark export of {total} annotations: {took:.2} s (goal < 10 s), download {dl:.2} s; RSS {} -> max {} (VmHWM {} -> {})",
+        "Bulwark export of {total} annotations: {took:.2} s POST to done, worker {worker} (goal < 10 s), download {dl:.2} s; RSS {} -> max {} (VmHWM {} -> {})",
         mib(before_rss),
         mib(max_rss),
         mib(before_hwm),
