@@ -100,10 +100,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     export_annotations: i64,
     /// Body of `POST /exports`; `{project}` is replaced by the project id.
-    #[arg(
-        long,
-        default_value = r#"{"project": {project}, "format": "jsonl"}"#
-    )]
+    #[arg(long, default_value = r#"{"project": {project}, "format": "jsonl"}"#)]
     export_body: String,
     /// Give up on an export after this long.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
@@ -743,10 +740,10 @@ async fn run_label_studio(args: &Args, summary: &mut Summary) -> anyhow::Result<
     print_loop("Label Studio loop", args.clients, &f);
     summary.ls = Some(f);
 
-    if args.ls_import_tasks > 0 {
-        if let Err(e) = ls_import(args, &base).await {
-            println!("  Label Studio import: failed: {e:#}");
-        }
+    if args.ls_import_tasks > 0
+        && let Err(e) = ls_import(args, &base).await
+    {
+        println!("  Label Studio import: failed: {e:#}");
     }
     Ok(())
 }
@@ -1484,8 +1481,12 @@ async fn export(
     }
     let dl = t.elapsed().as_secs_f64();
     let worker = match (
-        state["started_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
-        state["finished_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+        state["started_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+        state["finished_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
     ) {
         (Some(a), Some(b)) => format!("{:.2} s", (b - a).num_milliseconds() as f64 / 1000.0),
         _ => "?".into(),
