@@ -126,6 +126,10 @@ fn describe_metrics() {
         "Auctions closed by this process."
     );
     describe_counter!("bulwark_auction_created_total", "Auctions created.");
+    describe_counter!(
+        "bulwark_auction_close_commands_total",
+        "Close commands the scheduler published."
+    );
     describe_gauge!(
         "bulwark_auction_partitions_owned",
         "Bid partitions this worker process owns."
@@ -138,6 +142,7 @@ fn describe_metrics() {
         "bulwark_auction_slow_clients_total",
         "bulwark_auction_closed_total",
         "bulwark_auction_created_total",
+        "bulwark_auction_close_commands_total",
     ] {
         counter!(name).increment(0);
     }

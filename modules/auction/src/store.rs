@@ -439,16 +439,32 @@ pub async fn close(
     )))
 }
 
-/// Open auctions whose end passed before `cutoff_ms`: `(id, ends_at_ms)`.
+/// One page of the open auctions whose end passed before `cutoff_ms`, as `(id, ends_at_ms)`,
+/// in `(ends_at_ms, id)` order after the key `after` (keyset paging: the scheduler reads every
+/// due auction each tick, however many there are).
 pub async fn due(
     db: &DatabaseConnection,
     cutoff_ms: i64,
+    after: Option<(i64, i64)>,
     limit: u64,
 ) -> Result<Vec<(i64, i64)>, DbErr> {
-    Ok(auction::Entity::find()
+    use sea_orm::Condition;
+    let mut q = auction::Entity::find()
         .filter(auction::Column::Status.eq("open"))
-        .filter(auction::Column::EndsAtMs.lte(cutoff_ms))
-        .order_by_asc(auction::Column::EndsAtMs)
+        .filter(auction::Column::EndsAtMs.lte(cutoff_ms));
+    if let Some((ends_at, id)) = after {
+        q = q.filter(
+            Condition::any()
+                .add(auction::Column::EndsAtMs.gt(ends_at))
+                .add(
+                    Condition::all()
+                        .add(auction::Column::EndsAtMs.eq(ends_at))
+                        .add(auction::Column::Id.gt(id)),
+                ),
+        );
+    }
+    Ok(q.order_by_asc(auction::Column::EndsAtMs)
+        .order_by_asc(auction::Column::Id)
         .limit(limit)
         .all(db)
         .await?

@@ -304,57 +304,83 @@ async fn ack(d: Delivery) {
     }
 }
 
+/// Due auctions read per query; the scheduler pages through all of them every tick.
+const DUE_PAGE: u64 = 500;
+
 /// The scheduler (A8): publish a close command for every auction past `ends_at +
 /// close_settle`. Several schedulers may run: the commands carry a message id, and closing
 /// is a conditional update, so an auction is closed once whoever publishes.
+///
+/// Every tick pages through **all** due auctions (keyset on `(ends_at, id)`), so closing keeps
+/// up with any number of them; a command published in the last minute is not published again
+/// (a stopped worker does not pile up commands), but it never hides the auctions after it.
 pub async fn schedule(inner: Arc<AuctionShared>, closing: CancellationToken) {
-    // (auction, ends_at) → when we last published its close: republish only after a minute,
-    // so a stopped worker does not pile up commands.
+    // (auction, ends_at) → when we last published its close: republish only after a minute.
     let mut sent: HashMap<(i64, i64), Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = closing.cancelled() => return,
             _ = tokio::time::sleep(inner.cfg.scheduler_interval) => {}
         }
+        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
         let settle = i64::try_from(inner.cfg.close_settle.as_millis()).unwrap_or(i64::MAX);
         let cutoff = store::now_ms().saturating_sub(settle);
-        let due = match store::due(&inner.db, cutoff, 500).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(message = "Cannot look for auctions to close.", error = %e);
-                continue;
+        let mut after = None;
+        loop {
+            if closing.is_cancelled() {
+                return;
             }
-        };
-        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
-        for (auction_id, ends_at_ms) in due {
-            if sent.contains_key(&(auction_id, ends_at_ms)) {
-                continue;
-            }
-            let cmd = Command::Close {
-                auction_id,
-                ends_at_ms,
+            let page = match store::due(&inner.db, cutoff, after, DUE_PAGE).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(message = "Cannot look for auctions to close.", error = %e);
+                    break;
+                }
             };
-            let Ok(payload) = serde_json::to_vec(&cmd) else {
-                continue;
-            };
-            let msg_id = format!("close.{auction_id}.{ends_at_ms}");
-            match inner
-                .bus
-                .publish(
-                    &inner.bid_subject(auction_id),
-                    Some(&msg_id),
-                    Headers::new(),
-                    payload.into(),
-                )
-                .await
-            {
-                Ok(_) => {
+            let full = page.len() as u64 == DUE_PAGE;
+            after = page.last().map(|&(id, ends_at)| (ends_at, id));
+            for (auction_id, ends_at_ms) in page {
+                if sent.contains_key(&(auction_id, ends_at_ms)) {
+                    continue;
+                }
+                if publish_close(&inner, auction_id, ends_at_ms).await {
                     sent.insert((auction_id, ends_at_ms), Instant::now());
                 }
-                Err(e) => {
-                    tracing::warn!(message = "Cannot publish a close command.", auction = auction_id, error = %e);
-                }
             }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Publish the close command of `auction_id` at `ends_at_ms`; false when the bus refused it.
+async fn publish_close(inner: &AuctionShared, auction_id: i64, ends_at_ms: i64) -> bool {
+    let cmd = Command::Close {
+        auction_id,
+        ends_at_ms,
+    };
+    let Ok(payload) = serde_json::to_vec(&cmd) else {
+        return false;
+    };
+    let msg_id = format!("close.{auction_id}.{ends_at_ms}");
+    match inner
+        .bus
+        .publish(
+            &inner.bid_subject(auction_id),
+            Some(&msg_id),
+            Headers::new(),
+            payload.into(),
+        )
+        .await
+    {
+        Ok(_) => {
+            metrics::counter!("bulwark_auction_close_commands_total").increment(1);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(message = "Cannot publish a close command.", auction = auction_id, error = %e);
+            false
         }
     }
 }

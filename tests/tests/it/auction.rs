@@ -564,6 +564,87 @@ async fn auction_closes_exactly_once_with_its_winner(backend: Backend) {
 
 bulwark_tests::each_backend!(auction_closes_exactly_once_with_its_winner);
 
+async fn every_due_auction_gets_its_close_however_many_are_due(backend: Backend) {
+    // Item 9 of issue 14: 1,200 auctions past their end (more than two pages of the due query)
+    // all get a close command from a scheduler that runs only a bounded number of ticks (no
+    // worker meanwhile, so nothing it sent leaves the due list); a worker that starts after
+    // the scheduler stopped then closes every one of them.
+    const N: usize = 1_200;
+    let web = builder(backend).role(ProcessRole::Web).start().await;
+    let db = web.db.connect_migrated().await.expect("db");
+    let now = bulwark_auction::store::now_ms();
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        let a = bulwark_auction::store::create(
+            &db,
+            bulwark_auction::store::NewAuction {
+                title: format!("due {i}"),
+                starts_at_ms: now - 60_000,
+                // Many share an end: the keyset must page through equal `ends_at` by id.
+                ends_at_ms: now - 10_000 + (i as i64 % 7),
+                start_price: 100,
+                reserve: None,
+                min_increment: 10,
+                soft_close_window_ms: 0,
+                soft_close_extension_ms: 0,
+            },
+        )
+        .await
+        .expect("create");
+        ids.push(a.id);
+    }
+    // The scheduler runs a bounded number of ticks and stops; whatever it did not publish by
+    // then is never closed. (Counted through the closes, not the publish counter: metrics are
+    // per test process, shared with the other tests running beside this one.)
+    let interval_ms = 500;
+    let ticks = 24;
+    let mut scheduler = builder(backend)
+        .share(&web)
+        .set("auction.scheduler_interval", format!("{interval_ms}ms"))
+        .role(ProcessRole::Scheduler)
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(ticks * interval_ms)).await;
+    scheduler.stop().await.expect("stop the scheduler");
+    let _worker = builder(backend)
+        .share(&web)
+        .role(ProcessRole::Worker)
+        .start()
+        .await;
+    use bulwark_auction::entity::auction;
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+    // Until all are closed, or nothing moved for 10 s (then the rest were never sent).
+    let count = || async {
+        auction::Entity::find()
+            .filter(auction::Column::Id.is_in(ids.clone()))
+            .filter(auction::Column::Status.eq("closed"))
+            .count(&db)
+            .await
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    let (mut n, mut moved) = (0, std::time::Instant::now());
+    // (The first close may take a while: the worker claims and binds its partitions first.)
+    let stall = |n: u64| Duration::from_secs(if n == 0 { 60 } else { 10 });
+    while n < N as u64 && moved.elapsed() < stall(n) {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "closing took too long"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = count().await;
+        if now != n {
+            (n, moved) = (now, std::time::Instant::now());
+        }
+    }
+    assert_eq!(
+        n, N as u64,
+        "all {N} auctions closed within {ticks} scheduler ticks; closed {n}"
+    );
+}
+
+bulwark_tests::each_backend!(every_due_auction_gets_its_close_however_many_are_due);
+
 #[tokio::test]
 async fn reserve_not_met_means_no_winner_and_soft_close_extends() {
     let app = app(Backend::Embedded).await;
