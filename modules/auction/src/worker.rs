@@ -283,12 +283,13 @@ pub async fn process_batch(inner: &AuctionShared, owner: &Owner, batch: Vec<Deli
                 auction_id,
                 ends_at_ms,
             }) => {
-                if flush(inner, owner, &mut run).await {
-                    close(inner, owner, d, auction_id, ends_at_ms).await
-                } else {
-                    give_back(std::iter::once(d)).await;
-                    false
+                if !flush(inner, owner, &mut run).await {
+                    // Stopped: hand back the run, this close and the rest, in stream order.
+                    let held: Vec<Delivery> = run.drain(..).map(|(d, _)| d).collect();
+                    give_back(held.into_iter().chain(std::iter::once(d)).chain(rest)).await;
+                    return;
                 }
+                close(inner, owner, d, auction_id, ends_at_ms).await
             }
             Err(e) => {
                 let ok = flush(inner, owner, &mut run).await;
