@@ -85,3 +85,23 @@ pub mod result {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod partition_owner {
+    use sea_orm::entity::prelude::*;
+
+    /// The fencing row of a bid partition: the token of its current owner.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "auction_partition_owners")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub partition_id: i32,
+        pub token: i64,
+        pub owner: String,
+        pub claimed_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 use axum::extract::ws::Message;
 use bulwark_kernel::auth::{Identity, Role};
 use bulwark_kernel::bus::Headers;
-use bulwark_kernel::ws::{TrackedSocket, close};
+use bulwark_kernel::ws::TrackedSocket;
 use futures::StreamExt as _;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -290,6 +290,7 @@ pub async fn run(
         mut inbound,
         outbound,
         closing,
+        mut closer,
     } = ts;
     let conn = uuid::Uuid::new_v4().simple().to_string();
     let member = format!("{}/{conn}/{}", inner.instance, identity.subject);
@@ -326,7 +327,7 @@ pub async fn run(
                     frame = inbound.next() => match frame {
                         None | Some(Ok(Message::Close(_))) => break End::Client,
                         Some(Err(e)) => {
-                            let _ = s.out.try_send(bulwark_kernel::ws::close_for_read_error(&e));
+                            closer.close_with(bulwark_kernel::ws::close_for_read_error(&e));
                             break End::Client;
                         }
                         Some(Ok(Message::Text(t))) => match s.on_text(t.as_str()).await {
@@ -391,14 +392,11 @@ pub async fn run(
     match end {
         End::Slow if s.slow.load(std::sync::atomic::Ordering::Relaxed) => {
             metrics::counter!("bulwark_auction_slow_clients_total").increment(1);
-            let _ = s
-                .out
-                .try_send(close(close_code::SLOW_CLIENT, "too slow: reconnect"));
+            // Not through the queue that just stayed full: the closer goes ahead of it.
+            closer.close(close_code::SLOW_CLIENT, "too slow: reconnect");
         }
         End::Abuse => {
-            let _ = s
-                .out
-                .try_send(close(close_code::PROTOCOL_ABUSE, "too many invalid frames"));
+            closer.close(close_code::PROTOCOL_ABUSE, "too many invalid frames");
         }
         End::Slow | End::Client | End::Draining => {}
     }

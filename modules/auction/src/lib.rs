@@ -126,6 +126,18 @@ fn describe_metrics() {
         "Auctions closed by this process."
     );
     describe_counter!("bulwark_auction_created_total", "Auctions created.");
+    describe_counter!(
+        "bulwark_auction_apply_retries_total",
+        "Failed applications of a run or close, retried in place before anything later of its partition."
+    );
+    describe_counter!(
+        "bulwark_auction_fenced_total",
+        "Writes refused because a newer owner claimed the partition (this worker's lease ran out)."
+    );
+    describe_counter!(
+        "bulwark_auction_close_commands_total",
+        "Close commands the scheduler published."
+    );
     describe_gauge!(
         "bulwark_auction_partitions_owned",
         "Bid partitions this worker process owns."
@@ -138,6 +150,9 @@ fn describe_metrics() {
         "bulwark_auction_slow_clients_total",
         "bulwark_auction_closed_total",
         "bulwark_auction_created_total",
+        "bulwark_auction_close_commands_total",
+        "bulwark_auction_apply_retries_total",
+        "bulwark_auction_fenced_total",
     ] {
         counter!(name).increment(0);
     }

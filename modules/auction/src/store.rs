@@ -8,7 +8,7 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, Set, SqlErr, TransactionTrait,
 };
 
-use crate::entity::{auction, bid, result};
+use crate::entity::{auction, bid, partition_owner, result};
 use crate::protocol::{Highest, Outcome, PlacedBid, ResultView, ServerMsg, State};
 
 mod bidding;
@@ -17,6 +17,121 @@ pub use bidding::{Decision, Judgement, Run, Stored, decide_run, judge, min_next}
 /// Attempts of a write that lost a version race before giving up (the delivery is then
 /// redelivered by the bus).
 const CAS_ATTEMPTS: usize = 20;
+
+/// Why a worker's write was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A newer owner claimed the partition: this process's lease ran out. Nothing was written;
+    /// the deliveries are left to the new owner (not acked).
+    #[error("partition {partition}: fenced out (our token {token}, a newer owner holds it)")]
+    Fenced { partition: i32, token: i64 },
+    #[error(transparent)]
+    Db(#[from] DbErr),
+}
+
+/// The proof of partition ownership a worker writes with: its partition and the token it
+/// claimed ([`claim_partition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub partition: i32,
+    pub token: i64,
+}
+
+/// Claim partition `partition` for a new owner that just took its lease with the kernel's
+/// fencing token `lease_token`, and return the token to write with: the lease's own token
+/// when it is newer than the stored one (the normal case), else one above the stored token
+/// (the key-value store lost its counter, e.g. the embedded store after a restart). The
+/// stored token only ever grows, so every previous owner's writes are refused from now on.
+pub async fn claim_partition(
+    db: &DatabaseConnection,
+    partition: i32,
+    lease_token: u64,
+    owner: &str,
+) -> Result<Fence, DbErr> {
+    use sea_orm::sea_query::OnConflict;
+    let txn = db.begin().await?;
+    let row = partition_owner::ActiveModel {
+        partition_id: Set(partition),
+        token: Set(0),
+        owner: Set(owner.to_owned()),
+        claimed_at_ms: Set(now_ms()),
+    };
+    match partition_owner::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(partition_owner::Column::PartitionId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await
+    {
+        Ok(_) | Err(DbErr::RecordNotInserted) => {}
+        Err(e) => return Err(e),
+    }
+    // Lock the row (PostgreSQL) before reading it, so two claimers queue.
+    partition_owner::Entity::update_many()
+        .col_expr(
+            partition_owner::Column::Token,
+            Expr::col(partition_owner::Column::Token).into(),
+        )
+        .filter(partition_owner::Column::PartitionId.eq(partition))
+        .exec(&txn)
+        .await?;
+    let stored = partition_owner::Entity::find_by_id(partition)
+        .one(&txn)
+        .await?
+        .map(|r| r.token)
+        .unwrap_or(0);
+    let token = i64::try_from(lease_token)
+        .unwrap_or(i64::MAX)
+        .max(stored.saturating_add(1));
+    partition_owner::Entity::update_many()
+        .col_expr(partition_owner::Column::Token, Expr::value(token))
+        .col_expr(
+            partition_owner::Column::Owner,
+            Expr::value(owner.to_owned()),
+        )
+        .col_expr(partition_owner::Column::ClaimedAtMs, Expr::value(now_ms()))
+        .filter(partition_owner::Column::PartitionId.eq(partition))
+        .exec(&txn)
+        .await?;
+    txn.commit().await?;
+    Ok(Fence { partition, token })
+}
+
+/// The current token of `partition`'s owner, if it was ever claimed.
+pub async fn partition_token(
+    db: &DatabaseConnection,
+    partition: i32,
+) -> Result<Option<i64>, DbErr> {
+    Ok(partition_owner::Entity::find_by_id(partition)
+        .one(db)
+        .await?
+        .map(|r| r.token))
+}
+
+/// The fence check, first in a worker's transaction: a compare-and-set of the partition's
+/// token (to itself) that matches only while `fence` is the current owner's. It also takes the
+/// partition row's lock, so an owner's transaction and a new owner's claim are ordered.
+async fn check_fence(txn: &sea_orm::DatabaseTransaction, fence: &Fence) -> Result<(), ApplyError> {
+    let r = partition_owner::Entity::update_many()
+        .col_expr(
+            partition_owner::Column::Token,
+            Expr::col(partition_owner::Column::Token).into(),
+        )
+        .filter(partition_owner::Column::PartitionId.eq(fence.partition))
+        .filter(partition_owner::Column::Token.eq(fence.token))
+        .exec(txn)
+        .await?;
+    if r.rows_affected == 1 {
+        Ok(())
+    } else {
+        Err(ApplyError::Fenced {
+            partition: fence.partition,
+            token: fence.token,
+        })
+    }
+}
 
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now()
@@ -212,12 +327,23 @@ impl From<Decision> for Applied {
     }
 }
 
-/// Begin a write transaction on auction `id` by writing to its row first: PostgreSQL then
+/// Begin a write transaction on auction `id`: check the partition `fence` (when the caller is a
+/// partition owner), then write to the auction's row: PostgreSQL then
 /// holds the row lock (writers of one auction queue instead of failing the version check),
 /// and SQLite takes its write lock before the transaction has read anything, so the busy
 /// timeout applies instead of an immediate `SQLITE_BUSY_SNAPSHOT`.
-async fn begin_on(db: &DatabaseConnection, id: i64) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+async fn begin_on(
+    db: &DatabaseConnection,
+    fence: Option<&Fence>,
+    id: i64,
+) -> Result<sea_orm::DatabaseTransaction, ApplyError> {
     let txn = db.begin().await?;
+    if let Some(f) = fence
+        && let Err(e) = check_fence(&txn, f).await
+    {
+        txn.rollback().await?;
+        return Err(e);
+    }
     auction::Entity::update_many()
         .col_expr(
             auction::Column::Version,
@@ -246,10 +372,14 @@ async fn existing_bid(
 }
 
 /// Apply one bid exactly once (A6, A7). See [`apply_bids`].
-pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Applied, DbErr> {
-    let mut out = apply_bids(db, std::slice::from_ref(cmd)).await?;
+pub async fn apply_bid(
+    db: &DatabaseConnection,
+    fence: Option<&Fence>,
+    cmd: &BidCommand,
+) -> Result<Applied, ApplyError> {
+    let mut out = apply_bids(db, fence, std::slice::from_ref(cmd)).await?;
     out.pop()
-        .ok_or_else(|| DbErr::Custom("apply_bids returned nothing".into()))
+        .ok_or_else(|| DbErr::Custom("apply_bids returned nothing".into()).into())
 }
 
 /// Apply a run of bids on **one** auction, in order, exactly once each (A6, A7), in one
@@ -259,20 +389,23 @@ pub async fn apply_bid(db: &DatabaseConnection, cmd: &BidCommand) -> Result<Appl
 /// with a compare-and-set on its version. One commit for the run is what lets a hot
 /// auction take hundreds of bids per second on one ordered partition.
 ///
-/// Every command must name the same auction (the caller groups them).
+/// Every command must name the same auction (the caller groups them). With a `fence`, the
+/// transaction first checks that the caller still owns the partition; an older owner's run is
+/// refused with [`ApplyError::Fenced`] and writes nothing.
 pub async fn apply_bids(
     db: &DatabaseConnection,
+    fence: Option<&Fence>,
     cmds: &[BidCommand],
-) -> Result<Vec<Applied>, DbErr> {
+) -> Result<Vec<Applied>, ApplyError> {
     let Some(first) = cmds.first() else {
         return Ok(Vec::new());
     };
     let auction_id = first.auction_id;
     if cmds.iter().any(|c| c.auction_id != auction_id) {
-        return Err(DbErr::Custom("apply_bids: one auction per run".into()));
+        return Err(DbErr::Custom("apply_bids: one auction per run".into()).into());
     }
     'attempt: for _ in 0..CAS_ATTEMPTS {
-        let txn = begin_on(db, auction_id).await?;
+        let txn = begin_on(db, fence, auction_id).await?;
         let Some(start) = get(&txn, auction_id).await? else {
             txn.rollback().await?;
             return Ok(cmds.iter().map(|_| Applied::UnknownAuction).collect());
@@ -318,7 +451,7 @@ pub async fn apply_bids(
                     txn.rollback().await?;
                     continue 'attempt;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         if a != start {
@@ -351,7 +484,8 @@ pub async fn apply_bids(
     }
     Err(DbErr::Custom(format!(
         "auction {auction_id}: lost the version race {CAS_ATTEMPTS} times"
-    )))
+    ))
+    .into())
 }
 
 /// What a close command did.
@@ -376,14 +510,16 @@ fn closed_msg(seq: i64, r: &result::Model) -> ServerMsg {
 }
 
 /// Close an auction whose end is `ends_at_ms`, exactly once (A8): one conditional update of
-/// the status and the result row (primary key = auction id) in one transaction.
+/// the status and the result row (primary key = auction id) in one transaction, fenced like
+/// [`apply_bids`].
 pub async fn close(
     db: &DatabaseConnection,
+    fence: Option<&Fence>,
     auction_id: i64,
     ends_at_ms: i64,
-) -> Result<Closed, DbErr> {
+) -> Result<Closed, ApplyError> {
     for _ in 0..CAS_ATTEMPTS {
-        let txn = begin_on(db, auction_id).await?;
+        let txn = begin_on(db, fence, auction_id).await?;
         let Some(a) = get(&txn, auction_id).await? else {
             return Ok(Closed::UnknownAuction);
         };
@@ -429,26 +565,43 @@ pub async fn close(
                 txn.rollback().await?;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         txn.commit().await?;
         return Ok(Closed::Now(closed_msg(seq, &r)));
     }
     Err(DbErr::Custom(format!(
         "auction {auction_id}: close lost the version race {CAS_ATTEMPTS} times"
-    )))
+    ))
+    .into())
 }
 
-/// Open auctions whose end passed before `cutoff_ms`: `(id, ends_at_ms)`.
+/// One page of the open auctions whose end passed before `cutoff_ms`, as `(id, ends_at_ms)`,
+/// in `(ends_at_ms, id)` order after the key `after` (keyset paging: the scheduler reads every
+/// due auction each tick, however many there are).
 pub async fn due(
     db: &DatabaseConnection,
     cutoff_ms: i64,
+    after: Option<(i64, i64)>,
     limit: u64,
 ) -> Result<Vec<(i64, i64)>, DbErr> {
-    Ok(auction::Entity::find()
+    use sea_orm::Condition;
+    let mut q = auction::Entity::find()
         .filter(auction::Column::Status.eq("open"))
-        .filter(auction::Column::EndsAtMs.lte(cutoff_ms))
-        .order_by_asc(auction::Column::EndsAtMs)
+        .filter(auction::Column::EndsAtMs.lte(cutoff_ms));
+    if let Some((ends_at, id)) = after {
+        q = q.filter(
+            Condition::any()
+                .add(auction::Column::EndsAtMs.gt(ends_at))
+                .add(
+                    Condition::all()
+                        .add(auction::Column::EndsAtMs.eq(ends_at))
+                        .add(auction::Column::Id.gt(id)),
+                ),
+        );
+    }
+    Ok(q.order_by_asc(auction::Column::EndsAtMs)
+        .order_by_asc(auction::Column::Id)
         .limit(limit)
         .all(db)
         .await?

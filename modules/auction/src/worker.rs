@@ -5,10 +5,11 @@
 //! partition's lease in the key-value store (renewed while it works) and applies deliveries
 //! one after another. So bids are applied in the order the stream stored them, and the
 //! scheduler's close command — published to the same subject after `ends_at + close_settle` —
-//! is applied after every bid stored before it, even after a backlog. If a lease is lost
-//! (a worker stalled past `partition_lease`), two processes may briefly apply bids of the
-//! same partition; the version compare-and-set keeps each application atomic and the unique
-//! bid key keeps each bid applied once.
+//! is applied after every bid stored before it, even after a backlog. The lease is renewed by
+//! a task beside the batch, and every write is fenced by the partition's token in the
+//! database ([`store::claim_partition`]), so an owner whose lease ran out cannot write after a
+//! newer one claimed the partition. A run that fails is retried in place before anything
+//! later of its partition is applied, so nothing overtakes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,6 +87,68 @@ async fn partition_loop(
     }
 }
 
+/// What a partition owner applies with: its fence, and the signals to stop applying.
+pub struct Owner {
+    pub fence: Option<store::Fence>,
+    /// Cancelled when the lease is lost (renewal refused or failing for a whole lease, or a
+    /// write fenced out).
+    pub lost: CancellationToken,
+    /// The drain's deadline: hand everything not applied back to the bus.
+    pub deadline: CancellationToken,
+}
+
+impl Owner {
+    fn stopping(&self) -> bool {
+        self.lost.is_cancelled() || self.deadline.is_cancelled()
+    }
+
+    async fn stopped(&self) {
+        tokio::select! {
+            _ = self.lost.cancelled() => {}
+            _ = self.deadline.cancelled() => {}
+        }
+    }
+}
+
+/// Renew `guard` every third of `lease` until it is lost or `stop` fires; a lost lease
+/// cancels `lost`. It runs beside the batch, so a slow batch keeps its lease (issue 14, item 3).
+async fn renew(
+    kv: Arc<dyn bulwark_kernel::kv::KvStore>,
+    guard: bulwark_kernel::kv::LockGuard,
+    lease: Duration,
+    p: u16,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep(lease / 3) => {}
+        }
+        match kv.extend_lock(&guard, lease).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(
+                    message = "Lost the partition lease; stopping.",
+                    partition = p
+                );
+                lost.cancel();
+                return;
+            }
+            Err(e) if renewed.elapsed() >= lease => {
+                tracing::warn!(message = "Cannot renew the partition lease; stopping.", partition = p, error = %e);
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(message = "Renewing the partition lease failed; retrying.", partition = p, error = %e)
+            }
+        }
+    }
+}
+
 async fn own(
     inner: &Arc<AuctionShared>,
     p: u16,
@@ -93,6 +156,34 @@ async fn own(
     closing: &CancellationToken,
     deadline: &CancellationToken,
 ) {
+    let lease = inner.cfg.partition_lease;
+    let lost = CancellationToken::new();
+    let stop_renewing = CancellationToken::new();
+    let _stop_renewing = stop_renewing.clone().drop_guard();
+    tokio::spawn(renew(
+        inner.kv.clone(),
+        guard.clone(),
+        lease,
+        p,
+        lost.clone(),
+        stop_renewing,
+    ));
+    // Fence the partition's writes with this lease: from the claim on, a previous owner's
+    // transactions are refused.
+    let fence = match store::claim_partition(
+        &inner.db,
+        i32::from(p),
+        guard.fencing_token,
+        &inner.instance,
+    )
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(message = "Cannot claim the bid partition.", partition = p, error = %e);
+            return;
+        }
+    };
     let consumer = match inner.bus.consumer(&consumer_spec(inner, p)).await {
         Ok(c) => c,
         Err(e) => {
@@ -100,38 +191,25 @@ async fn own(
             return;
         }
     };
-    let lease = inner.cfg.partition_lease;
-    let mut renewed = Instant::now();
-    while !closing.is_cancelled() {
-        if renewed.elapsed() >= lease / 3 {
-            match inner.kv.extend_lock(guard, lease).await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!(
-                        message = "Lost the partition lease; stopping.",
-                        partition = p
-                    );
-                    return;
-                }
-                Err(e) if renewed.elapsed() >= lease => {
-                    tracing::warn!(message = "Cannot renew the partition lease; stopping.", partition = p, error = %e);
-                    return;
-                }
-                Err(_) => {}
-            }
-        }
+    let owner = Owner {
+        fence: Some(fence),
+        lost,
+        deadline: deadline.clone(),
+    };
+    while !closing.is_cancelled() && !owner.lost.is_cancelled() {
         let batch = match consumer.fetch(BATCH, FETCH_WAIT).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(message = "Fetching bids failed.", partition = p, error = %e);
                 tokio::select! {
                     _ = closing.cancelled() => return,
+                    _ = owner.lost.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 continue;
             }
         };
-        process_batch(inner, batch, deadline).await;
+        process_batch(inner, &owner, batch).await;
     }
 }
 
@@ -158,22 +236,24 @@ async fn broadcast(inner: &AuctionShared, auction_id: i64, to: Option<String>, m
 
 /// Apply a fetched batch in stream order; ack each delivery only after its database commit.
 /// Consecutive bids on one auction are applied in one transaction ([`store::apply_bids`]).
-pub async fn process_batch(
-    inner: &AuctionShared,
-    batch: Vec<Delivery>,
-    deadline: &CancellationToken,
-) {
+///
+/// A run that fails is retried in place, with backoff, before anything after it: the whole
+/// partition waits (issue 14, item 2), so no later bid of that auction can overtake it. When
+/// the owner stops (lease lost, fenced out, drain deadline) what is not applied is handed back
+/// to the bus unacked, in order, for the next owner.
+pub async fn process_batch(inner: &AuctionShared, owner: &Owner, batch: Vec<Delivery>) {
     let mut run: Vec<(Delivery, BidCommand)> = Vec::new();
-    for d in batch {
-        if deadline.is_cancelled() {
-            flush(inner, &mut run).await;
-            let _ = d.nak(Duration::ZERO).await;
-            continue;
+    let mut rest = batch.into_iter();
+    while let Some(d) = rest.next() {
+        if owner.stopping() {
+            let held = run.drain(..).map(|(d, _)| d);
+            give_back(held.chain(std::iter::once(d)).chain(rest)).await;
+            return;
         }
         if d.delivered > 1 {
             metrics::counter!("bulwark_auction_redeliveries_total").increment(1);
         }
-        match serde_json::from_slice::<Command>(&d.payload) {
+        let applied = match serde_json::from_slice::<Command>(&d.payload) {
             Ok(Command::Bid {
                 auction_id,
                 bidder,
@@ -181,8 +261,9 @@ pub async fn process_batch(
                 amount,
                 received_at_ms,
             }) => {
+                let mut ok = true;
                 if run.first().is_some_and(|(_, c)| c.auction_id != auction_id) {
-                    flush(inner, &mut run).await;
+                    ok = flush(inner, owner, &mut run).await;
                 }
                 let stream_seq = i64::try_from(d.sequence).ok();
                 run.push((
@@ -196,43 +277,132 @@ pub async fn process_batch(
                         stream_seq,
                     },
                 ));
+                ok
             }
             Ok(Command::Close {
                 auction_id,
                 ends_at_ms,
             }) => {
-                flush(inner, &mut run).await;
-                close(inner, d, auction_id, ends_at_ms).await;
+                if !flush(inner, owner, &mut run).await {
+                    // Stopped: hand back the run, this close and the rest, in stream order.
+                    let held: Vec<Delivery> = run.drain(..).map(|(d, _)| d).collect();
+                    give_back(held.into_iter().chain(std::iter::once(d)).chain(rest)).await;
+                    return;
+                }
+                close(inner, owner, d, auction_id, ends_at_ms).await
             }
             Err(e) => {
-                flush(inner, &mut run).await;
+                let ok = flush(inner, owner, &mut run).await;
                 tracing::error!(message = "Unreadable bid command; terminated.", sequence = d.sequence, error = %e);
                 metrics::counter!("bulwark_auction_bids_total", "outcome" => "malformed")
                     .increment(1);
                 let _ = d.term().await;
+                ok
+            }
+        };
+        if !applied {
+            // Stopped: nothing after this may be applied by us.
+            give_back(run.drain(..).map(|(d, _)| d).chain(rest.by_ref())).await;
+            return;
+        }
+    }
+    if !flush(inner, owner, &mut run).await {
+        give_back(run.drain(..).map(|(d, _)| d)).await;
+    }
+}
+
+/// Hand deliveries we will not apply back to the bus (unacked) for the next owner.
+async fn give_back(ds: impl Iterator<Item = Delivery>) {
+    for d in ds {
+        let _ = d.nak(Duration::ZERO).await;
+    }
+}
+
+/// Backoff of the in-place retry of a failed run: doubling from 100 ms, at most 5 s and at
+/// most a third of `ack_wait` (each retry also tells the bus the deliveries are in progress).
+fn retry_backoff(attempt: u32, ack_wait: Duration) -> Duration {
+    let cap = Duration::from_secs(5).min(ack_wait / 3);
+    Duration::from_millis(100)
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(cap)
+}
+
+/// Run `op` until it applies, retrying a database failure in place with backoff. `None` when
+/// the owner stopped (lease lost, fenced out, deadline) before it applied.
+async fn until_applied<T, F, Fut>(
+    inner: &AuctionShared,
+    owner: &Owner,
+    what: &str,
+    auction_id: i64,
+    deliveries: &[&Delivery],
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, store::ApplyError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        if owner.stopping() {
+            return None;
+        }
+        match op().await {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(
+                        message = "Applied after retrying.",
+                        what,
+                        auction = auction_id,
+                        attempts = attempt + 1
+                    );
+                }
+                return Some(v);
+            }
+            Err(e @ store::ApplyError::Fenced { .. }) => {
+                tracing::warn!(message = "A newer owner holds the partition; stopping.", what, auction = auction_id, error = %e);
+                metrics::counter!("bulwark_auction_fenced_total").increment(1);
+                owner.lost.cancel();
+                return None;
+            }
+            Err(store::ApplyError::Db(e)) => {
+                metrics::counter!("bulwark_auction_apply_retries_total").increment(1);
+                if attempt == 0 || attempt.is_power_of_two() {
+                    tracing::warn!(message = "Applying failed; retrying before anything later of the partition.", what, auction = auction_id, attempt, error = %e);
+                }
+                for d in deliveries {
+                    let _ = d.in_progress().await;
+                }
+                let wait = retry_backoff(attempt, inner.cfg.ack_wait);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = owner.stopped() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         }
     }
-    flush(inner, &mut run).await;
 }
 
 /// Apply a run of bids on one auction, then answer each bidder, tell the room, and ack.
-async fn flush(inner: &AuctionShared, run: &mut Vec<(Delivery, BidCommand)>) {
+/// False when the owner stopped before the run applied (the run is left in `run`).
+async fn flush(
+    inner: &AuctionShared,
+    owner: &Owner,
+    run: &mut Vec<(Delivery, BidCommand)>,
+) -> bool {
     if run.is_empty() {
-        return;
+        return true;
     }
     let started = Instant::now();
     let cmds: Vec<BidCommand> = run.iter().map(|(_, c)| c.clone()).collect();
     let auction_id = cmds[0].auction_id;
-    let results = match store::apply_bids(&inner.db, &cmds).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(message = "Applying bids failed; will retry.", auction = auction_id, bids = cmds.len(), error = %e);
-            for (d, _) in run.drain(..) {
-                let _ = d.nak(Duration::from_secs(1)).await;
-            }
-            return;
-        }
+    let deliveries: Vec<&Delivery> = run.iter().map(|(d, _)| d).collect();
+    let Some(results) = until_applied(inner, owner, "bids", auction_id, &deliveries, || {
+        store::apply_bids(&inner.db, owner.fence.as_ref(), &cmds)
+    })
+    .await
+    else {
+        return false;
     };
     let took = started.elapsed().as_secs_f64();
     for ((d, cmd), applied) in run.drain(..).zip(results) {
@@ -275,26 +445,40 @@ async fn flush(inner: &AuctionShared, run: &mut Vec<(Delivery, BidCommand)>) {
             }
         }
     }
+    true
 }
 
-async fn close(inner: &AuctionShared, d: Delivery, auction_id: i64, ends_at_ms: i64) {
-    match store::close(&inner.db, auction_id, ends_at_ms).await {
-        Ok(Closed::Now(msg)) => {
+/// Apply a close command (retried in place like a run); false when the owner stopped first
+/// (the delivery was handed back).
+async fn close(
+    inner: &AuctionShared,
+    owner: &Owner,
+    d: Delivery,
+    auction_id: i64,
+    ends_at_ms: i64,
+) -> bool {
+    let closed = until_applied(inner, owner, "close", auction_id, &[&d], || {
+        store::close(&inner.db, owner.fence.as_ref(), auction_id, ends_at_ms)
+    })
+    .await;
+    match closed {
+        Some(Closed::Now(msg)) => {
             metrics::counter!("bulwark_auction_closed_total").increment(1);
             tracing::info!(message = "Auction closed.", auction = auction_id);
             broadcast(inner, auction_id, None, msg).await;
             ack(d).await;
         }
-        Ok(Closed::Already(msg)) => {
+        Some(Closed::Already(msg)) => {
             broadcast(inner, auction_id, None, msg).await;
             ack(d).await;
         }
-        Ok(Closed::NotDue | Closed::UnknownAuction) => ack(d).await,
-        Err(e) => {
-            tracing::warn!(message = "Closing failed; will retry.", auction = auction_id, error = %e);
-            let _ = d.nak(Duration::from_secs(1)).await;
+        Some(Closed::NotDue | Closed::UnknownAuction) => ack(d).await,
+        None => {
+            give_back(std::iter::once(d)).await;
+            return false;
         }
     }
+    true
 }
 
 async fn ack(d: Delivery) {
@@ -304,57 +488,83 @@ async fn ack(d: Delivery) {
     }
 }
 
+/// Due auctions read per query; the scheduler pages through all of them every tick.
+const DUE_PAGE: u64 = 500;
+
 /// The scheduler (A8): publish a close command for every auction past `ends_at +
 /// close_settle`. Several schedulers may run: the commands carry a message id, and closing
 /// is a conditional update, so an auction is closed once whoever publishes.
+///
+/// Every tick pages through **all** due auctions (keyset on `(ends_at, id)`), so closing keeps
+/// up with any number of them; a command published in the last minute is not published again
+/// (a stopped worker does not pile up commands), but it never hides the auctions after it.
 pub async fn schedule(inner: Arc<AuctionShared>, closing: CancellationToken) {
-    // (auction, ends_at) → when we last published its close: republish only after a minute,
-    // so a stopped worker does not pile up commands.
+    // (auction, ends_at) → when we last published its close: republish only after a minute.
     let mut sent: HashMap<(i64, i64), Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = closing.cancelled() => return,
             _ = tokio::time::sleep(inner.cfg.scheduler_interval) => {}
         }
+        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
         let settle = i64::try_from(inner.cfg.close_settle.as_millis()).unwrap_or(i64::MAX);
         let cutoff = store::now_ms().saturating_sub(settle);
-        let due = match store::due(&inner.db, cutoff, 500).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(message = "Cannot look for auctions to close.", error = %e);
-                continue;
+        let mut after = None;
+        loop {
+            if closing.is_cancelled() {
+                return;
             }
-        };
-        sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
-        for (auction_id, ends_at_ms) in due {
-            if sent.contains_key(&(auction_id, ends_at_ms)) {
-                continue;
-            }
-            let cmd = Command::Close {
-                auction_id,
-                ends_at_ms,
+            let page = match store::due(&inner.db, cutoff, after, DUE_PAGE).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(message = "Cannot look for auctions to close.", error = %e);
+                    break;
+                }
             };
-            let Ok(payload) = serde_json::to_vec(&cmd) else {
-                continue;
-            };
-            let msg_id = format!("close.{auction_id}.{ends_at_ms}");
-            match inner
-                .bus
-                .publish(
-                    &inner.bid_subject(auction_id),
-                    Some(&msg_id),
-                    Headers::new(),
-                    payload.into(),
-                )
-                .await
-            {
-                Ok(_) => {
+            let full = page.len() as u64 == DUE_PAGE;
+            after = page.last().map(|&(id, ends_at)| (ends_at, id));
+            for (auction_id, ends_at_ms) in page {
+                if sent.contains_key(&(auction_id, ends_at_ms)) {
+                    continue;
+                }
+                if publish_close(&inner, auction_id, ends_at_ms).await {
                     sent.insert((auction_id, ends_at_ms), Instant::now());
                 }
-                Err(e) => {
-                    tracing::warn!(message = "Cannot publish a close command.", auction = auction_id, error = %e);
-                }
             }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Publish the close command of `auction_id` at `ends_at_ms`; false when the bus refused it.
+async fn publish_close(inner: &AuctionShared, auction_id: i64, ends_at_ms: i64) -> bool {
+    let cmd = Command::Close {
+        auction_id,
+        ends_at_ms,
+    };
+    let Ok(payload) = serde_json::to_vec(&cmd) else {
+        return false;
+    };
+    let msg_id = format!("close.{auction_id}.{ends_at_ms}");
+    match inner
+        .bus
+        .publish(
+            &inner.bid_subject(auction_id),
+            Some(&msg_id),
+            Headers::new(),
+            payload.into(),
+        )
+        .await
+    {
+        Ok(_) => {
+            metrics::counter!("bulwark_auction_close_commands_total").increment(1);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(message = "Cannot publish a close command.", auction = auction_id, error = %e);
+            false
         }
     }
 }

@@ -6,6 +6,8 @@
 //! closing phase the writer sends close code 1012 (service restart: reconnect elsewhere); from
 //! the start of the drain, new upgrades are refused with 503.
 //! A handler whose client cannot keep up sees `try_send` fail and decides (resync or close).
+//! A close with a code goes through [`Closer`], not the queue: the queue may be the very thing
+//! that is full (a slow client), and the close must still reach the client.
 
 use std::future::Future;
 
@@ -13,7 +15,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::SinkExt as _;
 use futures::stream::{SplitStream, StreamExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::{CLOSE_SERVICE_RESTART, Shutdown};
@@ -47,6 +49,30 @@ pub struct TrackedSocket {
     pub outbound: mpsc::Sender<Message>,
     /// Fires when the process starts closing; the handler should return soon after.
     pub closing: CancellationToken,
+    /// Close the socket with a code, ahead of whatever is still queued in `outbound`.
+    pub closer: Closer,
+}
+
+/// Closes a socket with a code and reason, bypassing the (possibly full) outbound queue: the
+/// writer drops the queued frames, finishes the frame it is writing, and sends the close
+/// frame next, within the writer's grace period (a client that reads nothing at all is then
+/// dropped without it).
+#[derive(Debug)]
+pub struct Closer(Option<oneshot::Sender<Message>>);
+
+impl Closer {
+    /// Send `frame` (a [`Message::Close`]) as the socket's next and last frame. Only the first
+    /// call counts.
+    pub fn close_with(&mut self, frame: Message) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(frame);
+        }
+    }
+
+    /// [`Closer::close_with`] a close frame with `code` and `reason`.
+    pub fn close(&mut self, code: u16, reason: &'static str) {
+        self.close_with(close(code, reason));
+    }
 }
 
 /// A close frame with a code and reason.
@@ -66,6 +92,17 @@ pub fn close_for_read_error(e: &axum::Error) -> Message {
         close(1009, "message too big")
     } else {
         close(1002, "protocol error")
+    }
+}
+
+/// The close frame the handler sent through its [`Closer`]; never ready once the closer was
+/// dropped without closing (`rx` is then `None`).
+async fn next_close(
+    rx: &mut Option<oneshot::Receiver<Message>>,
+) -> Result<Message, oneshot::error::RecvError> {
+    match rx {
+        Some(r) => r.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -109,11 +146,24 @@ where
             let closing = shutdown.closing_token();
             let (mut sink, inbound) = socket.split();
             let (tx, mut rx) = mpsc::channel::<Message>(limits.send_queue.max(1));
+            let (close_tx, close_rx) = oneshot::channel::<Message>();
             let writer_closing = closing.clone();
             let writer = shutdown.spawn(async move {
+                // `None` once the handler dropped its closer without closing.
+                let mut close_rx = Some(close_rx);
                 loop {
                     tokio::select! {
                         biased;
+                        frame = next_close(&mut close_rx) => {
+                            match frame {
+                                Ok(frame) => {
+                                    // Whatever is still queued is dropped: the close goes next.
+                                    let _ = sink.send(frame).await;
+                                    break;
+                                }
+                                Err(_) => close_rx = None,
+                            }
+                        }
                         msg = rx.recv() => match msg {
                             Some(m) => {
                                 let is_close = matches!(m, Message::Close(_));
@@ -142,7 +192,13 @@ where
                 let _ = sink.close().await;
             });
             shutdown.spawn(async move {
-                handler(TrackedSocket { inbound, outbound: tx, closing }).await;
+                handler(TrackedSocket {
+                    inbound,
+                    outbound: tx,
+                    closing,
+                    closer: Closer(Some(close_tx)),
+                })
+                .await;
                 // The writer flushes what is queued and the close frame. A client that stopped
                 // reading blocks it on a full TCP buffer: give up after WRITER_GRACE and drop the
                 // connection, so a dead reader holds no task or buffer.

@@ -564,6 +564,87 @@ async fn auction_closes_exactly_once_with_its_winner(backend: Backend) {
 
 bulwark_tests::each_backend!(auction_closes_exactly_once_with_its_winner);
 
+async fn every_due_auction_gets_its_close_however_many_are_due(backend: Backend) {
+    // Item 9 of issue 14: 1,200 auctions past their end (more than two pages of the due query)
+    // all get a close command from a scheduler that runs only a bounded number of ticks (no
+    // worker meanwhile, so nothing it sent leaves the due list); a worker that starts after
+    // the scheduler stopped then closes every one of them.
+    const N: usize = 1_200;
+    let web = builder(backend).role(ProcessRole::Web).start().await;
+    let db = web.db.connect_migrated().await.expect("db");
+    let now = bulwark_auction::store::now_ms();
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        let a = bulwark_auction::store::create(
+            &db,
+            bulwark_auction::store::NewAuction {
+                title: format!("due {i}"),
+                starts_at_ms: now - 60_000,
+                // Many share an end: the keyset must page through equal `ends_at` by id.
+                ends_at_ms: now - 10_000 + (i as i64 % 7),
+                start_price: 100,
+                reserve: None,
+                min_increment: 10,
+                soft_close_window_ms: 0,
+                soft_close_extension_ms: 0,
+            },
+        )
+        .await
+        .expect("create");
+        ids.push(a.id);
+    }
+    // The scheduler runs a bounded number of ticks and stops; whatever it did not publish by
+    // then is never closed. (Counted through the closes, not the publish counter: metrics are
+    // per test process, shared with the other tests running beside this one.)
+    let interval_ms = 500;
+    let ticks = 24;
+    let mut scheduler = builder(backend)
+        .share(&web)
+        .set("auction.scheduler_interval", format!("{interval_ms}ms"))
+        .role(ProcessRole::Scheduler)
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(ticks * interval_ms)).await;
+    scheduler.stop().await.expect("stop the scheduler");
+    let _worker = builder(backend)
+        .share(&web)
+        .role(ProcessRole::Worker)
+        .start()
+        .await;
+    use bulwark_auction::entity::auction;
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+    // Until all are closed, or nothing moved for 10 s (then the rest were never sent).
+    let count = || async {
+        auction::Entity::find()
+            .filter(auction::Column::Id.is_in(ids.clone()))
+            .filter(auction::Column::Status.eq("closed"))
+            .count(&db)
+            .await
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    let (mut n, mut moved) = (0, std::time::Instant::now());
+    // (The first close may take a while: the worker claims and binds its partitions first.)
+    let stall = |n: u64| Duration::from_secs(if n == 0 { 60 } else { 10 });
+    while n < N as u64 && moved.elapsed() < stall(n) {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "closing took too long"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = count().await;
+        if now != n {
+            (n, moved) = (now, std::time::Instant::now());
+        }
+    }
+    assert_eq!(
+        n, N as u64,
+        "all {N} auctions closed within {ticks} scheduler ticks; closed {n}"
+    );
+}
+
+bulwark_tests::each_backend!(every_due_auction_gets_its_close_however_many_are_due);
+
 #[tokio::test]
 async fn reserve_not_met_means_no_winner_and_soft_close_extends() {
     let app = app(Backend::Embedded).await;
@@ -662,6 +743,206 @@ async fn backlog_before_the_end_is_applied_before_the_close(backend: Backend) {
 }
 
 bulwark_tests::each_backend!(backlog_before_the_end_is_applied_before_the_close);
+
+// ---------------------------------------------------------------- failures and owners
+
+/// Make every insert of a bid of `amount` fail (`on`) or work again (`!on`): a fault that
+/// lasts as long as the test wants, on either database.
+async fn fail_bids_of(db: &sea_orm::DatabaseConnection, amount: i64, on: bool) {
+    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
+    let backend = db.get_database_backend();
+    let sql: Vec<String> = match (backend, on) {
+        (DbBackend::Sqlite, true) => vec![format!(
+            "CREATE TRIGGER fail_{amount} BEFORE INSERT ON auction_bids WHEN NEW.amount = {amount} \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )],
+        (DbBackend::Sqlite, false) => vec![format!("DROP TRIGGER fail_{amount}")],
+        (_, true) => vec![
+            format!(
+                "CREATE FUNCTION fail_{amount}() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.amount = {amount} THEN RAISE EXCEPTION 'injected failure'; END IF; \
+                 RETURN NEW; END $$ LANGUAGE plpgsql"
+            ),
+            format!(
+                "CREATE TRIGGER fail_{amount} BEFORE INSERT ON auction_bids FOR EACH ROW \
+                 EXECUTE FUNCTION fail_{amount}()"
+            ),
+        ],
+        (_, false) => vec![format!("DROP TRIGGER fail_{amount} ON auction_bids")],
+    };
+    for q in sql {
+        db.execute(Statement::from_string(backend, q))
+            .await
+            .expect("fault injection");
+    }
+}
+
+async fn a_failed_run_blocks_its_auction_until_it_applies(backend: Backend) {
+    // Item 2 of issue 14: applying alice's bid fails for a while (a trigger refuses it); bob's
+    // later, higher bid must not overtake it. Both are accepted, in stream order.
+    let app = app(backend).await;
+    let db = app.db.connect_migrated().await.expect("db");
+    let id = create(&app, 60_000, json!({})).await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    let bob = client(&app, id, "bob", Role::Bidder);
+    until(&alice, "state", |v| v.state.is_some()).await;
+    until(&bob, "state", |v| v.state.is_some()).await;
+    fail_bids_of(&db, 777, true).await;
+    let a = alice.bid(777);
+    until(&alice, "ack", |v| v.acks.contains_key(&a)).await;
+    // The worker has fetched it and failed at least once before bob's bid is stored.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let b = bob.bid(800);
+    until(&bob, "ack", |v| v.acks.contains_key(&b)).await;
+    // Long enough for the bus to redeliver alice's bid (1 s) and for bob's to be applied, were
+    // the partition not waiting for alice's.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        !bob.view().results.contains_key(&b),
+        "bob's bid waits behind alice's failed one"
+    );
+    fail_bids_of(&db, 777, false).await;
+    let va = until(&alice, "alice's result", |v| v.results.contains_key(&a)).await;
+    let vb = until(&bob, "bob's result", |v| v.results.contains_key(&b)).await;
+    assert_eq!(
+        (va.results.get(&a), vb.results.get(&b)),
+        (Some(&Outcome::Accepted), Some(&Outcome::Accepted)),
+        "applied in stream order: 777, then 800"
+    );
+    let bids: Value = app
+        .get(
+            &format!("/api/auction/auctions/{id}/bids"),
+            Some(&app.token(Role::Viewer)),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let amounts: Vec<i64> = bids["items"]
+        .as_array()
+        .expect("bids")
+        .iter()
+        .filter_map(|b| b["amount"].as_i64())
+        .collect();
+    assert_eq!(amounts, [800, 777], "newest first");
+    alice.stop().await;
+    bob.stop().await;
+}
+
+bulwark_tests::each_backend!(a_failed_run_blocks_its_auction_until_it_applies);
+
+async fn a_stale_partition_owner_cannot_write(backend: Backend) {
+    // Item 3 of issue 14: once a newer owner claimed a partition, the previous owner's
+    // transactions are refused (the fencing token is checked in the apply transaction), even
+    // when the key-value store's counter went back (the embedded store after a restart).
+    use bulwark_auction::store::{self, Applied, ApplyError, BidCommand};
+    let web = builder(backend).role(ProcessRole::Web).start().await;
+    let db = web.db.connect_migrated().await.expect("db");
+    let id = create(&web, 60_000, json!({})).await;
+    let partition = 900; // no worker runs it
+    let old = store::claim_partition(&db, partition, 5, "old")
+        .await
+        .expect("claim");
+    assert_eq!(old.token, 5, "the lease's own token");
+    let new = store::claim_partition(&db, partition, 3, "new")
+        .await
+        .expect("claim");
+    assert_eq!(
+        new.token, 6,
+        "above the stored token when the lease's is older"
+    );
+    let cmd = BidCommand {
+        auction_id: id,
+        bidder: "alice".into(),
+        client_bid_id: "b1".into(),
+        amount: 500,
+        received_at_ms: store::now_ms(),
+        stream_seq: None,
+    };
+    let refused = store::apply_bids(&db, Some(&old), std::slice::from_ref(&cmd)).await;
+    assert!(
+        matches!(refused, Err(ApplyError::Fenced { .. })),
+        "the old owner's run is refused: {refused:?}"
+    );
+    assert!(
+        store::find_bid(&db, id, "alice", "b1")
+            .await
+            .expect("read")
+            .is_none(),
+        "and wrote nothing"
+    );
+    let refused = store::close(&db, Some(&old), id, i64::MAX).await;
+    assert!(
+        matches!(refused, Err(ApplyError::Fenced { .. })),
+        "so is its close: {refused:?}"
+    );
+    let applied = store::apply_bids(&db, Some(&new), std::slice::from_ref(&cmd))
+        .await
+        .expect("the new owner applies");
+    assert!(matches!(applied.as_slice(), [Applied::Fresh { .. }]));
+    assert_eq!(
+        store::partition_token(&db, partition).await.expect("read"),
+        Some(6)
+    );
+}
+
+bulwark_tests::each_backend!(a_stale_partition_owner_cannot_write);
+
+#[tokio::test]
+async fn a_slow_batch_keeps_its_partition_lease() {
+    // Item 3 of issue 14: the lease is renewed while a batch works. A bid's apply waits 3.5
+    // leases on a row lock the test holds; a second worker of the deployment competes for the
+    // partitions meanwhile and must not take this one over (its claim would bump the token).
+    if !bulwark_tests::services::real_services() {
+        return;
+    }
+    use sea_orm::{ConnectionTrait as _, Statement, TransactionTrait as _};
+    let app = builder(Backend::Real)
+        .set("auction.partition_lease", "1s")
+        .start()
+        .await;
+    let db = app.db.connect_migrated().await.expect("db");
+    let id = create(&app, 60_000, json!({})).await;
+    let partition = i32::try_from(id % 4).expect("partition");
+    let token = || async {
+        bulwark_auction::store::partition_token(&db, partition)
+            .await
+            .ok()
+            .flatten()
+    };
+    let before = bulwark_tests::services::eventually(WAIT, token)
+        .await
+        .expect("the worker claimed the partition");
+    let _rival = builder(Backend::Real)
+        .share(&app)
+        .set("auction.partition_lease", "1s")
+        .role(ProcessRole::Worker)
+        .start()
+        .await;
+    let alice = client(&app, id, "alice", Role::Bidder);
+    until(&alice, "state", |v| v.state.is_some()).await;
+    let txn = db.begin().await.expect("begin");
+    txn.execute(Statement::from_string(
+        db.get_database_backend(),
+        format!("SELECT id FROM auction_auctions WHERE id = {id} FOR UPDATE"),
+    ))
+    .await
+    .expect("lock the auction row");
+    let b = alice.bid(100);
+    until(&alice, "ack", |v| v.acks.contains_key(&b)).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let during = token().await;
+    txn.commit().await.expect("release");
+    let v = until(&alice, "result", |v| v.results.contains_key(&b)).await;
+    assert_eq!(v.results.get(&b), Some(&Outcome::Accepted));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        (during, token().await),
+        (Some(before), Some(before)),
+        "one owner throughout: the slow batch kept its lease"
+    );
+    alice.stop().await;
+}
 
 // ---------------------------------------------------------------- presence, fan-out, drain
 
@@ -903,24 +1184,69 @@ async fn a_client_that_stops_reading_is_cut_off_not_buffered() {
         cut.is_some(),
         "the unread socket was closed as slow (sent {sent} syncs)"
     );
-    // The kernel drops the connection when it cannot flush the last frames: reading now
-    // reaches its end instead of blocking.
+    // Reading now reaches the end of the connection instead of blocking, and the last frame
+    // is the close with 4008: it does not wait behind the full queue (item 7 of issue 14).
+    let mut bytes = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             match tcp.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
             }
         }
     })
     .await;
     assert!(ended.is_ok(), "the connection ended");
+    let frames = server_frames(&bytes);
+    let close = frames.iter().find(|(op, _)| *op == 0x8);
+    let code = close.and_then(|(_, p)| Some(u16::from_be_bytes([*p.first()?, *p.get(1)?])));
+    assert_eq!(
+        code,
+        Some(4008),
+        "the slow client got the close code ({} frames read)",
+        frames.len()
+    );
+    assert_eq!(
+        frames.last().map(|(op, _)| *op),
+        Some(0x8),
+        "the close is the last frame"
+    );
     // The room still works for others.
     let b = filler.bid(1_000_000);
     let v = until(&filler, "bid after", |v| v.results.contains_key(&b)).await;
     assert_eq!(v.results.get(&b), Some(&Outcome::Accepted));
     filler.stop().await;
+}
+
+/// The WebSocket frames (opcode, payload) a server sent on a raw connection, after the rest
+/// of the HTTP response head (the first 12 bytes were read before). Server frames are not
+/// masked; a truncated last frame is left out.
+fn server_frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let Some(start) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Vec::new();
+    };
+    let mut rest = &bytes[start + 4..];
+    let mut frames = Vec::new();
+    while rest.len() >= 2 {
+        let op = rest[0] & 0x0f;
+        let (len, head) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 if rest.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if rest.len() < head + len {
+            break;
+        }
+        frames.push((op, rest[head..head + len].to_vec()));
+        rest = &rest[head + len..];
+    }
+    frames
 }
 
 async fn slow_count(app: &TestApp) -> f64 {
