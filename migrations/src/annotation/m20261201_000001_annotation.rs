@@ -3,7 +3,9 @@
 //!
 //! * `annotation_annotations` is never updated: a correction is a new row whose `supersedes`
 //!   names the row it replaces; the unique index on `supersedes` lets a row be replaced once,
-//!   so two racing corrections cannot fork the history. `(annotator, request_id)` is unique:
+//!   so two racing corrections cannot fork the history; `annotation_annotations_first` (unique
+//!   `(item_id, annotator)` where `supersedes` is null) allows one first record per annotator and
+//!   item. `(annotator, request_id)` is unique:
 //!   a retried submit finds the first row instead of adding one.
 //! * `annotation_locks` rows lapse by themselves: every reader compares `expires_at_ms` with
 //!   the clock, so an expired lock frees its item without a sweeper.
@@ -334,6 +336,17 @@ impl MigrationTrait for Migration {
             }
             manager.create_index(ix.to_owned()).await?;
         }
+
+        // One first record per (item, annotator): a second plain submit loses here, so submit
+        // needs no look-up before its insert. Partial indexes are written the same way in both
+        // dialects.
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE UNIQUE INDEX IF NOT EXISTS annotation_annotations_first \
+                 ON annotation_annotations (item_id, annotator) WHERE supersedes IS NULL",
+            )
+            .await?;
 
         use AnnotationReviews as R;
         manager

@@ -155,7 +155,8 @@ pub async fn next_task(
         claim_sqlite(db, project, who, now, expires, skip).await?
     };
     match lock {
-        Some(lock) => {
+        Some((lock, Some(item))) => Ok(Some(Claim { item, lock })),
+        Some((lock, None)) => {
             let item = item(db, lock.item_id).await?;
             Ok(Some(Claim { item, lock }))
         }
@@ -174,14 +175,15 @@ async fn claim_postgres(
     now: i64,
     expires: i64,
     skip: &[i64],
-) -> Result<Option<Lock>> {
+) -> Result<Option<(Lock, Option<item_e::Model>)>> {
     let candidates = candidates(skip);
     for _ in 0..CLAIM_ATTEMPTS {
         let tx = db.begin().await?;
         let pick = tx
             .query_one(sql(
                 &tx,
-                &format!("SELECT i.id {candidates} LIMIT 1 FOR UPDATE OF i SKIP LOCKED"),
+                // The whole row: the answer needs it, and it saves a read after the commit.
+                &format!("SELECT i.* {candidates} LIMIT 1 FOR UPDATE OF i SKIP LOCKED"),
                 vec![p.id.into(), who.into(), now.into(), p.overlap.into()],
             ))
             .await?;
@@ -189,14 +191,15 @@ async fn claim_postgres(
             tx.commit().await?;
             return Ok(None);
         };
-        let item_id = col_i64(&pick, "id")?;
+        let picked = <item_e::Model as sea_orm::FromQueryResult>::from_query_result(&pick, "")?;
+        let item_id = picked.id;
         let row = tx
             .query_one(lock_statement(&tx, item_id, p, who, now, expires, false))
             .await?;
         if let Some(row) = row {
             let lock = lock_from(&row, item_id, who, now)?;
             tx.commit().await?;
-            return Ok(Some(lock));
+            return Ok(Some((lock, Some(picked))));
         }
         tx.rollback().await?;
     }
@@ -210,7 +213,7 @@ async fn claim_sqlite(
     now: i64,
     expires: i64,
     skip: &[i64],
-) -> Result<Option<Lock>> {
+) -> Result<Option<(Lock, Option<item_e::Model>)>> {
     let candidates = candidates(skip);
     let row = db
         .query_one(sql(
@@ -233,9 +236,8 @@ async fn claim_sqlite(
             ],
         ))
         .await?;
-    row.map(|r| lock_from(&r, col_i64(&r, "item_id")?, who, now))
+    row.map(|r| Ok((lock_from(&r, col_i64(&r, "item_id")?, who, now)?, None)))
         .transpose()
-        .map_err(Into::into)
 }
 
 fn lock_statement(
@@ -370,6 +372,20 @@ async fn by_request(
         .await
 }
 
+/// The project of an item, in one query (404 naming the item).
+async fn project_of_item(db: &impl ConnectionTrait, item_id: i64) -> Result<project_e::Model> {
+    let row = db
+        .query_one(sql(
+            db,
+            "SELECT p.* FROM annotation_projects p \
+             JOIN annotation_items i ON i.project_id = p.id WHERE i.id = $1",
+            vec![item_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no item {item_id}")))?;
+    Ok(<project_e::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?)
+}
+
 /// Check labels against the project's schema.
 pub fn check_labels(p: &project_e::Model, labels: &[String]) -> Result<()> {
     let classes = labels_of(p);
@@ -410,14 +426,10 @@ pub fn check_labels(p: &project_e::Model, labels: &[String]) -> Result<()> {
 /// (never updates one), releases the lock and counts it, all in one transaction. A retry with
 /// the same `request_id` returns the first record.
 pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Submitted> {
-    if let Some(first) = by_request(db, who, &s.request_id).await? {
-        return Ok(Submitted {
-            annotation: first,
-            replay: true,
-        });
-    }
-    let it = item(db, s.item_id).await?;
-    let p = project(db, it.project_id).await?;
+    // The common path is nine round trips: the project, then the transaction. A retried
+    // request is recognised where it fails (no lock any more, or the request's unique key), so
+    // the first submit does not pay for looking it up.
+    let p = project_of_item(db, s.item_id).await?;
     check_labels(&p, &s.labels)?;
     let now = now_ms();
     let tx = db.begin().await?;
@@ -433,6 +445,12 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
         .await?;
     let Some(lock) = lock else {
         tx.rollback().await?;
+        if let Some(first) = by_request(db, who, &s.request_id).await? {
+            return Ok(Submitted {
+                annotation: first,
+                replay: true,
+            });
+        }
         return Err(StoreError::conflict(
             ConflictReason::NoLock,
             format!(
@@ -443,6 +461,12 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
     };
     if col_i64(&lock, "expires_at_ms")? <= now {
         tx.rollback().await?;
+        if let Some(first) = by_request(db, who, &s.request_id).await? {
+            return Ok(Submitted {
+                annotation: first,
+                replay: true,
+            });
+        }
         return Err(StoreError::conflict(
             ConflictReason::LockExpired,
             format!("your lock on item {} expired; lock it again", s.item_id),
@@ -464,19 +488,9 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
             };
             Some(prev)
         }
-        None => {
-            if has_annotated(&tx, s.item_id, who).await? {
-                tx.rollback().await?;
-                return Err(StoreError::conflict(
-                    ConflictReason::AlreadyAnnotated,
-                    format!(
-                        "you labeled item {} already; send a correction with `supersedes`",
-                        s.item_id
-                    ),
-                ));
-            }
-            None
-        }
+        // A second plain record of the caller's on this item is refused by the unique index
+        // `annotation_annotations_first` at the insert below.
+        None => None,
     };
     let labels_json = serde_json::to_string(&s.labels).unwrap_or_else(|_| "[]".into());
     let inserted = tx
@@ -484,7 +498,9 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
             &tx,
             "INSERT INTO annotation_annotations \
                (project_id, item_id, annotator, labels, supersedes, request_id, lead_time_ms, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             RETURNING id, project_id, item_id, annotator, labels, supersedes, request_id, \
+               lead_time_ms, created_at_ms",
             vec![
                 p.id.into(),
                 s.item_id.into(),
@@ -497,8 +513,10 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
             ],
         ))
         .await;
-    let id = match inserted {
-        Ok(Some(row)) => col_i64(&row, "id")?,
+    let stored = match inserted {
+        Ok(Some(row)) => {
+            <annotation::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?
+        }
         Ok(None) => return Err(DbErr::RecordNotInserted.into()),
         Err(e) => {
             let unique = matches!(
@@ -513,6 +531,15 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
                         annotation: first,
                         replay: true,
                     });
+                }
+                if s.supersedes.is_none() {
+                    return Err(StoreError::conflict(
+                        ConflictReason::AlreadyAnnotated,
+                        format!(
+                            "you labeled item {} already; send a correction with `supersedes`",
+                            s.item_id
+                        ),
+                    ));
                 }
                 return Err(StoreError::conflict(
                     ConflictReason::AlreadySuperseded,
@@ -561,7 +588,6 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
             add_label_counts(&tx, p.id, &s.labels, 1).await?;
         }
     }
-    let stored = super::annotation(&tx, id).await?;
     tx.commit().await?;
     Ok(Submitted {
         annotation: stored,
