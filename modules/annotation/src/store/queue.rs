@@ -372,6 +372,14 @@ async fn by_request(
         .await
 }
 
+/// `YYYY-MM-DD` of a Unix-milliseconds time, in UTC.
+fn utc_day(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 /// The project of an item, in one query (404 naming the item).
 async fn project_of_item(db: &impl ConnectionTrait, item_id: i64) -> Result<project_e::Model> {
     let row = db
@@ -553,6 +561,41 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
         }
     };
     match &previous {
+        None if is_postgres(&tx) => {
+            // One statement for the item and the three counters (PostgreSQL runs
+            // data-modifying CTEs; SQLite takes the statements below one by one).
+            tx.execute(sql(
+                &tx,
+                "WITH it AS ( \
+                   UPDATE annotation_items SET annotation_count = annotation_count + 1, \
+                     done = (annotation_count + 1 >= $2) \
+                   WHERE id = $1 RETURNING done), \
+                 c AS ( \
+                   INSERT INTO annotation_counts (project_id, shard, items, completed, annotations) \
+                   SELECT $3, $4, 0, CASE WHEN it.done THEN 1 ELSE 0 END, 1 FROM it \
+                   ON CONFLICT (project_id, shard) DO UPDATE SET \
+                     completed = annotation_counts.completed + excluded.completed, \
+                     annotations = annotation_counts.annotations + excluded.annotations), \
+                 l AS ( \
+                   INSERT INTO annotation_label_counts (project_id, label, shard, count) \
+                   SELECT $3, value, $4, 1 FROM json_array_elements_text(CAST($5 AS json)) \
+                   ON CONFLICT (project_id, label, shard) DO UPDATE SET \
+                     count = annotation_label_counts.count + excluded.count) \
+                 INSERT INTO annotation_daily (project_id, annotator, day, submitted) \
+                 VALUES ($3, $6, $7, 1) ON CONFLICT (project_id, day, annotator) \
+                 DO UPDATE SET submitted = annotation_daily.submitted + 1",
+                vec![
+                    s.item_id.into(),
+                    p.overlap.into(),
+                    p.id.into(),
+                    super::shard().into(),
+                    stored.labels.clone().into(),
+                    who.into(),
+                    utc_day(now).into(),
+                ],
+            ))
+            .await?;
+        }
         None => {
             let row = tx
                 .query_one(sql(
@@ -569,10 +612,7 @@ pub async fn submit(db: &DatabaseConnection, who: &str, s: Submit) -> Result<Sub
                 .unwrap_or(false);
             add_counts(&tx, p.id, 0, i64::from(done), 1).await?;
             add_label_counts(&tx, p.id, &s.labels, 1).await?;
-            let day = chrono::DateTime::from_timestamp_millis(now)
-                .unwrap_or_default()
-                .format("%Y-%m-%d")
-                .to_string();
+            let day = utc_day(now);
             tx.execute(sql(
                 &tx,
                 "INSERT INTO annotation_daily (project_id, annotator, day, submitted) \
