@@ -484,21 +484,20 @@ struct RawWorker {
 }
 
 impl Worker for RawWorker {
-    fn cycle(&mut self) -> impl Future<Output = anyhow::Result<Outcome>> + Send {
-        async move {
-            let t = Instant::now();
-            let mut tx = self.conn.begin().await?;
-            let id: Option<i64> = sqlx::query_scalar(NEXT_SQL)
-                .bind(1_i32)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(id) = id else {
-                tx.rollback().await?;
-                return Ok(Outcome::Empty);
-            };
-            // The select's snapshot may predate a lock committed a moment ago: the primary key
-            // decides, as a live lock held by another must.
-            let locked = sqlx::query(
+    async fn cycle(&mut self) -> anyhow::Result<Outcome> {
+        let t = Instant::now();
+        let mut tx = self.conn.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar(NEXT_SQL)
+            .bind(1_i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            tx.rollback().await?;
+            return Ok(Outcome::Empty);
+        };
+        // The select's snapshot may predate a lock committed a moment ago: the primary key
+        // decides, as a live lock held by another must.
+        let locked = sqlx::query(
                 "INSERT INTO raw_locks (item_id, annotator, expires_at) \
                  VALUES ($1, $2, now() + interval '30 minutes') \
                  ON CONFLICT (item_id) DO UPDATE SET annotator = EXCLUDED.annotator, expires_at = EXCLUDED.expires_at \
@@ -509,52 +508,51 @@ impl Worker for RawWorker {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            if locked == 0 {
-                tx.rollback().await?;
-                return Ok(Outcome::Retry("locked_by_others".into()));
-            }
-            tx.commit().await?;
-            let claim = t.elapsed();
-
-            let t = Instant::now();
-            self.seq += 1;
-            // The item's row lock first, as a claimer takes it: a claimer that picked this item
-            // in the window before our lock was visible to it then waits on nothing of ours.
-            let mut tx = self.conn.begin().await?;
-            sqlx::query(
-                "UPDATE raw_items SET done = true, annotation_count = annotation_count + 1, \
-                 version = version + 1 WHERE id = $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            let held = sqlx::query(
-                "DELETE FROM raw_locks WHERE item_id = $1 AND annotator = $2 AND expires_at > now()",
-            )
-            .bind(id)
-            .bind(&self.annotator)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if held == 0 {
-                tx.rollback().await?;
-                return Ok(Outcome::Retry("no_lock".into()));
-            }
-            sqlx::query(
-                "INSERT INTO raw_annotations (project, item_id, annotator, labels, request_id) \
-                 VALUES (1, $1, $2, '[\"pos\"]'::jsonb, $3)",
-            )
-            .bind(id)
-            .bind(&self.annotator)
-            .bind(format!("{}-{}", self.annotator, self.seq))
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Outcome::Done {
-                claim,
-                submit: t.elapsed(),
-            })
+        if locked == 0 {
+            tx.rollback().await?;
+            return Ok(Outcome::Retry("locked_by_others".into()));
         }
+        tx.commit().await?;
+        let claim = t.elapsed();
+
+        let t = Instant::now();
+        self.seq += 1;
+        // The item's row lock first, as a claimer takes it: a claimer that picked this item
+        // in the window before our lock was visible to it then waits on nothing of ours.
+        let mut tx = self.conn.begin().await?;
+        sqlx::query(
+            "UPDATE raw_items SET done = true, annotation_count = annotation_count + 1, \
+                 version = version + 1 WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let held = sqlx::query(
+            "DELETE FROM raw_locks WHERE item_id = $1 AND annotator = $2 AND expires_at > now()",
+        )
+        .bind(id)
+        .bind(&self.annotator)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if held == 0 {
+            tx.rollback().await?;
+            return Ok(Outcome::Retry("no_lock".into()));
+        }
+        sqlx::query(
+            "INSERT INTO raw_annotations (project, item_id, annotator, labels, request_id) \
+                 VALUES (1, $1, $2, '[\"pos\"]'::jsonb, $3)",
+        )
+        .bind(id)
+        .bind(&self.annotator)
+        .bind(format!("{}-{}", self.annotator, self.seq))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Outcome::Done {
+            claim,
+            submit: t.elapsed(),
+        })
     }
 }
 
@@ -650,45 +648,43 @@ const LS_RESULT: &str =
     r#"[{"from_name":"label","to_name":"text","type":"choices","value":{"choices":["pos"]}}]"#;
 
 impl Worker for LsWorker {
-    fn cycle(&mut self) -> impl Future<Output = anyhow::Result<Outcome>> + Send {
-        async move {
-            let auth = format!("Token {}", self.token);
-            let t = Instant::now();
-            let r = self
-                .http
-                .get(format!("{}/api/projects/{}/next", self.base, self.project))
-                .header("Authorization", &auth)
-                .send()
-                .await?;
-            if r.status() == reqwest::StatusCode::NOT_FOUND {
-                return Ok(Outcome::Empty);
-            }
-            let task: Value = r.error_for_status()?.json().await?;
-            let claim = t.elapsed();
-            let id = task["id"].as_i64().context("next task without id")?;
-            let result: Value = serde_json::from_str(LS_RESULT)?;
-            let t = Instant::now();
-            let r = self
-                .http
-                .post(format!("{}/api/tasks/{id}/annotations", self.base))
-                .header("Authorization", &auth)
-                .json(&json!({"result": result, "lead_time": 1.0}))
-                .send()
-                .await?;
-            let status = r.status();
-            if status.is_client_error() {
-                let body = r.text().await.unwrap_or_default();
-                return Ok(Outcome::Retry(format!(
-                    "{status} {}",
-                    body.chars().take(80).collect::<String>()
-                )));
-            }
-            r.error_for_status()?.bytes().await?;
-            Ok(Outcome::Done {
-                claim,
-                submit: t.elapsed(),
-            })
+    async fn cycle(&mut self) -> anyhow::Result<Outcome> {
+        let auth = format!("Token {}", self.token);
+        let t = Instant::now();
+        let r = self
+            .http
+            .get(format!("{}/api/projects/{}/next", self.base, self.project))
+            .header("Authorization", &auth)
+            .send()
+            .await?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Outcome::Empty);
         }
+        let task: Value = r.error_for_status()?.json().await?;
+        let claim = t.elapsed();
+        let id = task["id"].as_i64().context("next task without id")?;
+        let result: Value = serde_json::from_str(LS_RESULT)?;
+        let t = Instant::now();
+        let r = self
+            .http
+            .post(format!("{}/api/tasks/{id}/annotations", self.base))
+            .header("Authorization", &auth)
+            .json(&json!({"result": result, "lead_time": 1.0}))
+            .send()
+            .await?;
+        let status = r.status();
+        if status.is_client_error() {
+            let body = r.text().await.unwrap_or_default();
+            return Ok(Outcome::Retry(format!(
+                "{status} {}",
+                body.chars().take(80).collect::<String>()
+            )));
+        }
+        r.error_for_status()?.bytes().await?;
+        Ok(Outcome::Done {
+            claim,
+            submit: t.elapsed(),
+        })
     }
 }
 
@@ -1033,47 +1029,45 @@ struct BulwarkWorker {
 }
 
 impl Worker for BulwarkWorker {
-    fn cycle(&mut self) -> impl Future<Output = anyhow::Result<Outcome>> + Send {
-        async move {
-            let t = Instant::now();
-            let r = self
-                .http
-                .get(format!(
-                    "{}/api/annotation/tasks/next?project={}",
-                    self.base, self.project
-                ))
-                .bearer_auth(&self.token)
-                .send()
-                .await?;
-            if r.status() == reqwest::StatusCode::NO_CONTENT {
-                return Ok(Outcome::Empty);
-            }
-            let next: Value = checked(r, "tasks/next").await?.json().await?;
-            let claim = t.elapsed();
-            let id = next["item"]["id"]
-                .as_i64()
-                .context("tasks/next without item.id")?;
-            self.seq += 1;
-            let t = Instant::now();
-            let r = self
+    async fn cycle(&mut self) -> anyhow::Result<Outcome> {
+        let t = Instant::now();
+        let r = self
+            .http
+            .get(format!(
+                "{}/api/annotation/tasks/next?project={}",
+                self.base, self.project
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if r.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(Outcome::Empty);
+        }
+        let next: Value = checked(r, "tasks/next").await?.json().await?;
+        let claim = t.elapsed();
+        let id = next["item"]["id"]
+            .as_i64()
+            .context("tasks/next without item.id")?;
+        self.seq += 1;
+        let t = Instant::now();
+        let r = self
                 .http
                 .post(format!("{}/api/annotation/annotations", self.base))
                 .bearer_auth(&self.token)
                 .json(&json!({"item_id": id, "labels": ["pos"], "request_id": format!("{}-{}", self.name, self.seq)}))
                 .send()
                 .await?;
-            if r.status() == reqwest::StatusCode::CONFLICT {
-                let v: Value = r.json().await.unwrap_or_default();
-                return Ok(Outcome::Retry(
-                    v["reason"].as_str().unwrap_or("409").to_owned(),
-                ));
-            }
-            checked(r, "annotations").await?.bytes().await?;
-            Ok(Outcome::Done {
-                claim,
-                submit: t.elapsed(),
-            })
+        if r.status() == reqwest::StatusCode::CONFLICT {
+            let v: Value = r.json().await.unwrap_or_default();
+            return Ok(Outcome::Retry(
+                v["reason"].as_str().unwrap_or("409").to_owned(),
+            ));
         }
+        checked(r, "annotations").await?.bytes().await?;
+        Ok(Outcome::Done {
+            claim,
+            submit: t.elapsed(),
+        })
     }
 }
 
