@@ -106,15 +106,16 @@ pub struct Threshold(f64);
 
 /// A [`Threshold`] outside `[0, 1)` (or NaN).
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-#[error("threshold must be at least 0 and less than 1, not {0}")]
+#[error("threshold must be from 0 to 1, not {0}")]
 pub struct ThresholdError(pub f64);
 
 impl Threshold {
     pub const HALF: Self = Self(0.5);
 
     pub fn new(share: f64) -> Result<Self, ThresholdError> {
-        // `contains` is false for NaN; 1 is excluded because no share can exceed it.
-        if (0.0..1.0).contains(&share) {
+        // `contains` is false for NaN. 1 is allowed although no share can exceed it (no label
+        // is then chosen): JSON parsers may round 0.9999999999999999 up to 1.
+        if (0.0..=1.0).contains(&share) {
             Ok(Self(share))
         } else {
             Err(ThresholdError(share))
@@ -152,7 +153,7 @@ impl utoipa::PartialSchema for Threshold {
             .schema_type(Type::Number)
             .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
             .minimum(Some(0.0))
-            .exclusive_maximum(Some(1.0))
+            .maximum(Some(1.0))
             .default(Some(Self::HALF.0.into()))
             .description(Some(
                 "Multi-label: a label is in the consensus when strictly more than this share of \
@@ -169,6 +170,8 @@ impl utoipa::ToSchema for Threshold {}
 #[serde(default, deny_unknown_fields)]
 pub struct ConsolidationRule {
     /// An item with fewer voters (annotators) than this is [`Consensus::Insufficient`].
+    #[serde(deserialize_with = "whole_u32")]
+    #[schema(minimum = 0, maximum = 4294967295_i64)]
     pub min_votes: u32,
     pub tie_rule: TieRule,
     /// Multi-label only.
@@ -1340,7 +1343,7 @@ mod tests {
     #[test]
     fn threshold_bounds() {
         assert!(Threshold::new(0.0).is_ok());
-        assert!(Threshold::new(1.0).is_err());
+        assert!(Threshold::new(1.0).is_ok() && Threshold::new(1.01).is_err());
         assert!(Threshold::new(-0.1).is_err());
         assert!(Threshold::new(f64::NAN).is_err());
         let rule: ConsolidationRule =
@@ -1393,4 +1396,24 @@ mod tests {
             assert_eq!(one, two);
         }
     }
+}
+
+/// A `u32` as JSON Schema's `integer` admits it: `3`, and also `3.0` (no fractional part).
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    use serde::de::Error as _;
+    let n = serde_json::Number::deserialize(d)?;
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    whole.and_then(|u| u32::try_from(u).ok()).ok_or_else(|| {
+        D::Error::custom(format!(
+            "must be a whole number from 0 to {}, not {n}",
+            u32::MAX
+        ))
+    })
 }

@@ -73,6 +73,7 @@ impl Format {
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
     /// The project's id.
+    #[serde(deserialize_with = "whole_i64")]
     pub project: i64,
     /// Only annotations whose latest review (as of `as_of`) is an accept.
     #[serde(default)]
@@ -82,11 +83,14 @@ pub struct DatasetSpec {
     #[serde(default)]
     pub as_of: Option<DateTime<Utc>>,
     /// Leave these annotators' annotations out (before consolidation: their votes do not count).
+    /// An empty name matches nobody.
     #[serde(default)]
+    #[schema(max_items = 1000)]
     pub exclude_annotators: Vec<String>,
     /// Keep only items whose consensus share is at least this (0 to 1): the largest share of the
     /// item's voters that gave one identical label set. An item with one voter has share 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub min_agreement: Option<f64>,
     /// When set: one row per item with the consensus label (majority vote); unresolved and
     /// insufficient items are left out and counted. When unset: one row per current annotation.
@@ -113,12 +117,6 @@ impl DatasetSpec {
             return Err(DatasetError::invalid(
                 "exclude_annotators",
                 format!("at most {MAX_EXCLUDED} names"),
-            ));
-        }
-        if self.exclude_annotators.iter().any(|a| a.is_empty()) {
-            return Err(DatasetError::invalid(
-                "exclude_annotators",
-                "names must not be empty",
             ));
         }
         Ok(())
@@ -1032,4 +1030,18 @@ pub async fn write_file<C: ConnectionTrait, P: Progress>(
         let _ = tokio::fs::remove_file(&tmp).await;
     }
     result
+}
+
+/// An `i64` as JSON Schema's `integer` admits it: `3`, and also `3.0` (no fractional part).
+fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::Deserialize as _;
+    use serde::de::Error as _;
+    let n = serde_json::Number::deserialize(d)?;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let whole = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64)
+            .map(|f| f as i64)
+    });
+    whole.ok_or_else(|| D::Error::custom(format!("must be a whole number, not {n}")))
 }

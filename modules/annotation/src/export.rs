@@ -28,6 +28,7 @@ use crate::store::{self, col_i64, is_postgres, sql};
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
+#[schema(as = ExportState)]
 pub enum State {
     Pending,
     Running,

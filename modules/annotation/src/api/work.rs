@@ -53,6 +53,7 @@ pub struct NextParams {
     pub project: i64,
     /// Item ids to pass over, comma-separated (at most 100): the items the caller skipped.
     /// The caller's own lock on one of them is passed over too (release it first).
+    #[param(pattern = "^[0-9]{1,18}(,[0-9]{1,18}){0,99}$")]
     pub skip: Option<String>,
 }
 
