@@ -747,6 +747,26 @@ impl PairTable {
     }
 }
 
+/// A `u32` as JSON Schema's `integer` admits it: `3`, and also `3.0` (no fractional part).
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    use serde::de::Error as _;
+    let n = serde_json::Number::deserialize(d)?;
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    whole.and_then(|u| u32::try_from(u).ok()).ok_or_else(|| {
+        D::Error::custom(format!(
+            "must be a whole number from 0 to {}, not {n}",
+            u32::MAX
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1396,24 +1416,4 @@ mod tests {
             assert_eq!(one, two);
         }
     }
-}
-
-/// A `u32` as JSON Schema's `integer` admits it: `3`, and also `3.0` (no fractional part).
-fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    use serde::de::Error as _;
-    let n = serde_json::Number::deserialize(d)?;
-    let whole = match (n.as_u64(), n.as_f64()) {
-        (Some(u), _) => Some(u),
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        (None, Some(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
-            Some(f as u64)
-        }
-        _ => None,
-    };
-    whole.and_then(|u| u32::try_from(u).ok()).ok_or_else(|| {
-        D::Error::custom(format!(
-            "must be a whole number from 0 to {}, not {n}",
-            u32::MAX
-        ))
-    })
 }
