@@ -25,5 +25,6 @@ mod kv_conformance;
 mod logs;
 mod module_cli;
 mod otlp;
+mod pipeline;
 mod resilience;
 mod services;

@@ -1,0 +1,257 @@
+//! `bulwark pipeline ...`: `validate [DIR]` checks DAG files for a user's CI (P9);
+//! `backfill DAG --from --to` creates a bounded backfill and follows it with a progress bar (P7).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulwark_kernel::config::Settings;
+use bulwark_kernel::module::ModuleError;
+use clap::{Arg, ArgAction, ArgMatches, Command, value_parser};
+
+use crate::PipelineConfig;
+use crate::api::{DateArg, Reprocess};
+use crate::store::{self, StoreError};
+
+fn err(m: impl Into<String>) -> ModuleError {
+    ModuleError::Other(m.into())
+}
+
+pub fn command() -> Command {
+    Command::new("pipeline")
+        .about("Pipelines: check DAG files, backfill a date range")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(
+            Command::new("validate")
+                .about("Parse and check every DAG file of a folder; exit 1 when any is bad (P9)")
+                .arg(
+                    Arg::new("dir")
+                        .value_name("DIR")
+                        .value_parser(value_parser!(PathBuf))
+                        .help("Default: pipeline.dags_folder"),
+                ),
+        )
+        .subcommand(
+            Command::new("backfill")
+                .about("Run a DAG for every schedule point of a date range (P7)")
+                .arg(Arg::new("dag").value_name("DAG").required(true))
+                .arg(
+                    Arg::new("from")
+                        .long("from")
+                        .required(true)
+                        .value_name("DATE")
+                        .help("First logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
+                )
+                .arg(
+                    Arg::new("to")
+                        .long("to")
+                        .required(true)
+                        .value_name("DATE")
+                        .help("Last logical date, inclusive"),
+                )
+                .arg(
+                    Arg::new("reprocess")
+                        .long("reprocess")
+                        .value_parser(["none", "failed", "all"])
+                        .default_value("none")
+                        .help("Dates that already have a run: skip them, rerun failed ones, or rerun all"),
+                )
+                .arg(
+                    Arg::new("max-active-runs")
+                        .long("max-active-runs")
+                        .value_name("N")
+                        .value_parser(value_parser!(u32).range(1..=10_000))
+                        .help("Runs of this backfill at once (default: the DAG's max_active_runs)"),
+                )
+                .arg(
+                    Arg::new("dry-run")
+                        .long("dry-run")
+                        .action(ArgAction::SetTrue)
+                        .help("Print the dates and stop"),
+                )
+                .arg(
+                    Arg::new("allow-large")
+                        .long("allow-large")
+                        .action(ArgAction::SetTrue)
+                        .help("Allow more runs than pipeline.max_backfill_runs"),
+                )
+                .arg(
+                    Arg::new("no-wait")
+                        .long("no-wait")
+                        .action(ArgAction::SetTrue)
+                        .help("Create the backfill and return without following it"),
+                ),
+        )
+}
+
+pub async fn run(
+    settings: &Settings,
+    cfg: &PipelineConfig,
+    args: &ArgMatches,
+) -> Result<(), ModuleError> {
+    match args.subcommand() {
+        Some(("validate", a)) => validate(settings, cfg, a),
+        Some(("backfill", a)) => backfill(settings, cfg, a).await,
+        _ => Err(err("unknown pipeline command")),
+    }
+}
+
+fn validate(settings: &Settings, cfg: &PipelineConfig, a: &ArgMatches) -> Result<(), ModuleError> {
+    let dir = a
+        .get_one::<PathBuf>("dir")
+        .cloned()
+        .unwrap_or_else(|| settings.kernel.data_dir.join(&cfg.dags_folder));
+    if !dir.is_dir() {
+        return Err(err(format!("DIR: {} is not a folder", dir.display())));
+    }
+    let report = crate::validate::validate_dir(&dir, &[]);
+    for e in &report.errors {
+        eprintln!("{e}");
+    }
+    println!(
+        "{} DAG(s) valid, {} problem(s) in {}",
+        report.dags.len(),
+        report.errors.len(),
+        dir.display()
+    );
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "{} problem(s) in the DAG files of {}",
+            report.errors.len(),
+            dir.display()
+        )))
+    }
+}
+
+fn date_arg(flag: &str, raw: &str) -> Result<DateArg, ModuleError> {
+    let v = serde_json::Value::String(raw.to_owned());
+    serde_json::from_value(v).map_err(|e| err(format!("--{flag}: {e}")))
+}
+
+/// A store error as a CLI message naming the flag the field came from.
+fn cli_error(e: StoreError) -> ModuleError {
+    match e {
+        StoreError::Invalid { field, message } => {
+            let flag = match field {
+                "from_date" => "--from",
+                "to_date" => "--to",
+                "allow_large" => "--allow-large",
+                "reprocess_behavior" => "--reprocess",
+                "dag_id" => "DAG",
+                other => other,
+            };
+            err(format!("{flag}: {message}"))
+        }
+        StoreError::NotFound(m) => err(format!("DAG: {m}")),
+        other => err(other.to_string()),
+    }
+}
+
+async fn backfill(
+    settings: &Settings,
+    cfg: &PipelineConfig,
+    a: &ArgMatches,
+) -> Result<(), ModuleError> {
+    let dag = a
+        .get_one::<String>("dag")
+        .ok_or_else(|| err("DAG is required"))?;
+    let from = date_arg("from", a.get_one::<String>("from").map_or("", String::as_str))?;
+    let to = date_arg("to", a.get_one::<String>("to").map_or("", String::as_str))?;
+    let reprocess = match a.get_one::<String>("reprocess").map(String::as_str) {
+        Some("failed") => Reprocess::Failed,
+        Some("all") => Reprocess::All,
+        _ => Reprocess::None,
+    };
+    let db = bulwark_kernel::db::connect(&settings.kernel.database)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let plan = crate::api::plan_backfill(
+        &db,
+        cfg.max_backfill_runs,
+        dag,
+        from,
+        to,
+        reprocess,
+        a.get_flag("allow-large"),
+    )
+    .await
+    .map_err(cli_error)?;
+    let total = plan.new_runs.len() + plan.rerun_runs.len();
+    if a.get_flag("dry-run") {
+        let mut dates: Vec<String> = plan
+            .new_runs
+            .iter()
+            .map(|r| crate::scheduler::run_id_for("backfill", at(r.logical_date_ms)))
+            .chain(
+                plan.rerun_dates
+                    .iter()
+                    .map(|d| format!("{} (rerun)", crate::scheduler::run_id_for("backfill", *d))),
+            )
+            .collect();
+        dates.sort();
+        for d in &dates {
+            println!("{d}");
+        }
+        println!(
+            "{total} run(s) would be created or rerun; {} date(s) skipped (they have a run)",
+            plan.skipped.len()
+        );
+        return Ok(());
+    }
+    if total == 0 {
+        return Err(err(
+            "--reprocess: every date in the range has a run already; use --reprocess failed or all",
+        ));
+    }
+    let max = a
+        .get_one::<u32>("max-active-runs")
+        .map(|m| i32::try_from(*m).unwrap_or(i32::MAX));
+    let b = crate::api::start_backfill(&db, plan, reprocess, max, "cli")
+        .await
+        .map_err(cli_error)?;
+    println!(
+        "backfill {} of {dag}: {total} run(s), at most {} at once",
+        b.id, b.max_active_runs
+    );
+    if a.get_flag("no-wait") {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(u64::try_from(total).unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} runs [{bar:30}] {msg} ({elapsed}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    loop {
+        let (done, failed) = store::backfill_progress(&db, b.id)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        bar.set_position(u64::try_from(done).unwrap_or(0));
+        bar.set_message(format!("{failed} failed"));
+        let row = store::backfill_by_id(&db, b.id)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if row.state == "done" {
+            bar.finish();
+            println!("backfill {} done: {done} run(s), {failed} failed", b.id);
+            return if failed > 0 {
+                Err(err(format!("{failed} run(s) of backfill {} failed", b.id)))
+            } else {
+                Ok(())
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn at(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone as _;
+    chrono::Utc
+        .timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_default()
+}
