@@ -2,6 +2,11 @@
 //!
 //! This crate holds the module's entry point; its features arrive with the module's issue.
 
+pub mod dag;
+pub mod schedule;
+pub mod template;
+pub mod validate;
+
 use bulwark_kernel::config::{ConfigError, Settings};
 use bulwark_kernel::module::{Context, Module, ModuleError, ModuleParts, status_route};
 use serde::{Deserialize, Serialize};
