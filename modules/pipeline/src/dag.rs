@@ -629,8 +629,12 @@ fn topo_order(ups: &BTreeMap<&str, BTreeSet<&str>>) -> Result<Vec<String>, Vec<S
         };
         if let Some(pos) = path.iter().position(|p| *p == next) {
             let mut cycle: Vec<String> = path[pos..].iter().map(|s| s.to_string()).collect();
-            // The walk went upstream; print it in data-flow order.
+            // The walk went upstream; print it in data-flow order, from the smallest id so the
+            // message is the same whichever node the walk started from.
             cycle.reverse();
+            if let Some(min) = (0..cycle.len()).min_by_key(|i| &cycle[*i]) {
+                cycle.rotate_left(min);
+            }
             cycle.push(cycle[0].clone());
             return Err(cycle);
         }
@@ -1691,4 +1695,491 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = "start_date = \"2026-11-01\"\n";
+
+    fn parse(text: &str) -> Result<Dag, Vec<DagError>> {
+        parse_dag(text, Path::new("dags/t.toml"), &["sql"])
+    }
+
+    /// Parse text expected to be bad; return (line, message) of each error.
+    fn errs(text: &str) -> Vec<(Option<usize>, String)> {
+        match parse(text) {
+            Ok(d) => panic!("expected errors, got DAG {}", d.dag_id),
+            Err(es) => es.into_iter().map(|e| (e.line, e.message)).collect(),
+        }
+    }
+
+    /// Exactly one error, on `line`, whose message contains `needle`.
+    fn one_err(text: &str, line: usize, needle: &str) {
+        let es = errs(text);
+        assert_eq!(es.len(), 1, "{es:?}");
+        assert_eq!(es[0].0, Some(line), "{es:?}");
+        assert!(es[0].1.contains(needle), "{:?} lacks {needle:?}", es[0].1);
+    }
+
+    fn example(name: &str) -> String {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/dags")
+            .join(name);
+        std::fs::read_to_string(p).expect("example file")
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("test date")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn docs_example_parses() {
+        let dag = parse_dag(
+            &example("daily_sales.toml"),
+            Path::new("daily_sales.toml"),
+            &[],
+        )
+        .expect("parses");
+        assert_eq!(dag.dag_id, "daily_sales");
+        assert_eq!(dag.timezone, chrono_tz::Asia::Seoul);
+        // A date-only start_date is midnight in the DAG's timezone.
+        assert_eq!(dag.start_date, utc("2026-10-31T15:00:00Z"));
+        assert_eq!(dag.end_date, Some(utc("2026-12-30T15:00:00Z")));
+        assert_eq!(dag.max_active_runs, 4);
+        assert_eq!(dag.sla, Some(Duration::from_secs(7200)));
+        assert_eq!(dag.schedule.describe(), "0 2 * * *");
+        let ids: Vec<&str> = dag.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["extract", "clean", "notify", "wait_upload"]);
+        let clean = dag.task("clean").expect("clean");
+        assert_eq!(clean.retry.retries, 3);
+        assert_eq!(clean.retry.backoff, Backoff::Exponential);
+        assert_eq!(clean.retry.max_delay, Duration::from_secs(600));
+        assert_eq!(clean.priority_weight, 10);
+        assert_eq!(clean.timeout, Some(Duration::from_secs(3600)));
+        let extract = dag.task("extract").expect("extract");
+        assert_eq!(extract.retry.retries, 2);
+        assert!(
+            matches!(&extract.kind, TaskKind::Shell { env, cwd: None, .. } if env["RUN"] == "{{ run_id }}")
+        );
+        let notify = dag.task("notify").expect("notify");
+        assert!(
+            matches!(&notify.kind, TaskKind::Http { method, headers, body: Some(_), .. }
+            if method == "POST" && headers["content-type"] == "application/json")
+        );
+        let wait = dag.task("wait_upload").expect("sensor");
+        assert_eq!(
+            wait.kind,
+            TaskKind::Sensor {
+                target: SensorTarget::Subject("uploads.sales.{{ ds_nodash }}".into()),
+                poke_interval: Duration::from_secs(30),
+                timeout: Some(Duration::from_secs(6 * 3600)),
+            }
+        );
+        assert_eq!(wait.timeout, None);
+        assert_eq!(dag.downstream("extract"), ["clean"]);
+        // Serialises for the API with the schedule as text.
+        let json = serde_json::to_value(&dag).expect("serialises");
+        assert_eq!(json["schedule"], "0 2 * * *");
+        assert_eq!(json["timezone"], "Asia/Seoul");
+        assert_eq!(json["tasks"][0]["type"], "shell");
+    }
+
+    #[test]
+    fn other_examples_parse() {
+        let etl = parse(&example("etl_daily.toml")).expect("etl parses");
+        assert_eq!(etl.dag_id, "t"); // the file stem when dag_id is absent
+        assert_eq!(etl.tasks.len(), 3);
+        assert!(etl.catchup);
+        let s = parse(&example("wait_for_upload.toml")).expect("sensor parses");
+        assert!(matches!(
+            &s.tasks[0].kind,
+            TaskKind::Sensor {
+                target: SensorTarget::File(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn toml_syntax_error_has_line() {
+        let es = errs(&format!(
+            "{HEAD}\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\n"
+        ));
+        assert_eq!(es.len(), 1);
+        assert_eq!(es[0].0, Some(5));
+    }
+
+    #[test]
+    fn duplicate_key_and_task() {
+        let es = errs(&format!("{HEAD}start_date = \"2026-11-02\"\n"));
+        assert_eq!(es[0].0, Some(2), "{es:?}");
+        assert!(es[0].1.contains("duplicate key"), "{es:?}");
+        let t = format!(
+            "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"y\"\n"
+        );
+        let es = errs(&t);
+        assert_eq!(es[0].0, Some(5), "{es:?}");
+    }
+
+    #[test]
+    fn unknown_keys() {
+        one_err(
+            &format!("{HEAD}colour = 1\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n"),
+            2,
+            "unknown key `colour`",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\nurl = \"u\"\n"),
+            5,
+            "unknown key `url` for a shell task `a`",
+        );
+        one_err(
+            &format!(
+                "{HEAD}[defaults]\nretrys = 2\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n"
+            ),
+            3,
+            "unknown key `retrys` in [defaults]",
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        one_err(
+            &format!("{HEAD}catchup = \"yes\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n"),
+            2,
+            "`catchup` must be a boolean, found a string",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\nretries = -1\n"),
+            5,
+            "`retries` is out of range",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\ndepends_on = \"b\"\n"),
+            5,
+            "`depends_on` must be an array of strings",
+        );
+    }
+
+    #[test]
+    fn unknown_dependency_and_self() {
+        one_err(
+            &format!(
+                "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\ndepends_on = [\"nope\"]\n"
+            ),
+            5,
+            "task `a` depends on unknown task `nope`",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\ndepends_on = [\"a\"]\n"),
+            5,
+            "task `a` depends on itself",
+        );
+    }
+
+    #[test]
+    fn cycle_lists_path() {
+        let t = format!(
+            "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\ndepends_on = [\"b\"]\n\
+             [tasks.b]\ntype = \"shell\"\ncommand = \"x\"\ndepends_on = [\"a\"]\n\
+             [tasks.c]\ntype = \"shell\"\ncommand = \"x\"\n"
+        );
+        let es = errs(&t);
+        assert_eq!(es.len(), 1, "{es:?}");
+        assert_eq!(es[0].1, "dependency cycle: a -> b -> a");
+        assert_eq!(es[0].0, Some(2));
+    }
+
+    #[test]
+    fn bad_schedule_timezone_dates_durations() {
+        let tail = "[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n";
+        one_err(
+            &format!("{HEAD}schedule = \"0 25 * * *\"\n{tail}"),
+            2,
+            "bad cron expression",
+        );
+        one_err(
+            &format!("{HEAD}schedule = \"every soon\"\n{tail}"),
+            2,
+            "bad interval",
+        );
+        one_err(
+            &format!("{HEAD}timezone = \"Mars/Olympus\"\n{tail}"),
+            2,
+            "unknown timezone `Mars/Olympus`",
+        );
+        one_err(
+            &format!("start_date = \"yesterday\"\n{tail}"),
+            1,
+            "bad date `yesterday`",
+        );
+        one_err(
+            &format!("{HEAD}sla = \"2 fortnights\"\n{tail}"),
+            2,
+            "`sla`: bad duration",
+        );
+        one_err(
+            &format!("{HEAD}[defaults]\nretry_delay = \"10 parsecs\"\n{tail}"),
+            3,
+            "`retry_delay`: bad duration",
+        );
+        one_err(
+            &format!("{HEAD}end_date = \"2026-10-01\"\n{tail}"),
+            2,
+            "end_date",
+        );
+        one_err(tail, 1, "`start_date` is required");
+        // TOML's own (unquoted) dates work too.
+        let d = parse(&format!(
+            "start_date = 2026-11-01T00:00:00Z\nend_date = 2026-11-30\n{tail}"
+        ))
+        .expect("parses");
+        assert_eq!(d.start_date, utc("2026-11-01T00:00:00Z"));
+        assert_eq!(d.end_date, Some(utc("2026-11-30T00:00:00Z")));
+    }
+
+    #[test]
+    fn template_errors_name_variable_field_and_line() {
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"echo {{{{ dss }}}}\"\n"),
+            4,
+            "task `a`, field `command`: unknown template variable `dss`",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"http\"\n\nurl = \"http://x/{{{{ ds \"\n"),
+            5,
+            "field `url`: template syntax error",
+        );
+        one_err(
+            &format!(
+                "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\nenv = {{ A = \"{{{{ nope }}}}\" }}\n"
+            ),
+            5,
+            "field `env`: unknown template variable `nope`",
+        );
+    }
+
+    #[test]
+    fn task_type_and_shape_rules() {
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"spark\"\ncommand = \"x\"\n"),
+            3,
+            "unknown task type `spark`",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.s]\ntype = \"sensor\"\nsubject = \"a\"\nfile = \"b\"\n"),
+            3,
+            "exactly one of `subject`, `file`, `dataset` (found 2)",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.s]\ntype = \"sensor\"\n"),
+            3,
+            "(found 0)",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.h]\ntype = \"http\"\nurl = \" \"\n"),
+            4,
+            "http url is empty",
+        );
+        one_err(
+            &format!("{HEAD}max_active_runs = 0\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n"),
+            2,
+            "max_active_runs must be at least 1",
+        );
+        one_err(
+            &format!("{HEAD}max_active_tasks = 0\n[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\n"),
+            2,
+            "max_active_tasks must be at least 1",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.\"bad id!\"]\ntype = \"shell\"\ncommand = \"x\"\n"),
+            2,
+            "task id `bad id!` must match",
+        );
+    }
+
+    #[test]
+    fn reports_all_errors_of_a_file() {
+        let t = format!(
+            "{HEAD}timezone = \"Nowhere\"\nmax_active_runs = 0\n\
+             [tasks.a]\ntype = \"shell\"\ncommand = \"{{{{ x }}}}\"\ndepends_on = [\"zz\"]\n\
+             [tasks.b]\ntype = \"bogus\"\n"
+        );
+        let es = errs(&t);
+        let lines: Vec<Option<usize>> = es.iter().map(|e| e.0).collect();
+        assert_eq!(
+            lines,
+            [Some(2), Some(3), Some(6), Some(7), Some(9)],
+            "{es:?}"
+        );
+    }
+
+    #[test]
+    fn plugin_args_are_the_rest_of_the_table() {
+        let d = parse(&format!(
+            "{HEAD}[tasks.q]\ntype = \"sql\"\nquery = \"select 1\"\nretries = 4\nparams = {{ b = 2, a = 1 }}\n"
+        ))
+        .expect("parses");
+        let q = &d.tasks[0];
+        assert_eq!(q.retry.retries, 4);
+        assert_eq!(
+            q.kind,
+            TaskKind::Plugin {
+                type_name: "sql".into(),
+                args: serde_json::json!({"query": "select 1", "params": {"a": 1, "b": 2}}),
+            }
+        );
+        assert_eq!(q.kind.type_name(), "sql");
+    }
+
+    fn chain_text(cmd: &str) -> String {
+        format!(
+            "{HEAD}schedule = \"@daily\"\n\
+             [tasks.load]\ntype = \"shell\"\ncommand = \"load\"\ndepends_on = [\"clean\", \"aux\"]\n\
+             [tasks.clean]\ntype = \"shell\"\ncommand = \"{cmd}\"\ndepends_on = [\"extract\"]\n\
+             [tasks.extract]\ntype = \"shell\"\ncommand = \"extract\"\n\
+             [tasks.aux]\ntype = \"shell\"\ncommand = \"aux\"\n"
+        )
+    }
+
+    #[test]
+    fn hash_is_stable_and_tracks_commands() {
+        let a = parse(&chain_text("clean")).expect("parses");
+        let b = parse(&chain_text("clean")).expect("parses");
+        let c = parse(&chain_text("clean --strict")).expect("parses");
+        assert_eq!(a.hash(), b.hash());
+        assert_eq!(a.hash().len(), 64);
+        assert_ne!(a.hash(), c.hash());
+        // The file path does not take part.
+        let elsewhere =
+            parse_dag(&chain_text("clean"), Path::new("other/t.toml"), &[]).expect("parses");
+        assert_eq!(a.hash(), elsewhere.hash());
+    }
+
+    #[test]
+    fn topological_order_and_graph_walks() {
+        let d = parse(&chain_text("clean")).expect("parses");
+        let ids: Vec<&str> = d.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        // Ready ties are broken by id: aux and extract first, then clean, then load.
+        assert_eq!(ids, ["aux", "extract", "clean", "load"]);
+        assert_eq!(d.downstream("extract"), ["clean"]);
+        assert_eq!(d.descendants("extract"), ["extract", "clean", "load"]);
+        assert_eq!(d.ancestors("load"), ["aux", "extract", "clean", "load"]);
+        assert_eq!(d.ancestors("clean"), ["extract", "clean"]);
+        assert!(d.descendants("nope").is_empty());
+    }
+
+    #[test]
+    fn builder_runs_the_same_checks() {
+        let dag = DagBuilder::new("built")
+            .schedule(Schedule::parse("@hourly").expect("parses"))
+            .task(Task::shell("b", "echo {{ ds }}").depends_on(["a"]))
+            .task(Task::shell("a", "echo a"))
+            .build()
+            .expect("builds");
+        assert_eq!(dag.tasks[0].task_id, "a");
+        assert_eq!(dag.file, None);
+
+        let err = DagBuilder::new("bad")
+            .task(Task::shell("a", "echo {{ nope }}").depends_on(["b"]))
+            .task(Task::shell("b", "x").depends_on(["a"]))
+            .task(Task::shell("b", "y"))
+            .build()
+            .expect_err("must fail");
+        assert!(
+            err.message.contains("unknown template variable `nope`"),
+            "{err}"
+        );
+        assert!(err.message.contains("duplicate task id `b`"), "{err}");
+        assert!(err.message.contains("dependency cycle"), "{err}");
+        assert_eq!(err.to_string().split(": ").next(), Some("<built-in>"));
+    }
+
+    #[test]
+    fn error_display() {
+        let e = DagError {
+            file: Some("dags/x.toml".into()),
+            line: Some(7),
+            message: "boom".into(),
+        };
+        assert_eq!(e.to_string(), "dags/x.toml:7: boom");
+    }
+
+    #[test]
+    fn retry_delays() {
+        let fixed = RetryPolicy {
+            retries: 5,
+            delay: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(fixed.delay_before(2), Duration::from_secs(10));
+        assert_eq!(fixed.delay_before(9), Duration::from_secs(10));
+
+        let exp = RetryPolicy {
+            retries: 10,
+            delay: Duration::from_secs(10),
+            backoff: Backoff::Exponential,
+            max_delay: Duration::from_secs(600),
+            jitter: false,
+        };
+        let got: Vec<u64> = (2..=9).map(|n| exp.delay_before(n).as_secs()).collect();
+        assert_eq!(got, [10, 20, 40, 80, 160, 320, 600, 600]);
+        assert_eq!(exp.delay_before(1000), Duration::from_secs(600));
+        assert_eq!(exp.delay_before(u32::MAX), Duration::from_secs(600));
+        let huge = RetryPolicy {
+            delay: Duration::MAX,
+            max_delay: Duration::MAX,
+            ..exp.clone()
+        };
+        assert_eq!(huge.delay_before(40), Duration::MAX);
+
+        let jit = RetryPolicy {
+            jitter: true,
+            ..exp.clone()
+        };
+        for n in [2, 4, 1000] {
+            let full = exp.delay_before(n);
+            for _ in 0..200 {
+                let d = jit.delay_before(n);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "{d:?} outside [{:?}, {full:?}]",
+                    full / 2
+                );
+            }
+        }
+        let _ = jit.delay_before(u32::MAX);
+        let _ = RetryPolicy {
+            jitter: true,
+            ..huge
+        }
+        .delay_before(1000);
+    }
+
+    #[test]
+    fn templates_lists_fields() {
+        let d = parse_dag(&example("daily_sales.toml"), Path::new("d.toml"), &[]).expect("parses");
+        let fields: Vec<&str> = d
+            .task("extract")
+            .expect("extract")
+            .kind
+            .templates()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
+        assert_eq!(fields, ["command", "env"]);
+        let notify: Vec<&str> = d
+            .task("notify")
+            .expect("notify")
+            .kind
+            .templates()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
+        assert_eq!(notify, ["url", "headers", "body"]);
+    }
 }

@@ -91,8 +91,12 @@ impl Schedule {
         match self {
             Schedule::None | Schedule::Dataset(_) => None,
             Schedule::Cron { cron, .. } => {
-                let start = cron_next(cron, tz, ceil_second(lower)?, true)?;
-                let end = cron_next(cron, tz, start, false)?;
+                // "At or after `lower`" is searched as "after `lower` - 1s": an inclusive search
+                // would not count a time croner snapped past a DST gap (03:00 for a 02:00 job)
+                // as a fire time, and would skip that day.
+                let from = ceil_second(lower)?.checked_sub_signed(chrono::TimeDelta::seconds(1))?;
+                let start = cron_next(cron, tz, from)?;
+                let end = cron_next(cron, tz, start)?;
                 Some(DataInterval { start, end })
             }
             Schedule::Interval(every) => {
@@ -123,7 +127,7 @@ impl Schedule {
         match self {
             Schedule::None | Schedule::Dataset(_) => empty,
             Schedule::Cron { cron, .. } => {
-                let end = cron_next(cron, tz, logical_date, false);
+                let end = cron_next(cron, tz, logical_date);
                 end.map_or(empty, |end| DataInterval {
                     start: logical_date,
                     end,
@@ -177,14 +181,14 @@ impl Serialize for Schedule {
     }
 }
 
-/// The next cron fire time from `from`, evaluated on the wall clock of `tz`.
-fn cron_next(cron: &Cron, tz: Tz, from: DateTime<Utc>, inclusive: bool) -> Option<DateTime<Utc>> {
-    cron.find_next_occurrence(&from.with_timezone(&tz), inclusive)
+/// The next cron fire time strictly after `from`, evaluated on the wall clock of `tz`.
+fn cron_next(cron: &Cron, tz: Tz, from: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&from.with_timezone(&tz), false)
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// croner works in whole seconds; round up so an inclusive search never returns a time
+/// croner works in whole seconds; round up so an "at or after" search never returns a time
 /// before `t`.
 fn ceil_second(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
     if t.timestamp_subsec_nanos() == 0 {
