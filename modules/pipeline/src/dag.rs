@@ -619,14 +619,11 @@ fn topo_order(ups: &BTreeMap<&str, BTreeSet<&str>>) -> Result<Vec<String>, Vec<S
     };
     let mut path: Vec<&str> = vec![start];
     let mut at = start;
-    loop {
-        let Some(next) = ups
-            .get(at)
-            .and_then(|us| us.iter().find(|u| pending.contains_key(*u)))
-            .copied()
-        else {
-            break;
-        };
+    while let Some(next) = ups
+        .get(at)
+        .and_then(|us| us.iter().find(|u| pending.contains_key(*u)))
+        .copied()
+    {
         if let Some(pos) = path.iter().position(|p| *p == next) {
             let mut cycle: Vec<String> = path[pos..].iter().map(|s| s.to_string()).collect();
             // The walk went upstream; print it in data-flow order, from the smallest id so the
@@ -635,7 +632,9 @@ fn topo_order(ups: &BTreeMap<&str, BTreeSet<&str>>) -> Result<Vec<String>, Vec<S
             if let Some(min) = (0..cycle.len()).min_by_key(|i| &cycle[*i]) {
                 cycle.rotate_left(min);
             }
-            cycle.push(cycle[0].clone());
+            if let Some(first) = cycle.first().cloned() {
+                cycle.push(first);
+            }
             return Err(cycle);
         }
         path.push(next);

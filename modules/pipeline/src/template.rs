@@ -133,16 +133,14 @@ pub fn check(template: &str) -> Result<(), TemplateError> {
     let tmpl = compile(&env, template)?;
     match tmpl.render(context_value(&sample_context())) {
         Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::SyntaxError => Err(syntax(&e)),
         Err(e)
             if matches!(
                 e.kind(),
-                ErrorKind::UnknownFilter
-                    | ErrorKind::UnknownTest
-                    | ErrorKind::UnknownFunction
-                    | ErrorKind::SyntaxError
+                ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction
             ) =>
         {
-            Err(syntax(&e))
+            Err(TemplateError::Render(e.to_string()))
         }
         // Other failures depend on the run's data (e.g. conf values) and are left to run time.
         Err(_) => Ok(()),
@@ -296,9 +294,13 @@ mod tests {
     fn syntax_and_filter_errors() {
         assert!(matches!(check("{{ ds "), Err(TemplateError::Syntax(_))));
         assert!(matches!(check("{% if %}"), Err(TemplateError::Syntax(_))));
+        assert!(
+            matches!(check("{{ ds | nosuch }}"), Err(TemplateError::Render(m)) if m.contains("unknown filter"))
+        );
+        // An unknown function is first of all an unknown name.
         assert!(matches!(
-            check("{{ ds | nosuch }}"),
-            Err(TemplateError::Syntax(_))
+            check("{{ nofn() }}"),
+            Err(TemplateError::UnknownVariable { .. })
         ));
         assert_eq!(check("plain text"), Ok(()));
     }
