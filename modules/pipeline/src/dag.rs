@@ -297,16 +297,16 @@ impl Dag {
     /// sha256 (hex) of everything that affects execution: not the file path, description,
     /// tags or owner, so editing those does not make runs look like they used another DAG.
     pub fn hash(&self) -> String {
+        let mut d = self.clone();
+        d.file = None;
+        d.description.clear();
+        d.tags.clear();
+        d.owner.clear();
         // serde_json maps are sorted (or built sorted, see `to_json`), so the text is canonical.
-        let text = match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(mut m)) => {
-                for k in ["file", "description", "tags", "owner"] {
-                    m.remove(k);
-                }
-                serde_json::Value::Object(m).to_string()
-            }
-            // Serialising plain data cannot fail; fall back to Debug rather than panic.
-            _ => format!("{self:?}"),
+        let text = match serde_json::to_string(&d) {
+            Ok(t) => t,
+            // Plain data with finite numbers cannot fail to serialise; fall back rather than panic.
+            Err(_) => format!("{d:?}"),
         };
         hex(&Sha256::digest(text.as_bytes()))
     }
@@ -2057,6 +2057,14 @@ mod tests {
         let elsewhere =
             parse_dag(&chain_text("clean"), Path::new("other/t.toml"), &[]).expect("parses");
         assert_eq!(a.hash(), elsewhere.hash());
+        // Nor do description, tags and owner; scheduling settings do.
+        let mut relabelled = a.clone();
+        relabelled.description = "new words".into();
+        relabelled.tags = vec!["x".into()];
+        assert_eq!(a.hash(), relabelled.hash());
+        let mut retimed = a.clone();
+        retimed.max_active_runs = 1;
+        assert_ne!(a.hash(), retimed.hash());
     }
 
     #[test]

@@ -136,6 +136,8 @@ impl Schedule {
                     end,
                 })
             }
+            // Any logical date covers one step; alignment to `start_date` only matters for
+            // scheduled runs, which come from `next_interval`.
             Schedule::Interval(every) => {
                 let _ = start_date;
                 let end = from_nanos(ts_nanos(logical_date).saturating_add(nanos_of(*every)));
