@@ -1016,45 +1016,48 @@ pub async fn finish_try(
     now: i64,
 ) -> Result<Option<Finished>> {
     let tx = db.begin().await?;
-    let t = task_instance(&tx, id).await?;
-    if t.try_number != try_number || !(t.state == state::RUNNING || t.state == state::DEFERRED) {
-        return Ok(None);
-    }
-    let (new_state, error, next_attempt) = match outcome {
-        Outcome::Success => (state::SUCCESS, None, None),
-        Outcome::Failed { error, retry_delay } if try_number < t.max_tries => {
-            let delay = i64::try_from(retry_delay.as_millis()).unwrap_or(i64::MAX);
-            (
-                state::UP_FOR_RETRY,
-                Some(error.clone()),
-                Some(now.saturating_add(delay)),
-            )
-        }
-        Outcome::Failed { error, .. } => (state::FAILED, Some(error.clone()), None),
+    // The guarded update comes first: on SQLite a transaction that reads before it writes can
+    // fail outright (a stale WAL snapshot) instead of waiting for the writer lock.
+    let (success, error, delay) = match outcome {
+        Outcome::Success => (true, None, 0i64),
+        Outcome::Failed { error, retry_delay } => (
+            false,
+            Some(error.clone()),
+            i64::try_from(retry_delay.as_millis()).unwrap_or(i64::MAX),
+        ),
     };
-    let started = t.start_ms.unwrap_or(now);
-    let duration = now.saturating_sub(started).max(0);
     let r = tx
         .execute(sql(
             &tx,
-            "UPDATE pipeline_task_instances SET state = $3, end_ms = $4, duration_ms = $5, \
-               exit_code = $6, error = $7, next_attempt_at_ms = $8 \
+            "UPDATE pipeline_task_instances SET \
+               state = CASE WHEN $3 THEN 'success' WHEN try_number < max_tries \
+                            THEN 'up_for_retry' ELSE 'failed' END, \
+               end_ms = $4, duration_ms = CASE WHEN start_ms IS NULL OR start_ms > $4 THEN 0 ELSE $4 - start_ms END, \
+               exit_code = $5, error = $6, \
+               next_attempt_at_ms = CASE WHEN NOT $3 AND try_number < max_tries \
+                                         THEN $4 + $7 ELSE NULL END \
              WHERE id = $1 AND try_number = $2 AND state IN ('running','deferred')",
             vec![
                 id.into(),
                 try_number.into(),
-                new_state.into(),
+                success.into(),
                 now.into(),
-                duration.into(),
                 exit_code.into(),
                 error.clone().into(),
-                next_attempt.into(),
+                delay.into(),
             ],
         ))
         .await?;
     if r.rows_affected() == 0 {
         return Ok(None);
     }
+    let t = task_instance(&tx, id).await?;
+    let new_state: &'static str = match t.state.as_str() {
+        state::SUCCESS => state::SUCCESS,
+        state::UP_FOR_RETRY => state::UP_FOR_RETRY,
+        _ => state::FAILED,
+    };
+    let duration = t.duration_ms.unwrap_or(0);
     let try_state = if new_state == state::UP_FOR_RETRY {
         state::FAILED
     } else {
@@ -1362,7 +1365,19 @@ pub async fn create_backfill(
             r
         })
         .collect();
-    insert_runs(&tx, &runs, now).await?;
+    // A date the scheduler took between the plan and now is not this backfill's.
+    let inserted = insert_runs(&tx, &runs, now).await?;
+    let mut rerun_runs: Vec<i64> = rerun.iter().map(|c| c.run_pk).collect();
+    rerun_runs.sort_unstable();
+    rerun_runs.dedup();
+    let total = i64::try_from(inserted).unwrap_or(i64::MAX)
+        + i64::try_from(rerun_runs.len()).unwrap_or(0);
+    tx.execute(sql(
+        &tx,
+        "UPDATE pipeline_backfills SET total_runs = $2 WHERE id = $1",
+        vec![id.into(), total.into()],
+    ))
+    .await?;
     tx.commit().await?;
     if !rerun.is_empty() {
         // Existing runs that are reprocessed join the backfill and rerun through a clear.

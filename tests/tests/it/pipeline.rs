@@ -28,7 +28,7 @@ impl Module for BusTap {
         "bustap"
     }
     fn check_config(&self, _settings: &Settings) -> Result<Value, ConfigError> {
-        Ok(Value::Null)
+        Ok(json!({}))
     }
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
         *self.0.lock().expect("lock") = Some(ctx.bus.clone());
@@ -53,6 +53,15 @@ fn dags_dir(app: &TestApp) -> PathBuf {
     let d = app.settings.kernel.data_dir.join("dags");
     std::fs::create_dir_all(&d).expect("dags dir");
     d
+}
+
+/// A process of the same deployment reading the same DAG folder (each process has a data
+/// directory of its own).
+async fn process(app: &TestApp, role: ProcessRole) -> bulwark_tests::process::TestProcess {
+    app.process(role)
+        .set("pipeline.dags_folder", dags_dir(app).display().to_string())
+        .spawn()
+        .await
 }
 
 fn write_dag(app: &TestApp, name: &str, text: &str) {
@@ -178,25 +187,37 @@ async fn backfill_partitions_clear_one_date(backend: Backend) {
     let out = app.settings.kernel.data_dir.join("out");
     write_dag(&app, "etl.toml", &etl_dag(&out));
     wait_dag(&app, "etl").await;
+    // Without catchup the scheduler creates the latest ended interval's run (2026-11-30) by
+    // itself; the backfill must skip that date.
+    wait_for(&app, "/api/pipeline/dags/etl/dagRuns?run_type=scheduled", "the scheduled run", |v| {
+        v["dag_runs"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
 
-    // Dry run first: exactly the 30 dates.
+    // Dry run first: the 30 dates, one of them skipped.
     let (status, dry) = call(&app, Method::POST, "/api/pipeline/backfills", Role::Admin, Some(json!({
         "dag_id": "etl", "from_date": "2026-11-01", "to_date": "2026-11-30", "dry_run": true
     }))).await;
     assert_eq!(status, 200, "{dry}");
-    assert_eq!(dry["logical_dates"].as_array().map(Vec::len), Some(30), "{dry}");
+    assert_eq!(dry["logical_dates"].as_array().map(Vec::len), Some(29), "{dry}");
+    assert_eq!(dry["skipped"], json!(["2026-11-30T00:00:00Z"]), "{dry}");
 
     let (status, b) = call(&app, Method::POST, "/api/pipeline/backfills", Role::Admin, Some(json!({
         "dag_id": "etl", "from_date": "2026-11-01", "to_date": "2026-11-30", "max_active_runs": 4
     }))).await;
     assert_eq!(status, 201, "{b}");
-    assert_eq!(b["total_runs"], 30, "{b}");
+    assert_eq!(b["total_runs"], 29, "{b}");
     let id = b["id"].as_i64().expect("id");
     let done = wait_for(&app, &format!("/api/pipeline/backfills/{id}"), "the backfill", |v| v["state"] == "done").await;
-    assert_eq!(done["finished_runs"], 30, "{done}");
-    assert_eq!(done["failed_runs"], 0, "{done}");
-
+    assert_eq!(done["finished_runs"], 29, "{done}");
     let conn = db(&app).await;
+    let failures: Vec<String> = rows(&conn, "SELECT task_id, error FROM pipeline_task_instances WHERE state <> 'success'")
+        .await
+        .iter()
+        .map(|r| format!("{}: {:?}", r.try_get::<String>("", "task_id").unwrap_or_default(), r.try_get::<Option<String>>("", "error").ok().flatten()))
+        .collect();
+    assert_eq!(done["failed_runs"], 0, "{done} {failures:?}");
+
     let spans: Vec<(i64, i64)> = rows(&conn, &format!(
         "SELECT start_ms, end_ms FROM pipeline_runs WHERE backfill_id = {id}"
     ))
@@ -204,7 +225,8 @@ async fn backfill_partitions_clear_one_date(backend: Backend) {
     .iter()
     .map(|r| (r.try_get::<i64>("", "start_ms").expect("start"), r.try_get::<i64>("", "end_ms").expect("end")))
     .collect();
-    assert_eq!(spans.len(), 30);
+    assert_eq!(spans.len(), 29);
+    wait_run(&app, "etl", "scheduled__2026-11-30T00:00:00.000Z").await;
     let overlap = max_overlap(spans);
     assert!(overlap <= 4, "{overlap} runs were active at once (max_active_runs = 4)");
     assert!(overlap >= 2, "the backfill ran its runs one by one ({overlap}); the limit was not exercised");
@@ -420,8 +442,8 @@ retries = 1
 retry_delay = "0s"
 command = "if [ \"$BULWARK_TRY_NUMBER\" = 1 ]; then sleep 120; fi; echo done try $BULWARK_TRY_NUMBER"
 "#);
-    let _scheduler = app.spawn_process(ProcessRole::Scheduler).await;
-    let mut worker1 = app.spawn_process(ProcessRole::Worker).await;
+    let _scheduler = process(&app, ProcessRole::Scheduler).await;
+    let mut worker1 = process(&app, ProcessRole::Worker).await;
     wait_dag(&app, "slow").await;
     trigger(&app, "slow", json!({"dag_run_id": "k1"})).await;
     wait_for(&app, "/api/pipeline/dags/slow/dagRuns/k1/taskInstances", "the task to run", |v| {
@@ -429,7 +451,7 @@ command = "if [ \"$BULWARK_TRY_NUMBER\" = 1 ]; then sleep 120; fi; echo done try
     })
     .await;
     worker1.kill9();
-    let _worker2 = app.spawn_process(ProcessRole::Worker).await;
+    let _worker2 = process(&app, ProcessRole::Worker).await;
     let done = wait_run(&app, "slow", "k1").await;
     assert_eq!(done["state"], "success", "{done}");
     let (_, ti) = call(&app, Method::GET, "/api/pipeline/dags/slow/dagRuns/k1/taskInstances/work", Role::Viewer, None).await;
@@ -445,9 +467,9 @@ command = "if [ \"$BULWARK_TRY_NUMBER\" = 1 ]; then sleep 120; fi; echo done try
 async fn standby_scheduler_takes_over() {
     let app = builder(Backend::Embedded).role(ProcessRole::Web).start().await;
     write_dag(&app, "tick.toml", "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.t]\ntype = \"shell\"\ncommand = \"true\"\n");
-    let mut a = app.spawn_process(ProcessRole::Scheduler).await;
-    let mut b = app.spawn_process(ProcessRole::Scheduler).await;
-    let _w = app.spawn_process(ProcessRole::Worker).await;
+    let mut a = process(&app, ProcessRole::Scheduler).await;
+    let mut b = process(&app, ProcessRole::Scheduler).await;
+    let _w = process(&app, ProcessRole::Worker).await;
     wait_dag(&app, "tick").await;
     trigger(&app, "tick", json!({"dag_run_id": "one"})).await;
     assert_eq!(wait_run(&app, "tick", "one").await["state"], "success");
