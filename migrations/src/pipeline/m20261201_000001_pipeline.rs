@@ -313,7 +313,11 @@ impl MigrationTrait for Migration {
             manager,
             "pipeline_runs_state",
             R::Table,
-            vec![R::State.into_iden(), R::DagId.into_iden(), R::LogicalDateMs.into_iden()],
+            vec![
+                R::State.into_iden(),
+                R::DagId.into_iden(),
+                R::LogicalDateMs.into_iden(),
+            ],
             false,
         )
         .await?;
@@ -428,7 +432,11 @@ impl MigrationTrait for Migration {
             manager,
             "pipeline_logs_try",
             L::Table,
-            vec![L::TiId.into_iden(), L::TryNumber.into_iden(), L::Id.into_iden()],
+            vec![
+                L::TiId.into_iden(),
+                L::TryNumber.into_iden(),
+                L::Id.into_iden(),
+            ],
             false,
         )
         .await?;

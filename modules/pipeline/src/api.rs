@@ -293,7 +293,9 @@ pub async fn list_dags(
         .await
         .map_err(problem)?;
     let full = rows.len() as u64 == limit;
-    let next_cursor = full.then(|| rows.last().map(|r| r.dag_id.clone())).flatten();
+    let next_cursor = full
+        .then(|| rows.last().map(|r| r.dag_id.clone()))
+        .flatten();
     if let Some(tag) = &q.tag {
         rows.retain(|r| {
             serde_json::from_str::<Vec<String>>(&r.tags)
@@ -421,7 +423,11 @@ impl DateArg {
         match self {
             Self::Time(t) => t,
             Self::Date(d) => {
-                let day = if end_of_day { d.succ_opt().unwrap_or(d) } else { d };
+                let day = if end_of_day {
+                    d.succ_opt().unwrap_or(d)
+                } else {
+                    d
+                };
                 let local = day.and_hms_opt(0, 0, 0).unwrap_or_default();
                 let t = tz
                     .from_local_datetime(&local)
@@ -505,7 +511,9 @@ pub async fn trigger(
         conf: serde_json::Value::Object(req.conf.unwrap_or_default()),
         backfill_id: None,
     };
-    let r = store::create_run(&s.db, new, now_ms()).await.map_err(problem)?;
+    let r = store::create_run(&s.db, new, now_ms())
+        .await
+        .map_err(problem)?;
     s.wake_scheduler().await;
     Ok((StatusCode::CREATED, axum::Json(run_view(r))))
 }
@@ -857,7 +865,10 @@ pub async fn clear_task_instances(
     if let Some(ids) = &req.task_ids {
         for id in ids {
             if !tasks.iter().any(|t| t.task_id == id.as_str()) {
-                return Err(bad("task_ids", format!("DAG `{dag_id}` has no task `{}`", id.as_str())));
+                return Err(bad(
+                    "task_ids",
+                    format!("DAG `{dag_id}` has no task `{}`", id.as_str()),
+                ));
             }
             chosen.insert(id.as_str().to_owned());
         }
@@ -887,12 +898,14 @@ pub async fn clear_task_instances(
     if req.include_upstream {
         all.extend(closure(&tasks, &chosen, false));
     }
-    let from = req.start_date.map(|d| d.resolve(tz, false).timestamp_millis());
+    let from = req
+        .start_date
+        .map(|d| d.resolve(tz, false).timestamp_millis());
     let to = req.end_date.map(|d| d.resolve(tz, true).timestamp_millis());
-    if let (Some(f), Some(t)) = (from, to) {
-        if t < f {
-            return Err(bad("end_date", "is before start_date"));
-        }
+    if let (Some(f), Some(t)) = (from, to)
+        && t < f
+    {
+        return Err(bad("end_date", "is before start_date"));
     }
     let mut list: Vec<String> = all.into_iter().collect();
     list.sort();
@@ -1132,7 +1145,10 @@ pub async fn plan_backfill(
     let from = from.resolve(tz, false);
     let to = to.resolve(tz, true);
     if to < from {
-        return Err(StoreError::invalid("to_date", "is before from_date (the range is reversed)"));
+        return Err(StoreError::invalid(
+            "to_date",
+            "is before from_date (the range is reversed)",
+        ));
     }
     let sched = schedule_of(&d);
     if matches!(sched, Schedule::None | Schedule::Dataset(_)) {
@@ -1159,7 +1175,10 @@ pub async fn plan_backfill(
         });
     }
     if intervals.is_empty() {
-        return Err(StoreError::invalid("from_date", "the range holds no schedule point of the DAG"));
+        return Err(StoreError::invalid(
+            "from_date",
+            "the range holds no schedule point of the DAG",
+        ));
     }
     let existing =
         store::existing_runs(db, dag_id, from.timestamp_millis(), to.timestamp_millis()).await?;
@@ -1387,8 +1406,11 @@ async fn pool_views(s: &PipelineShared, only: Option<&str>) -> Result<Vec<PoolVi
         .map(|p: pool::Model| {
             let c = counts.get(&p.name).cloned().unwrap_or_default();
             let get = |k: &str| c.get(k).copied().unwrap_or(0);
-            let (running, queued, deferred) =
-                (get(state::RUNNING), get(state::QUEUED), get(state::DEFERRED));
+            let (running, queued, deferred) = (
+                get(state::RUNNING),
+                get(state::QUEUED),
+                get(state::DEFERRED),
+            );
             PoolView {
                 open: (i64::from(p.slots) - running - queued).max(0),
                 name: p.name,
@@ -1505,7 +1527,8 @@ pub async fn patch_pool(
     store::update_pool(
         &s.db,
         &name,
-        req.slots.map(|v| i32::try_from(v.get()).unwrap_or(i32::MAX)),
+        req.slots
+            .map(|v| i32::try_from(v.get()).unwrap_or(i32::MAX)),
         req.description.as_deref(),
     )
     .await

@@ -157,7 +157,10 @@ async fn backfill(
     let dag = a
         .get_one::<String>("dag")
         .ok_or_else(|| err("DAG is required"))?;
-    let from = date_arg("from", a.get_one::<String>("from").map_or("", String::as_str))?;
+    let from = date_arg(
+        "from",
+        a.get_one::<String>("from").map_or("", String::as_str),
+    )?;
     let to = date_arg("to", a.get_one::<String>("to").map_or("", String::as_str))?;
     let reprocess = match a.get_one::<String>("reprocess").map(String::as_str) {
         Some("failed") => Reprocess::Failed,

@@ -204,8 +204,12 @@ pub trait TaskType: Send + Sync {
     /// Check the task's arguments when the DAG loads (P9); the message names the field.
     fn validate(&self, args: &serde_json::Value) -> Result<(), String>;
     /// Run one try. Log through `log`; return an error to fail the try.
-    async fn run(&self, job: &Job, args: &serde_json::Value, log: &LogSink)
-    -> Result<(), TaskFailure>;
+    async fn run(
+        &self,
+        job: &Job,
+        args: &serde_json::Value,
+        log: &LogSink,
+    ) -> Result<(), TaskFailure>;
 }
 
 /// Task types by name.
@@ -226,11 +230,17 @@ pub async fn run(
             headers,
             body,
             idempotency_key,
-        } => {
-            http_call(http, method, url, headers, body.as_deref(), idempotency_key, log)
-                .await
-                .map(|()| None)
-        }
+        } => http_call(
+            http,
+            method,
+            url,
+            headers,
+            body.as_deref(),
+            idempotency_key,
+            log,
+        )
+        .await
+        .map(|()| None),
         JobKind::Sensor { .. } => Err(TaskFailure {
             message: "a sensor is not run by a worker (the scheduler waits for its event)".into(),
             exit_code: None,

@@ -229,10 +229,7 @@ impl Module for PipelineModule {
             Worker {
                 name: "pipeline-scheduler".into(),
                 kind: WorkerKind::Scheduler,
-                run: Box::pin(scheduler::run(
-                    shared.clone(),
-                    ctx.shutdown.closing_token(),
-                )),
+                run: Box::pin(scheduler::run(shared.clone(), ctx.shutdown.closing_token())),
             },
             Worker {
                 name: "pipeline-worker".into(),

@@ -28,14 +28,22 @@ impl PipelineHandle {
 
     /// Add (or replace, by id) a built-in DAG.
     pub fn register_dag(&self, dag: Dag) {
-        let mut b = self.registry.builtin.write().unwrap_or_else(|p| p.into_inner());
+        let mut b = self
+            .registry
+            .builtin
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         b.retain(|d| d.dag_id != dag.dag_id);
         b.push(dag);
     }
 
     /// Add a task type (`type = "<name>"` in DAG files).
     pub fn register_task_type(&self, t: Arc<dyn TaskType>) {
-        let mut types = self.registry.types.write().unwrap_or_else(|p| p.into_inner());
+        let mut types = self
+            .registry
+            .types
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         types.insert(t.name().to_owned(), t);
     }
 
@@ -83,7 +91,10 @@ impl Registry {
 
     /// The DAGs of the last load, by id.
     pub fn current(&self) -> Arc<HashMap<String, Arc<Dag>>> {
-        self.loaded.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn get(&self, dag_id: &str) -> Option<Arc<Dag>> {
@@ -101,7 +112,12 @@ impl Registry {
             (Vec::new(), Vec::new())
         };
         let mut map: HashMap<String, Arc<Dag>> = HashMap::new();
-        for d in self.builtin.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        for d in self
+            .builtin
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             map.insert(d.dag_id.clone(), Arc::new(d.clone()));
         }
         for d in dags {
@@ -194,10 +210,7 @@ pub fn import_error(e: &DagError) -> ImportError {
             .as_ref()
             .map(|f| f.display().to_string())
             .unwrap_or_default(),
-        line: e
-            .line
-            .and_then(|l| i32::try_from(l).ok())
-            .unwrap_or(0),
+        line: e.line.and_then(|l| i32::try_from(l).ok()).unwrap_or(0),
         message: e.message.clone(),
     }
 }

@@ -82,7 +82,9 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
                         tracing::warn!(message = "Cannot renew the scheduler lease; standing by.", error = %e);
                         token = None;
                     }
-                    Err(e) => tracing::debug!(message = "Renewing the lease failed; retrying.", error = %e),
+                    Err(e) => {
+                        tracing::debug!(message = "Renewing the lease failed; retrying.", error = %e)
+                    }
                 }
                 if token.is_none() {
                     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
@@ -121,10 +123,10 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
             Some(_) = next_wake(&mut wake) => {}
         }
     }
-    if let Some(t) = token {
-        if let Err(e) = store::release_lease(&s.db, LEASE, &holder, t).await {
-            tracing::warn!(message = "Cannot release the scheduler lease.", error = %e);
-        }
+    if let Some(t) = token
+        && let Err(e) = store::release_lease(&s.db, LEASE, &holder, t).await
+    {
+        tracing::warn!(message = "Cannot release the scheduler lease.", error = %e);
     }
     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
 }
@@ -217,10 +219,10 @@ impl Scheduler {
         let dags = self.s.registry.current();
         let rows = store::dags(&self.s.db, None, 100_000, None).await?;
         for row in rows.iter().filter(|r| !r.is_paused) {
-            if let Some(dag) = dags.get(&row.dag_id) {
-                if let Err(e) = self.create_due_runs(dag, row).await {
-                    tracing::warn!(message = "Cannot create runs.", dag = %dag.dag_id, error = %e);
-                }
+            if let Some(dag) = dags.get(&row.dag_id)
+                && let Err(e) = self.create_due_runs(dag, row).await
+            {
+                tracing::warn!(message = "Cannot create runs.", dag = %dag.dag_id, error = %e);
             }
         }
         self.start_runs(&dags, &rows).await?;
@@ -239,7 +241,8 @@ impl Scheduler {
     async fn reload(&mut self) -> PassResult<()> {
         let errors = self.s.registry.reload();
         let dags = self.s.registry.current();
-        let mut records: Vec<store::DagRecord> = dags.values().map(|d| registry::record(d)).collect();
+        let mut records: Vec<store::DagRecord> =
+            dags.values().map(|d| registry::record(d)).collect();
         records.sort_by(|a, b| a.dag_id.cmp(&b.dag_id));
         let errs: Vec<store::ImportError> = errors.iter().map(registry::import_error).collect();
         for e in &errors {
@@ -289,16 +292,19 @@ impl Scheduler {
             return Ok(());
         }
         let after = row.next_logical_ms.map(utc);
-        let mut next = match dag.schedule.next_interval(dag.start_date, dag.timezone, after) {
+        let mut next = match dag
+            .schedule
+            .next_interval(dag.start_date, dag.timezone, after)
+        {
             Some(iv) => iv,
             None => return Ok(()),
         };
         if !dag.catchup {
             // Skip to the latest ended interval when behind by more than one.
-            if let Some(latest) = latest_ended(dag, now) {
-                if latest.start > next.start {
-                    next = latest;
-                }
+            if let Some(latest) = latest_ended(dag, now)
+                && latest.start > next.start
+            {
+                next = latest;
             }
         }
         let mut runs = Vec::new();
@@ -362,10 +368,8 @@ impl Scheduler {
                 }
                 if let Some(b) = r.backfill_id {
                     let active = by_backfill.get(&b).copied().unwrap_or(0);
-                    if let Some(limit) = limits.get(&b) {
-                        if active >= *limit {
-                            continue;
-                        }
+                    if limits.get(&b).is_some_and(|limit| active >= *limit) {
+                        continue;
                     }
                     *by_backfill.entry(b).or_default() += 1;
                 }
@@ -386,7 +390,10 @@ impl Scheduler {
         let now = now_ms();
         let mut needed = HashSet::new();
         for t in waiting {
-            let Some(job) = t.rendered.as_deref().and_then(|r| serde_json::from_str::<Job>(r).ok())
+            let Some(job) = t
+                .rendered
+                .as_deref()
+                .and_then(|r| serde_json::from_str::<Job>(r).ok())
             else {
                 continue;
             };
@@ -435,10 +442,11 @@ impl Scheduler {
             } else {
                 None
             };
-            if let Some(o) = outcome {
-                if let Some(f) = store::finish_try(&self.s.db, t.id, t.try_number, &o, None, now).await? {
-                    finished_metrics(&f);
-                }
+            if let Some(o) = outcome
+                && let Some(f) =
+                    store::finish_try(&self.s.db, t.id, t.try_number, &o, None, now).await?
+            {
+                finished_metrics(&f);
             }
         }
         self.watch.keep_only(&needed);
@@ -465,9 +473,16 @@ impl Scheduler {
                 ),
                 retry_delay: delay,
             };
-            if let Some(f) = store::finish_try(&self.s.db, id, try_number, &outcome, None, now).await? {
+            if let Some(f) =
+                store::finish_try(&self.s.db, id, try_number, &outcome, None, now).await?
+            {
                 metrics::counter!("bulwark_pipeline_zombies_total").increment(1);
-                tracing::warn!(message = "A task's worker stopped heartbeating.", task_instance = id, try_number, state = f.state);
+                tracing::warn!(
+                    message = "A task's worker stopped heartbeating.",
+                    task_instance = id,
+                    try_number,
+                    state = f.state
+                );
                 finished_metrics(&f);
             }
         }
@@ -551,14 +566,13 @@ impl Scheduler {
                     continue;
                 }
             };
-            if is_sensor {
-                if let JobKind::Sensor {
+            if is_sensor
+                && let JobKind::Sensor {
                     target: Target::Subject(s),
                     ..
                 } = &job.kind
-                {
-                    self.watch.ensure(&self.s.bus, s).await;
-                }
+            {
+                self.watch.ensure(&self.s.bus, s).await;
             }
             let text = serde_json::to_string(&job).unwrap_or_default();
             let to = if is_sensor {
@@ -632,12 +646,9 @@ fn latest_ended(dag: &Dag, now: DateTime<Utc>) -> Option<DataInterval> {
     // Look back far enough to find one interval, then walk forward to the last that ended.
     for back in [1i64, 7, 32, 400] {
         let from = (now - chrono::Duration::days(back)).max(dag.start_date);
-        let Some(mut iv) = dag
+        let mut iv = dag
             .schedule
-            .next_interval(dag.start_date, dag.timezone, Some(from))
-        else {
-            return None;
-        };
+            .next_interval(dag.start_date, dag.timezone, Some(from))?;
         if iv.end > now {
             if from == dag.start_date {
                 return None;

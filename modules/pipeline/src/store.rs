@@ -388,7 +388,11 @@ pub async fn create_run(db: &impl ConnectionTrait, new: NewRun, now: i64) -> Res
     run_by_id(db, &new.dag_id, &new.run_id).await
 }
 
-pub async fn run_by_id(db: &impl ConnectionTrait, dag_id: &str, run_id: &str) -> Result<run::Model> {
+pub async fn run_by_id(
+    db: &impl ConnectionTrait,
+    dag_id: &str,
+    run_id: &str,
+) -> Result<run::Model> {
     run::Entity::find()
         .from_raw_sql(sql(
             db,
@@ -590,8 +594,12 @@ pub async fn start_run(
                 run.dag_id.clone().into(),
                 t.task_id.clone().into(),
                 t.max_tries.into(),
-                serde_json::to_string(&t.upstream).unwrap_or_default().into(),
-                serde_json::to_string(&t.downstream).unwrap_or_default().into(),
+                serde_json::to_string(&t.upstream)
+                    .unwrap_or_default()
+                    .into(),
+                serde_json::to_string(&t.downstream)
+                    .unwrap_or_default()
+                    .into(),
                 t.pool.clone().into(),
                 t.priority_weight.into(),
                 t.task_type.clone().into(),
@@ -847,7 +855,9 @@ pub async fn slot_usage(
 
 /// Counts of instances by state (`queued`, `deferred`, ...) over all runs, and waiting (ready)
 /// instances per pool — for the gauges.
-pub async fn backlog(db: &impl ConnectionTrait) -> Result<(HashMap<String, i64>, HashMap<String, i64>)> {
+pub async fn backlog(
+    db: &impl ConnectionTrait,
+) -> Result<(HashMap<String, i64>, HashMap<String, i64>)> {
     let rows = db
         .query_all(sql(
             db,
@@ -1144,7 +1154,10 @@ async fn mark_upstream_failed(
         .await?;
     let mut down: HashMap<String, Vec<String>> = HashMap::new();
     for r in &rows {
-        down.insert(col_str(r, "task_id")?, json_list(&col_str(r, "downstream")?));
+        down.insert(
+            col_str(r, "task_id")?,
+            json_list(&col_str(r, "downstream")?),
+        );
     }
     let mut seen: HashSet<String> = HashSet::new();
     let mut stack: Vec<String> = down.get(task_id).cloned().unwrap_or_default();
@@ -1370,8 +1383,8 @@ pub async fn create_backfill(
     let mut rerun_runs: Vec<i64> = rerun.iter().map(|c| c.run_pk).collect();
     rerun_runs.sort_unstable();
     rerun_runs.dedup();
-    let total = i64::try_from(inserted).unwrap_or(i64::MAX)
-        + i64::try_from(rerun_runs.len()).unwrap_or(0);
+    let total =
+        i64::try_from(inserted).unwrap_or(i64::MAX) + i64::try_from(rerun_runs.len()).unwrap_or(0);
     tx.execute(sql(
         &tx,
         "UPDATE pipeline_backfills SET total_runs = $2 WHERE id = $1",
@@ -1534,7 +1547,11 @@ pub async fn ensure_pool(db: &impl ConnectionTrait, name: &str, slots: u32) -> R
 
 pub async fn pools(db: &impl ConnectionTrait) -> Result<Vec<pool::Model>> {
     Ok(pool::Entity::find()
-        .from_raw_sql(sql(db, "SELECT * FROM pipeline_pools ORDER BY name", vec![]))
+        .from_raw_sql(sql(
+            db,
+            "SELECT * FROM pipeline_pools ORDER BY name",
+            vec![],
+        ))
         .all(db)
         .await?)
 }
@@ -1577,7 +1594,11 @@ pub async fn update_pool(
             db,
             "UPDATE pipeline_pools SET slots = COALESCE($2, slots), \
                description = COALESCE($3, description) WHERE name = $1",
-            vec![name.into(), slots.into(), description.map(str::to_owned).into()],
+            vec![
+                name.into(),
+                slots.into(),
+                description.map(str::to_owned).into(),
+            ],
         ))
         .await?;
     if r.rows_affected() == 0 {
@@ -1687,7 +1708,9 @@ pub async fn acquire_lease(
             ],
         ))
         .await?;
-    row.map(|r| col_i64(&r, "token")).transpose().map_err(Into::into)
+    row.map(|r| col_i64(&r, "token"))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// Extend our lease; false when it is no longer ours.

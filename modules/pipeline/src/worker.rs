@@ -118,7 +118,10 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
         metrics::histogram!("bulwark_pipeline_task_start_latency_seconds", "pool" => t.pool.clone())
             .record((now - q).max(0) as f64 / 1000.0);
     }
-    let job: Option<Job> = t.rendered.as_deref().and_then(|r| serde_json::from_str(r).ok());
+    let job: Option<Job> = t
+        .rendered
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok());
     let (sink, mut lines) = LogSink::new();
     let types = s.registry.task_types();
     let outcome = match &job {
@@ -166,7 +169,6 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
                     }
                 }
             };
-            drop(work);
             while let Ok(l) = lines.try_recv() {
                 buf.push_str(&l);
             }
@@ -213,7 +215,11 @@ async fn wake(s: &PipelineShared) {
     s.wake.notify_one();
     let _ = s
         .bus
-        .broadcast(WAKE_SUBJECT, bulwark_kernel::bus::Headers::new(), Bytes::new())
+        .broadcast(
+            WAKE_SUBJECT,
+            bulwark_kernel::bus::Headers::new(),
+            Bytes::new(),
+        )
         .await;
 }
 
@@ -225,7 +231,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Write the buffered log lines as one chunk, within the per-try limit.
-async fn flush(s: &PipelineShared, ti: i64, try_number: i32, buf: &mut String, written: &mut usize) {
+async fn flush(
+    s: &PipelineShared,
+    ti: i64,
+    try_number: i32,
+    buf: &mut String,
+    written: &mut usize,
+) {
     if buf.is_empty() {
         return;
     }

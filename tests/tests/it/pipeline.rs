@@ -80,7 +80,13 @@ async fn rows(db: &sea_orm::DatabaseConnection, sql: &str) -> Vec<sea_orm::Query
         .expect("query")
 }
 
-async fn call(app: &TestApp, method: Method, path: &str, role: Role, body: Option<Value>) -> (u16, Value) {
+async fn call(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    role: Role,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = app.request(method, path, Some(&app.token(role)));
     if let Some(b) = body {
         req = req.json(&b);
@@ -106,30 +112,55 @@ async fn wait_for(app: &TestApp, path: &str, what: &str, pred: impl Fn(&Value) -
 }
 
 async fn wait_dag(app: &TestApp, dag: &str) {
-    wait_for(app, &format!("/api/pipeline/dags/{dag}"), "the DAG to load", |_| true).await;
+    wait_for(
+        app,
+        &format!("/api/pipeline/dags/{dag}"),
+        "the DAG to load",
+        |_| true,
+    )
+    .await;
 }
 
 async fn trigger(app: &TestApp, dag: &str, body: Value) -> Value {
-    let (status, v) = call(app, Method::POST, &format!("/api/pipeline/dags/{dag}/dagRuns"), Role::Admin, Some(body)).await;
+    let (status, v) = call(
+        app,
+        Method::POST,
+        &format!("/api/pipeline/dags/{dag}/dagRuns"),
+        Role::Admin,
+        Some(body),
+    )
+    .await;
     assert_eq!(status, 201, "{v}");
     v
 }
 
 async fn wait_run(app: &TestApp, dag: &str, run_id: &str) -> Value {
-    wait_for(app, &format!("/api/pipeline/dags/{dag}/dagRuns/{run_id}"), "the run to finish", |v| {
-        v["state"] == "success" || v["state"] == "failed"
-    })
+    wait_for(
+        app,
+        &format!("/api/pipeline/dags/{dag}/dagRuns/{run_id}"),
+        "the run to finish",
+        |v| v["state"] == "success" || v["state"] == "failed",
+    )
     .await
 }
 
 async fn instances(app: &TestApp, dag: &str, run_id: &str) -> Vec<Value> {
-    let (status, v) = call(app, Method::GET, &format!("/api/pipeline/dags/{dag}/dagRuns/{run_id}/taskInstances"), Role::Viewer, None).await;
+    let (status, v) = call(
+        app,
+        Method::GET,
+        &format!("/api/pipeline/dags/{dag}/dagRuns/{run_id}/taskInstances"),
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     v["task_instances"].as_array().cloned().unwrap_or_default()
 }
 
 fn by_task<'a>(tis: &'a [Value], task: &str) -> &'a Value {
-    tis.iter().find(|t| t["task_id"] == task).unwrap_or_else(|| panic!("no task {task} in {tis:?}"))
+    tis.iter()
+        .find(|t| t["task_id"] == task)
+        .unwrap_or_else(|| panic!("no task {task} in {tis:?}"))
 }
 
 fn etl_dag(out: &Path) -> String {
@@ -189,17 +220,31 @@ async fn backfill_partitions_clear_one_date(backend: Backend) {
     wait_dag(&app, "etl").await;
     // Without catchup the scheduler creates the latest ended interval's run (2026-11-30) by
     // itself; the backfill must skip that date.
-    wait_for(&app, "/api/pipeline/dags/etl/dagRuns?run_type=scheduled", "the scheduled run", |v| {
-        v["dag_runs"].as_array().is_some_and(|r| !r.is_empty())
-    })
+    wait_for(
+        &app,
+        "/api/pipeline/dags/etl/dagRuns?run_type=scheduled",
+        "the scheduled run",
+        |v| v["dag_runs"].as_array().is_some_and(|r| !r.is_empty()),
+    )
     .await;
 
     // Dry run first: the 30 dates, one of them skipped.
-    let (status, dry) = call(&app, Method::POST, "/api/pipeline/backfills", Role::Admin, Some(json!({
-        "dag_id": "etl", "from_date": "2026-11-01", "to_date": "2026-11-30", "dry_run": true
-    }))).await;
+    let (status, dry) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/backfills",
+        Role::Admin,
+        Some(json!({
+            "dag_id": "etl", "from_date": "2026-11-01", "to_date": "2026-11-30", "dry_run": true
+        })),
+    )
+    .await;
     assert_eq!(status, 200, "{dry}");
-    assert_eq!(dry["logical_dates"].as_array().map(Vec::len), Some(29), "{dry}");
+    assert_eq!(
+        dry["logical_dates"].as_array().map(Vec::len),
+        Some(29),
+        "{dry}"
+    );
     assert_eq!(dry["skipped"], json!(["2026-11-30T00:00:00Z"]), "{dry}");
 
     let (status, b) = call(&app, Method::POST, "/api/pipeline/backfills", Role::Admin, Some(json!({
@@ -208,33 +253,65 @@ async fn backfill_partitions_clear_one_date(backend: Backend) {
     assert_eq!(status, 201, "{b}");
     assert_eq!(b["total_runs"], 29, "{b}");
     let id = b["id"].as_i64().expect("id");
-    let done = wait_for(&app, &format!("/api/pipeline/backfills/{id}"), "the backfill", |v| v["state"] == "done").await;
+    let done = wait_for(
+        &app,
+        &format!("/api/pipeline/backfills/{id}"),
+        "the backfill",
+        |v| v["state"] == "done",
+    )
+    .await;
     assert_eq!(done["finished_runs"], 29, "{done}");
     let conn = db(&app).await;
-    let failures: Vec<String> = rows(&conn, "SELECT task_id, error FROM pipeline_task_instances WHERE state <> 'success'")
-        .await
-        .iter()
-        .map(|r| format!("{}: {:?}", r.try_get::<String>("", "task_id").unwrap_or_default(), r.try_get::<Option<String>>("", "error").ok().flatten()))
-        .collect();
-    assert_eq!(done["failed_runs"], 0, "{done} {failures:?}");
-
-    let spans: Vec<(i64, i64)> = rows(&conn, &format!(
-        "SELECT start_ms, end_ms FROM pipeline_runs WHERE backfill_id = {id}"
-    ))
+    let failures: Vec<String> = rows(
+        &conn,
+        "SELECT task_id, error FROM pipeline_task_instances WHERE state <> 'success'",
+    )
     .await
     .iter()
-    .map(|r| (r.try_get::<i64>("", "start_ms").expect("start"), r.try_get::<i64>("", "end_ms").expect("end")))
+    .map(|r| {
+        format!(
+            "{}: {:?}",
+            r.try_get::<String>("", "task_id").unwrap_or_default(),
+            r.try_get::<Option<String>>("", "error").ok().flatten()
+        )
+    })
+    .collect();
+    assert_eq!(done["failed_runs"], 0, "{done} {failures:?}");
+
+    let spans: Vec<(i64, i64)> = rows(
+        &conn,
+        &format!("SELECT start_ms, end_ms FROM pipeline_runs WHERE backfill_id = {id}"),
+    )
+    .await
+    .iter()
+    .map(|r| {
+        (
+            r.try_get::<i64>("", "start_ms").expect("start"),
+            r.try_get::<i64>("", "end_ms").expect("end"),
+        )
+    })
     .collect();
     assert_eq!(spans.len(), 29);
     wait_run(&app, "etl", "scheduled__2026-11-30T00:00:00.000Z").await;
     let overlap = max_overlap(spans);
-    assert!(overlap <= 4, "{overlap} runs were active at once (max_active_runs = 4)");
-    assert!(overlap >= 2, "the backfill ran its runs one by one ({overlap}); the limit was not exercised");
+    assert!(
+        overlap <= 4,
+        "{overlap} runs were active at once (max_active_runs = 4)"
+    );
+    assert!(
+        overlap >= 2,
+        "the backfill ran its runs one by one ({overlap}); the limit was not exercised"
+    );
 
     for day in 1..=30 {
         let ds = format!("2026-11-{day:02}");
-        let loaded = std::fs::read_to_string(out.join(format!("dt={ds}/loaded.txt"))).expect("loaded.txt");
-        assert_eq!(loaded, format!("RAW {ds} {ds}T00:00:00Z\n"), "partition dt={ds}");
+        let loaded =
+            std::fs::read_to_string(out.join(format!("dt={ds}/loaded.txt"))).expect("loaded.txt");
+        assert_eq!(
+            loaded,
+            format!("RAW {ds} {ds}T00:00:00Z\n"),
+            "partition dt={ds}"
+        );
     }
 
     // Clear clean (+ downstream) of 2026-11-15 only.
@@ -242,39 +319,107 @@ async fn backfill_partitions_clear_one_date(backend: Backend) {
     let before = instances(&app, "etl", run_id).await;
     let clear = json!({"task_ids": ["clean"], "include_downstream": true,
                        "start_date": "2026-11-15", "end_date": "2026-11-15"});
-    let (status, dry) = call(&app, Method::POST, "/api/pipeline/dags/etl/clearTaskInstances", Role::Admin, Some(clear.clone())).await;
+    let (status, dry) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/dags/etl/clearTaskInstances",
+        Role::Admin,
+        Some(clear.clone()),
+    )
+    .await;
     assert_eq!(status, 200, "{dry}");
-    let mut listed: Vec<(String, String)> = dry["task_instances"].as_array().expect("list").iter()
-        .map(|t| (t["dag_run_id"].as_str().unwrap_or("").to_owned(), t["task_id"].as_str().unwrap_or("").to_owned()))
+    let mut listed: Vec<(String, String)> = dry["task_instances"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|t| {
+            (
+                t["dag_run_id"].as_str().unwrap_or("").to_owned(),
+                t["task_id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
         .collect();
     listed.sort();
-    assert_eq!(listed, vec![(run_id.to_owned(), "clean".to_owned()), (run_id.to_owned(), "load".to_owned())], "{dry}");
+    assert_eq!(
+        listed,
+        vec![
+            (run_id.to_owned(), "clean".to_owned()),
+            (run_id.to_owned(), "load".to_owned())
+        ],
+        "{dry}"
+    );
     let mut real = clear;
     real["dry_run"] = json!(false);
-    let (status, v) = call(&app, Method::POST, "/api/pipeline/dags/etl/clearTaskInstances", Role::Admin, Some(real)).await;
+    let (status, v) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/dags/etl/clearTaskInstances",
+        Role::Admin,
+        Some(real),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
-    wait_for(&app, &format!("/api/pipeline/dags/etl/dagRuns/{run_id}/taskInstances"), "the rerun", |v| {
-        v["task_instances"].as_array().is_some_and(|t| {
-            t.iter().all(|i| i["state"] == "success") && t.iter().any(|i| i["task_id"] == "load" && i["try_number"] == 2)
-        })
-    })
+    wait_for(
+        &app,
+        &format!("/api/pipeline/dags/etl/dagRuns/{run_id}/taskInstances"),
+        "the rerun",
+        |v| {
+            v["task_instances"].as_array().is_some_and(|t| {
+                t.iter().all(|i| i["state"] == "success")
+                    && t.iter()
+                        .any(|i| i["task_id"] == "load" && i["try_number"] == 2)
+            })
+        },
+    )
     .await;
     let after = instances(&app, "etl", run_id).await;
-    assert_eq!(by_task(&after, "extract")["try_number"], 1, "extract was not cleared");
+    assert_eq!(
+        by_task(&after, "extract")["try_number"],
+        1,
+        "extract was not cleared"
+    );
     assert_eq!(by_task(&after, "clean")["try_number"], 2);
     // P13: the rerun rendered the same command.
-    assert_eq!(by_task(&before, "clean")["rendered"]["kind"], by_task(&after, "clean")["rendered"]["kind"]);
+    assert_eq!(
+        by_task(&before, "clean")["rendered"]["kind"],
+        by_task(&after, "clean")["rendered"]["kind"]
+    );
     let loaded = std::fs::read_to_string(out.join("dt=2026-11-15/loaded.txt")).expect("loaded");
-    assert_eq!(loaded.lines().count(), 2, "load ran again for 2026-11-15 only: {loaded}");
+    assert_eq!(
+        loaded.lines().count(),
+        2,
+        "load ran again for 2026-11-15 only: {loaded}"
+    );
     let other = std::fs::read_to_string(out.join("dt=2026-11-14/loaded.txt")).expect("loaded");
     assert_eq!(other.lines().count(), 1, "another date was not rerun");
-    let reruns = rows(&conn, "SELECT COUNT(*) AS n FROM pipeline_task_instances WHERE dag_id = 'etl' AND try_number > 1").await;
-    assert_eq!(reruns[0].try_get::<i64>("", "n").expect("n"), 2, "only clean and load of one date reran");
+    let reruns = rows(
+        &conn,
+        "SELECT COUNT(*) AS n FROM pipeline_task_instances WHERE dag_id = 'etl' AND try_number > 1",
+    )
+    .await;
+    assert_eq!(
+        reruns[0].try_get::<i64>("", "n").expect("n"),
+        2,
+        "only clean and load of one date reran"
+    );
 
     // The log of a try is stored.
-    let (status, log) = call(&app, Method::GET, &format!("/api/pipeline/dags/etl/dagRuns/{run_id}/taskInstances/load/logs/2"), Role::Viewer, None).await;
+    let (status, log) = call(
+        &app,
+        Method::GET,
+        &format!("/api/pipeline/dags/etl/dagRuns/{run_id}/taskInstances/load/logs/2"),
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{log}");
-    assert!(log["content"].as_str().unwrap_or("").contains("loaded 2026-11-15"), "{log}");
+    assert!(
+        log["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("loaded 2026-11-15"),
+        "{log}"
+    );
 }
 bulwark_tests::each_backend!(backfill_partitions_clear_one_date);
 
@@ -282,7 +427,10 @@ bulwark_tests::each_backend!(backfill_partitions_clear_one_date);
 /// downstream is upstream_failed; the run fails. The gaps come from the recorded tries.
 async fn retries_back_off_then_upstream_failed(backend: Backend) {
     let app = builder(backend).start().await;
-    write_dag(&app, "flaky.toml", r#"
+    write_dag(
+        &app,
+        "flaky.toml",
+        r#"
 schedule = "none"
 start_date = "2026-11-01"
 [tasks.a]
@@ -296,7 +444,8 @@ jitter = false
 type = "shell"
 depends_on = ["a"]
 command = "true"
-"#);
+"#,
+    );
     wait_dag(&app, "flaky").await;
     let run = trigger(&app, "flaky", json!({"dag_run_id": "r1"})).await;
     assert_eq!(run["state"], "queued");
@@ -309,18 +458,47 @@ command = "true"
     assert_eq!(a["exit_code"], 3, "{a}");
     assert_eq!(by_task(&tis, "b")["state"], "upstream_failed");
 
-    let (status, detail) = call(&app, Method::GET, "/api/pipeline/dags/flaky/dagRuns/r1/taskInstances/a", Role::Viewer, None).await;
+    let (status, detail) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/flaky/dagRuns/r1/taskInstances/a",
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     let tries = detail["tries"].as_array().expect("tries");
     assert_eq!(tries.len(), 3, "{detail}");
-    let t = |i: usize, k: &str| chrono::DateTime::parse_from_rfc3339(tries[i][k].as_str().expect("time")).expect("rfc3339");
+    let t = |i: usize, k: &str| {
+        chrono::DateTime::parse_from_rfc3339(tries[i][k].as_str().expect("time")).expect("rfc3339")
+    };
     let gap1 = (t(1, "start_date") - t(0, "end_date")).num_milliseconds();
     let gap2 = (t(2, "start_date") - t(1, "end_date")).num_milliseconds();
     assert!(gap1 >= 1000, "first retry waited {gap1} ms (delay 1 s)");
-    assert!(gap2 >= 2000, "second retry waited {gap2} ms (exponential: 2 s)");
+    assert!(
+        gap2 >= 2000,
+        "second retry waited {gap2} ms (exponential: 2 s)"
+    );
     for (i, tr) in tries.iter().enumerate() {
-        let (_, log) = call(&app, Method::GET, &format!("/api/pipeline/dags/flaky/dagRuns/r1/taskInstances/a/logs/{}", i + 1), Role::Viewer, None).await;
-        assert!(log["content"].as_str().unwrap_or("").contains(&format!("try {}", i + 1)), "try {}: {log}", i + 1);
+        let (_, log) = call(
+            &app,
+            Method::GET,
+            &format!(
+                "/api/pipeline/dags/flaky/dagRuns/r1/taskInstances/a/logs/{}",
+                i + 1
+            ),
+            Role::Viewer,
+            None,
+        )
+        .await;
+        assert!(
+            log["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("try {}", i + 1)),
+            "try {}: {log}",
+            i + 1
+        );
         assert_eq!(tr["exit_code"], 3);
     }
 }
@@ -331,32 +509,77 @@ bulwark_tests::each_backend!(retries_back_off_then_upstream_failed);
 #[tokio::test]
 async fn broken_dag_files_are_reported_and_the_rest_runs() {
     let app = builder(Backend::Embedded).start().await;
-    write_dag(&app, "good.toml", "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.only]\ntype = \"shell\"\ncommand = \"true\"\n");
+    write_dag(
+        &app,
+        "good.toml",
+        "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.only]\ntype = \"shell\"\ncommand = \"true\"\n",
+    );
     let broken = [
-        ("cycle.toml", "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"b\"]\n[tasks.b]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"a\"]\n", "cycle"),
-        ("unknown_dep.toml", "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"ghost\"]\n", "ghost"),
-        ("bad_cron.toml", "schedule = \"61 * * * *\"\nstart_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n", "schedule"),
-        ("bad_var.toml", "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"echo {{ yesterday }}\"\n", "yesterday"),
-        ("dup.toml", "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"false\"\n", "a"),
+        (
+            "cycle.toml",
+            "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"b\"]\n[tasks.b]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"a\"]\n",
+            "cycle",
+        ),
+        (
+            "unknown_dep.toml",
+            "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\ndepends_on = [\"ghost\"]\n",
+            "ghost",
+        ),
+        (
+            "bad_cron.toml",
+            "schedule = \"61 * * * *\"\nstart_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n",
+            "schedule",
+        ),
+        (
+            "bad_var.toml",
+            "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"echo {{ yesterday }}\"\n",
+            "yesterday",
+        ),
+        (
+            "dup.toml",
+            "start_date = \"2026-11-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"false\"\n",
+            "a",
+        ),
     ];
     for (name, text, _) in &broken {
         write_dag(&app, name, text);
     }
     wait_dag(&app, "good").await;
-    let errs = wait_for(&app, "/api/pipeline/importErrors", "the import errors", |v| {
-        v["import_errors"].as_array().is_some_and(|e| e.len() >= broken.len())
-    })
+    let errs = wait_for(
+        &app,
+        "/api/pipeline/importErrors",
+        "the import errors",
+        |v| {
+            v["import_errors"]
+                .as_array()
+                .is_some_and(|e| e.len() >= broken.len())
+        },
+    )
     .await;
     for (name, _, needle) in &broken {
-        let e = errs["import_errors"].as_array().expect("list").iter()
+        let e = errs["import_errors"]
+            .as_array()
+            .expect("list")
+            .iter()
             .find(|e| e["file"].as_str().is_some_and(|f| f.ends_with(name)))
             .unwrap_or_else(|| panic!("no import error for {name}: {errs}"));
-        assert!(e["line"].as_i64().unwrap_or(0) >= 1, "{name} has a line: {e}");
-        assert!(e["message"].as_str().unwrap_or("").contains(needle), "{name}: {e}");
+        assert!(
+            e["line"].as_i64().unwrap_or(0) >= 1,
+            "{name} has a line: {e}"
+        );
+        assert!(
+            e["message"].as_str().unwrap_or("").contains(needle),
+            "{name}: {e}"
+        );
     }
     let (status, list) = call(&app, Method::GET, "/api/pipeline/dags", Role::Viewer, None).await;
     assert_eq!(status, 200);
-    let ids: Vec<&str> = list["dags"].as_array().expect("dags").iter().filter_map(|d| d["dag_id"].as_str()).collect();
+    let ids: Vec<&str> = list["dags"]
+        .as_array()
+        .expect("dags")
+        .iter()
+        .filter_map(|d| d["dag_id"].as_str())
+        .collect();
     assert_eq!(ids, vec!["good"], "only the good DAG loads");
     trigger(&app, "good", json!({"dag_run_id": "once"})).await;
     assert_eq!(wait_run(&app, "good", "once").await["state"], "success");
@@ -366,29 +589,52 @@ async fn broken_dag_files_are_reported_and_the_rest_runs() {
         .arg(dags_dir(&app))
         .output()
         .expect("run bulwark pipeline validate");
-    assert!(!out.status.success(), "validate exits non-zero on bad files");
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "validate exits non-zero on bad files"
+    );
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     for (name, _, _) in &broken {
-        let has_line = text.lines().any(|l| l.contains(name) && l.split(name).nth(1).is_some_and(|rest| rest.starts_with(':')));
+        let has_line = text.lines().any(|l| {
+            l.contains(name)
+                && l.split(name)
+                    .nth(1)
+                    .is_some_and(|rest| rest.starts_with(':'))
+        });
         assert!(has_line, "validate names {name}:LINE: {text}");
     }
     // A folder of good files passes.
     let ok_dir = tempfile::tempdir().expect("tmp");
-    std::fs::copy(dags_dir(&app).join("good.toml"), ok_dir.path().join("good.toml")).expect("copy");
+    std::fs::copy(
+        dags_dir(&app).join("good.toml"),
+        ok_dir.path().join("good.toml"),
+    )
+    .expect("copy");
     let out = std::process::Command::new(bulwark_tests::app::binary_path())
         .args(["pipeline", "validate"])
         .arg(ok_dir.path())
         .output()
         .expect("run validate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// P15: a sensor waiting on a bus subject is deferred — the pool shows it holds no slot — and
 /// fires when a message arrives; its downstream then runs.
 async fn sensor_on_a_subject_holds_no_slot(backend: Backend) {
     let tap = Arc::new(Mutex::new(None));
-    let app = builder(backend).module(Arc::new(BusTap(tap.clone()))).start().await;
-    write_dag(&app, "wait.toml", r#"
+    let app = builder(backend)
+        .module(Arc::new(BusTap(tap.clone())))
+        .start()
+        .await;
+    write_dag(
+        &app,
+        "wait.toml",
+        r#"
 schedule = "none"
 start_date = "2026-11-01"
 [tasks.wait]
@@ -399,27 +645,62 @@ timeout = "5m"
 type = "shell"
 depends_on = ["wait"]
 command = "echo after"
-"#);
+"#,
+    );
     wait_dag(&app, "wait").await;
-    trigger(&app, "wait", json!({"dag_run_id": "s1", "logical_date": "2026-11-20T00:00:00Z"})).await;
-    wait_for(&app, "/api/pipeline/dags/wait/dagRuns/s1/taskInstances", "the sensor to defer", |v| {
-        v["task_instances"].as_array().is_some_and(|t| t.iter().any(|i| i["task_id"] == "wait" && i["state"] == "deferred"))
-    })
+    trigger(
+        &app,
+        "wait",
+        json!({"dag_run_id": "s1", "logical_date": "2026-11-20T00:00:00Z"}),
+    )
     .await;
-    let (_, pool) = call(&app, Method::GET, "/api/pipeline/pools/default", Role::Viewer, None).await;
+    wait_for(
+        &app,
+        "/api/pipeline/dags/wait/dagRuns/s1/taskInstances",
+        "the sensor to defer",
+        |v| {
+            v["task_instances"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|i| i["task_id"] == "wait" && i["state"] == "deferred")
+            })
+        },
+    )
+    .await;
+    let (_, pool) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/pools/default",
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(pool["deferred"], 1, "{pool}");
-    assert_eq!(pool["running"], 0, "a deferred sensor holds no running slot: {pool}");
+    assert_eq!(
+        pool["running"], 0,
+        "a deferred sensor holds no running slot: {pool}"
+    );
     assert_eq!(pool["queued"], 0, "{pool}");
     assert_eq!(pool["open"], pool["slots"], "{pool}");
     // Nothing happens without the message.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, run) = call(&app, Method::GET, "/api/pipeline/dags/wait/dagRuns/s1", Role::Viewer, None).await;
+    let (_, run) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/wait/dagRuns/s1",
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(run["state"], "running");
 
     let bus = tap.lock().expect("lock").clone().expect("bus");
-    bus.broadcast("uploads.20261120", Default::default(), bytes::Bytes::from_static(b"ready"))
-        .await
-        .expect("broadcast");
+    bus.broadcast(
+        "uploads.20261120",
+        Default::default(),
+        bytes::Bytes::from_static(b"ready"),
+    )
+    .await
+    .expect("broadcast");
     let done = wait_run(&app, "wait", "s1").await;
     assert_eq!(done["state"], "success", "{done}");
     let tis = instances(&app, "wait", "s1").await;
@@ -432,8 +713,14 @@ bulwark_tests::each_backend!(sensor_on_a_subject_holds_no_slot);
 /// and is retried on another worker; the run does not stay stuck.
 #[tokio::test]
 async fn killed_worker_task_is_retried() {
-    let app = builder(Backend::Embedded).role(ProcessRole::Web).start().await;
-    write_dag(&app, "slow.toml", r#"
+    let app = builder(Backend::Embedded)
+        .role(ProcessRole::Web)
+        .start()
+        .await;
+    write_dag(
+        &app,
+        "slow.toml",
+        r#"
 schedule = "none"
 start_date = "2026-11-01"
 [tasks.work]
@@ -441,32 +728,60 @@ type = "shell"
 retries = 1
 retry_delay = "0s"
 command = "if [ \"$BULWARK_TRY_NUMBER\" = 1 ]; then sleep 120; fi; echo done try $BULWARK_TRY_NUMBER"
-"#);
+"#,
+    );
     let _scheduler = process(&app, ProcessRole::Scheduler).await;
     let mut worker1 = process(&app, ProcessRole::Worker).await;
     wait_dag(&app, "slow").await;
     trigger(&app, "slow", json!({"dag_run_id": "k1"})).await;
-    wait_for(&app, "/api/pipeline/dags/slow/dagRuns/k1/taskInstances", "the task to run", |v| {
-        v["task_instances"].as_array().is_some_and(|t| t.iter().any(|i| i["state"] == "running"))
-    })
+    wait_for(
+        &app,
+        "/api/pipeline/dags/slow/dagRuns/k1/taskInstances",
+        "the task to run",
+        |v| {
+            v["task_instances"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|i| i["state"] == "running"))
+        },
+    )
     .await;
     worker1.kill9();
     let _worker2 = process(&app, ProcessRole::Worker).await;
     let done = wait_run(&app, "slow", "k1").await;
     assert_eq!(done["state"], "success", "{done}");
-    let (_, ti) = call(&app, Method::GET, "/api/pipeline/dags/slow/dagRuns/k1/taskInstances/work", Role::Viewer, None).await;
+    let (_, ti) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/slow/dagRuns/k1/taskInstances/work",
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(ti["try_number"], 2, "{ti}");
     let tries = ti["tries"].as_array().expect("tries");
-    assert!(tries[0]["error"].as_str().unwrap_or("").contains("zombie"), "{ti}");
-    assert_ne!(tries[0]["worker"], tries[1]["worker"], "the retry ran on the other worker: {ti}");
+    assert!(
+        tries[0]["error"].as_str().unwrap_or("").contains("zombie"),
+        "{ti}"
+    );
+    assert_ne!(
+        tries[0]["worker"], tries[1]["worker"],
+        "the retry ran on the other worker: {ti}"
+    );
 }
 
 /// P1: two schedulers, one active (one lease holder); kill -9 the active one and the standby
 /// takes the lease within seconds and runs new work.
 #[tokio::test]
 async fn standby_scheduler_takes_over() {
-    let app = builder(Backend::Embedded).role(ProcessRole::Web).start().await;
-    write_dag(&app, "tick.toml", "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.t]\ntype = \"shell\"\ncommand = \"true\"\n");
+    let app = builder(Backend::Embedded)
+        .role(ProcessRole::Web)
+        .start()
+        .await;
+    write_dag(
+        &app,
+        "tick.toml",
+        "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.t]\ntype = \"shell\"\ncommand = \"true\"\n",
+    );
     let mut a = process(&app, ProcessRole::Scheduler).await;
     let mut b = process(&app, ProcessRole::Scheduler).await;
     let _w = process(&app, ProcessRole::Worker).await;
@@ -476,16 +791,33 @@ async fn standby_scheduler_takes_over() {
     let conn = db(&app).await;
     let holder = |rows: Vec<sea_orm::QueryResult>| -> (String, i64) {
         let r = rows.first().expect("a lease row");
-        (r.try_get::<String>("", "holder").expect("holder"), r.try_get::<i64>("", "token").expect("token"))
+        (
+            r.try_get::<String>("", "holder").expect("holder"),
+            r.try_get::<i64>("", "token").expect("token"),
+        )
     };
-    let (first, token) = holder(rows(&conn, "SELECT holder, token FROM pipeline_scheduler_lease").await);
-    let active_pid: u32 = first.split('-').rev().nth(1).and_then(|p| p.parse().ok()).expect("pid in holder");
-    assert!(active_pid == a.pid() || active_pid == b.pid(), "the holder {first} is one of the two");
+    let (first, token) =
+        holder(rows(&conn, "SELECT holder, token FROM pipeline_scheduler_lease").await);
+    let active_pid: u32 = first
+        .split('-')
+        .rev()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("pid in holder");
+    assert!(
+        active_pid == a.pid() || active_pid == b.pid(),
+        "the holder {first} is one of the two"
+    );
     let killed = Instant::now();
-    if active_pid == a.pid() { a.kill9() } else { b.kill9() }
+    if active_pid == a.pid() {
+        a.kill9()
+    } else {
+        b.kill9()
+    }
     let mut taken = None;
     while killed.elapsed() < Duration::from_secs(20) {
-        let (h, t) = holder(rows(&conn, "SELECT holder, token FROM pipeline_scheduler_lease").await);
+        let (h, t) =
+            holder(rows(&conn, "SELECT holder, token FROM pipeline_scheduler_lease").await);
         if h != first {
             assert!(t > token, "a new holder gets a larger fencing token");
             taken = Some(killed.elapsed());
@@ -494,7 +826,10 @@ async fn standby_scheduler_takes_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = taken.expect("the standby took the lease");
-    assert!(took < Duration::from_secs(10), "takeover took {took:?} (lease 2 s)");
+    assert!(
+        took < Duration::from_secs(10),
+        "takeover took {took:?} (lease 2 s)"
+    );
     trigger(&app, "tick", json!({"dag_run_id": "two"})).await;
     assert_eq!(wait_run(&app, "tick", "two").await["state"], "success");
 }
@@ -502,8 +837,15 @@ async fn standby_scheduler_takes_over() {
 /// Bad input on every entry point: unknown DAG, wrong role, reversed or oversized backfill,
 /// empty clear selection, duplicate logical date, unknown fields, bad dates.
 async fn bad_input_is_refused_clearly(backend: Backend) {
-    let app = builder(backend).set("pipeline.max_backfill_runs", 10).start().await;
-    write_dag(&app, "d.toml", "schedule = \"@daily\"\nstart_date = \"2026-01-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n");
+    let app = builder(backend)
+        .set("pipeline.max_backfill_runs", 10)
+        .start()
+        .await;
+    write_dag(
+        &app,
+        "d.toml",
+        "schedule = \"@daily\"\nstart_date = \"2026-01-01\"\n[tasks.a]\ntype = \"shell\"\ncommand = \"true\"\n",
+    );
     wait_dag(&app, "d").await;
     let post = |path: &'static str, role: Role, body: Value| {
         let app = &app;
@@ -513,44 +855,150 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     assert_eq!(s, 404, "{v}");
     let (s, v) = post("/api/pipeline/dags/d/dagRuns", Role::Viewer, json!({})).await;
     assert_eq!(s, 403, "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/dagRuns", Role::Admin, json!({"logical_date": "yesterday"})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/dagRuns",
+        Role::Admin,
+        json!({"logical_date": "yesterday"}),
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/dagRuns", Role::Admin, json!({"colour": "red"})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/dagRuns",
+        Role::Admin,
+        json!({"colour": "red"}),
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/dagRuns", Role::Admin, json!({"logical_date": "2026-03-01", "dag_run_id": "x1"})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/dagRuns",
+        Role::Admin,
+        json!({"logical_date": "2026-03-01", "dag_run_id": "x1"}),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/dagRuns", Role::Admin, json!({"logical_date": "2026-03-01", "dag_run_id": "x2"})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/dagRuns",
+        Role::Admin,
+        json!({"logical_date": "2026-03-01", "dag_run_id": "x2"}),
+    )
+    .await;
     assert_eq!(s, 409, "the same logical date twice: {v}");
-    let (s, v) = post("/api/pipeline/backfills", Role::Admin, json!({"dag_id": "d", "from_date": "2026-02-10", "to_date": "2026-02-01"})).await;
-    assert_eq!((s, v["field"].as_str()), (400, Some("to_date")), "reversed: {v}");
-    let (s, v) = post("/api/pipeline/backfills", Role::Admin, json!({"dag_id": "d", "from_date": "2026-02-01", "to_date": "2026-02-28"})).await;
-    assert_eq!((s, v["field"].as_str()), (400, Some("allow_large")), "over the maximum: {v}");
+    let (s, v) = post(
+        "/api/pipeline/backfills",
+        Role::Admin,
+        json!({"dag_id": "d", "from_date": "2026-02-10", "to_date": "2026-02-01"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("to_date")),
+        "reversed: {v}"
+    );
+    let (s, v) = post(
+        "/api/pipeline/backfills",
+        Role::Admin,
+        json!({"dag_id": "d", "from_date": "2026-02-01", "to_date": "2026-02-28"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("allow_large")),
+        "over the maximum: {v}"
+    );
     let (s, v) = post("/api/pipeline/backfills", Role::Admin, json!({"dag_id": "d", "from_date": "2026-02-01", "to_date": "2026-02-28", "allow_large": true, "dry_run": true})).await;
     assert_eq!(s, 200, "allowed with the flag: {v}");
     assert_eq!(v["logical_dates"].as_array().map(Vec::len), Some(28));
-    let (s, v) = post("/api/pipeline/backfills", Role::Admin, json!({"dag_id": "ghost", "from_date": "2026-02-01", "to_date": "2026-02-02"})).await;
+    let (s, v) = post(
+        "/api/pipeline/backfills",
+        Role::Admin,
+        json!({"dag_id": "ghost", "from_date": "2026-02-01", "to_date": "2026-02-02"}),
+    )
+    .await;
     assert_eq!(s, 404, "{v}");
-    let (s, v) = post("/api/pipeline/backfills", Role::Viewer, json!({"dag_id": "d", "from_date": "2026-02-01", "to_date": "2026-02-02"})).await;
+    let (s, v) = post(
+        "/api/pipeline/backfills",
+        Role::Viewer,
+        json!({"dag_id": "d", "from_date": "2026-02-01", "to_date": "2026-02-02"}),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/clearTaskInstances", Role::Admin, json!({"task_ids": []})).await;
-    assert_eq!((s, v["field"].as_str()), (400, Some("task_ids")), "empty selection: {v}");
-    let (s, v) = post("/api/pipeline/dags/d/clearTaskInstances", Role::Admin, json!({"task_regex": "^zzz$", "dry_run": false})).await;
-    assert_eq!((s, v["field"].as_str()), (400, Some("task_ids")), "a regex that matches no task: {v}");
-    let (s, v) = post("/api/pipeline/dags/d/clearTaskInstances", Role::Admin, json!({"task_regex": "("})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/clearTaskInstances",
+        Role::Admin,
+        json!({"task_ids": []}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("task_ids")),
+        "empty selection: {v}"
+    );
+    let (s, v) = post(
+        "/api/pipeline/dags/d/clearTaskInstances",
+        Role::Admin,
+        json!({"task_regex": "^zzz$", "dry_run": false}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("task_ids")),
+        "a regex that matches no task: {v}"
+    );
+    let (s, v) = post(
+        "/api/pipeline/dags/d/clearTaskInstances",
+        Role::Admin,
+        json!({"task_regex": "("}),
+    )
+    .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("task_regex")), "{v}");
-    let (s, v) = post("/api/pipeline/dags/d/clearTaskInstances", Role::Admin, json!({"task_ids": ["ghost"]})).await;
+    let (s, v) = post(
+        "/api/pipeline/dags/d/clearTaskInstances",
+        Role::Admin,
+        json!({"task_ids": ["ghost"]}),
+    )
+    .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("task_ids")), "{v}");
-    let (s, v) = post("/api/pipeline/pools", Role::Admin, json!({"name": "p", "slots": -1})).await;
+    let (s, v) = post(
+        "/api/pipeline/pools",
+        Role::Admin,
+        json!({"name": "p", "slots": -1}),
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = call(&app, Method::GET, "/api/pipeline/dags/d/dagRuns?state=exploded", Role::Viewer, None).await;
+    let (s, v) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/d/dagRuns?state=exploded",
+        Role::Viewer,
+        None,
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = call(&app, Method::PATCH, "/api/pipeline/dags/d", Role::Viewer, Some(json!({"is_paused": true}))).await;
+    let (s, v) = call(
+        &app,
+        Method::PATCH,
+        "/api/pipeline/dags/d",
+        Role::Viewer,
+        Some(json!({"is_paused": true})),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
 
     // The CLI names the flag.
     let out = std::process::Command::new(bulwark_tests::app::binary_path())
-        .args(["pipeline", "backfill", "d", "--from", "2026-02-10", "--to", "2026-02-01"])
-        .env("BULWARK__DATABASE__URL", app.settings.kernel.database.url.expose())
+        .args([
+            "pipeline",
+            "backfill",
+            "d",
+            "--from",
+            "2026-02-10",
+            "--to",
+            "2026-02-01",
+        ])
+        .env(
+            "BULWARK__DATABASE__URL",
+            app.settings.kernel.database.url.expose(),
+        )
         .env("BULWARK__DATA_DIR", &app.settings.kernel.data_dir)
         .output()
         .expect("run backfill");
