@@ -5,7 +5,8 @@ No cluster and no helm binary: helm-python-sdk (Helm's Go SDK through a C ABI) l
 kubernetes-validate validates the rendered core objects strictly against KUBE_VERSION, and the
 assertions below check what the chart promises (rolling updates, draining, PDB/Service/
 ServiceMonitor wiring, HPA, single-source rules and dashboards, the annotation module's section
-and exports volume, a closed values schema, a README that lists every value).
+and exports volume, the pipeline module's section and DAG folder, a closed values schema, a
+README that lists every value).
 
 Usage:
   check.py                 run every check; exit 1 when any fails
@@ -399,9 +400,17 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
 
     sched = named(docs, "Deployment", f"{fullname}-scheduler")
     if values["scheduler"]["enabled"]:
-        check(sched is not None and sched["spec"].get("replicas") == 1
-              and sched["spec"]["strategy"]["type"] == "Recreate",
-              f"{label}: scheduler is one replica with strategy Recreate")
+        n = values["scheduler"]["replicaCount"]
+        strategy = (sched or {}).get("spec", {}).get("strategy", {})
+        check(sched is not None and sched["spec"].get("replicas") == n,
+              f"{label}: scheduler replicas = scheduler.replicaCount ({n})")
+        if n == 1:
+            check(strategy.get("type") == "Recreate", f"{label}: one scheduler replica: strategy Recreate ({strategy})")
+        else:
+            # Never more than replicaCount schedulers: one pod replaced at a time, no surge.
+            check(strategy.get("type") == "RollingUpdate" and strategy["rollingUpdate"] ==
+                  {"maxUnavailable": 1, "maxSurge": 0},
+                  f"{label}: {n} scheduler replicas: RollingUpdate, maxUnavailable 1, maxSurge 0 ({strategy})")
         check(named(docs, "PodDisruptionBudget", f"{fullname}-scheduler") is None,
               f"{label}: no scheduler PDB")
     else:
@@ -444,6 +453,7 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
         check(conf["database"]["migrate_on_start"] == (not values["migrations"]["enabled"]),
               f"{label}: migrate_on_start is off when the migration Job runs")
         annotation_rendered(docs, conf, values, label)
+        pipeline_rendered(docs, conf, values, label)
     except Exception as e:  # noqa: BLE001
         check(False, f"{label}: ConfigMap bulwark.toml is not valid TOML: {e}")
 
@@ -544,6 +554,92 @@ def annotation_rendered(docs: list[dict], conf: dict, values: dict, label: str) 
         check(mounts == [a["exports"]["mountPath"]], f"{label}: {n} mounts the exports volume at export_dir ({mounts})")
 
 
+def pipeline_rendered(docs: list[dict], conf: dict, values: dict, label: str) -> None:
+    """pipeline.enabled: [pipeline] is dags_folder = dags.mountPath, reload_interval,
+    worker_slots; the scheduler, worker and web pods mount the DAG volume read-only there, from
+    the claim, the named ConfigMap, the chart's <release>-dags ConfigMap (dags.files: its data
+    equals the files, each valid TOML) or an emptyDir. Disabled: no section, volume or ConfigMap."""
+    import tomllib
+    p = values["pipeline"]
+    d = p["dags"]
+    want = ({"dags_folder": d["mountPath"], "reload_interval": p["reloadInterval"],
+             "worker_slots": p["workerSlots"]} if p["enabled"] else None)
+    check(conf.get("pipeline") == want, f"{label}: [pipeline] is {want} (got {conf.get('pipeline')})")
+    dags_cm = named(docs, "ConfigMap", f"{RELEASE}-dags")
+    if p["enabled"] and d["files"]:
+        check(dags_cm is not None and dags_cm["data"] == d["files"],
+              f"{label}: ConfigMap {RELEASE}-dags holds pipeline.dags.files verbatim")
+        for fname, content in d["files"].items():
+            try:
+                dag = tomllib.loads(content)
+                check(isinstance(dag.get("tasks"), dict) and dag["tasks"],
+                      f"{label}: DAG file {fname} has [tasks.*]")
+            except tomllib.TOMLDecodeError as e:
+                check(False, f"{label}: DAG file {fname} is not valid TOML: {e}")
+        want_vol = {"configMap": {"name": f"{RELEASE}-dags"}}
+    else:
+        check(dags_cm is None, f"{label}: no {RELEASE}-dags ConfigMap without pipeline.dags.files")
+        if d["existingClaim"]:
+            want_vol = {"persistentVolumeClaim": {"claimName": d["existingClaim"], "readOnly": True}}
+        elif d["configMap"]:
+            want_vol = {"configMap": {"name": d["configMap"]}}
+        else:
+            want_vol = {"emptyDir": {}}
+    roles = [dep for dep in by_kind(docs, "Deployment")]
+    check(len(roles) == 1 + values["worker"]["enabled"] + values["scheduler"]["enabled"],
+          f"{label}: every enabled role has a Deployment")
+    for dep in roles:
+        n = dep["metadata"]["name"]
+        spec = dep["spec"]["template"]["spec"]
+        vol = next((v for v in spec.get("volumes", []) if v["name"] == "pipeline-dags"), None)
+        mounts = [m for m in spec["containers"][0].get("volumeMounts", []) if m["name"] == "pipeline-dags"]
+        if not p["enabled"]:
+            check(vol is None and not mounts, f"{label}: {n} has no DAG volume while pipeline is disabled")
+            continue
+        check(vol is not None and {k: v for k, v in vol.items() if k != "name"} == want_vol,
+              f"{label}: {n} DAG volume is {want_vol} (got {vol})")
+        check([(m["mountPath"], m.get("readOnly")) for m in mounts] == [(d["mountPath"], True)],
+              f"{label}: {n} mounts the DAG volume read-only at dags_folder ({mounts})")
+
+
+def pipeline_tests(chart: helm.Chart, base: dict) -> None:
+    """The pipeline cases that no ci/*-values.yaml covers (ci/pipeline-values.yaml is the
+    dags.files case with two schedulers), rendered in memory; and the guard against two DAG
+    sources."""
+    step("pipeline: disabled, a DAG claim, a named ConfigMap; two DAG sources refused")
+    import tomllib
+    cases = {
+        "pipeline disabled": {"pipeline": {"enabled": False}},
+        "pipeline DAGs from a claim": {"pipeline": {"dags": {"existingClaim": "bulwark-dags"}}},
+        "pipeline DAGs from a named ConfigMap, another mount path":
+            {"pipeline": {"dags": {"configMap": "my-dags", "mountPath": "/srv/dags"}}},
+    }
+    for what, over in cases.items():
+        values = deep_merge(base, over)
+        try:
+            docs = render(chart, values)
+        except helm.HelmError as e:
+            check(False, f"{what}: render failed: {e}")
+            continue
+        conf = tomllib.loads(named(docs, "ConfigMap", RELEASE)["data"]["bulwark.toml"])
+        before = passed
+        pipeline_rendered(docs, conf, values, what)
+        validate_core(docs, what)
+        print(f"  ok   {what}: {passed - before} checks passed")
+    for what, dags in {
+        "existingClaim and configMap": {"existingClaim": "c", "configMap": "m"},
+        "configMap and files": {"configMap": "m", "files": {"a.toml": "dag_id = 'a'\n"}},
+    }.items():
+        try:
+            chart.render(values=deep_merge(base, {"pipeline": {"dags": dags}}), name=RELEASE,
+                         namespace=NAMESPACE, is_install=True)
+            check(False, f"pipeline.dags with {what} was accepted")
+        except helm.HelmError as e:
+            check("at most one of existingClaim, configMap and files" in str(e),
+                  f"pipeline.dags with {what} fails naming the rule: {e}")
+            print(f"  ok   pipeline.dags with {what}: render fails")
+
+
 def annotation_tests(chart: helm.Chart, base: dict) -> None:
     """annotation.enabled false, rendered in memory: no ci/*-values.yaml turns it off (the
     enabled cases, emptyDir by default and a claim in ci/annotation-values.yaml, are ci files,
@@ -584,6 +680,14 @@ def negative_tests(chart: helm.Chart, base: dict) -> None:
         "an unknown annotation.settings key": {"annotation": {"settings": {"lock_tll": "5m"}}},
         "config.moduleSettings.annotation (annotation.settings is the place)":
             {"config": {"moduleSettings": {"annotation": {"overlap": 2}}}},
+        "config.moduleSettings.pipeline (pipeline.* is the place)":
+            {"config": {"moduleSettings": {"pipeline": {"worker_slots": 2}}}},
+        "pipeline.workerSlots 0": {"pipeline": {"workerSlots": 0}},
+        "pipeline.reloadInterval \"5 seconds\"": {"pipeline": {"reloadInterval": "5 seconds"}},
+        "a relative pipeline.dags.mountPath": {"pipeline": {"dags": {"mountPath": "dags"}}},
+        "a DAG file name without .toml": {"pipeline": {"dags": {"files": {"daily.yaml": "x = 1"}}}},
+        "an unknown pipeline key": {"pipeline": {"dagsFolder": "/dags"}},
+        "scheduler.replicaCount 3": {"scheduler": {"replicaCount": 3}},
     }
     for what, over in cases.items():
         values = deep_merge(base, over)
@@ -647,7 +751,8 @@ def main() -> int:
     schema = json.load(open(os.path.join(CHART, "values.schema.json")))
     defaults = load_yaml(os.path.join(CHART, "values.yaml"))
     values_files = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
-    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml", "annotation-values.yaml"):
+    for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml", "annotation-values.yaml",
+                     "pipeline-values.yaml"):
         check(os.path.join(CHART, "ci", required) in values_files, f"ci/{required} exists")
 
     schema_is_closed(schema)
@@ -671,6 +776,7 @@ def main() -> int:
         assertions(docs, deep_merge(defaults, over), label, rules, dashboards)
         print(f"  {len(docs)} objects ({', '.join(kinds)}); {passed - before} checks passed")
     annotation_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
+    pipeline_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
     negative_tests(chart, load_yaml(os.path.join(CHART, "ci", "default-values.yaml")))
     chart.close()
 

@@ -144,10 +144,15 @@ timeout = {{ $c.drain.timeout | toJson }}
 
 [modules]
 enabled = {{ $c.modules.enabled | toJson }}
-{{- /* annotation.settings (when annotation.enabled) is one more module section, rendered alike. */}}
+{{- /* annotation.settings (when annotation.enabled) and pipeline.* (when pipeline.enabled) are
+more module sections, rendered alike. */}}
 {{- $sections := deepCopy $c.moduleSettings }}
 {{- if .Values.annotation.enabled }}
 {{- $_ := set $sections "annotation" (merge (dict "export_dir" .Values.annotation.exports.mountPath) (deepCopy .Values.annotation.settings)) }}
+{{- end }}
+{{- if .Values.pipeline.enabled }}
+{{- $p := .Values.pipeline }}
+{{- $_ := set $sections "pipeline" (dict "dags_folder" $p.dags.mountPath "reload_interval" $p.reloadInterval "worker_slots" (int64 $p.workerSlots)) }}
 {{- end }}
 {{- range $section, $keys := $sections }}
 
@@ -199,4 +204,33 @@ enabled = {{ $c.modules.enabled | toJson }}
 
 {{- define "bulwark.configChecksum" -}}
 {{- include "bulwark.configToml" . | sha256sum }}
+{{- end }}
+
+{{/*
+The pipeline DAG folder's volume source (pipeline.enabled): a claim, a ConfigMap named by the
+user, the chart's <release>-dags ConfigMap (pipeline.dags.files), or an empty folder. At most one
+of the three may be set.
+*/}}
+{{- define "bulwark.pipelineDagsVolume" -}}
+{{- $d := .Values.pipeline.dags }}
+{{- $n := 0 }}
+{{- if $d.existingClaim }}{{ $n = add1 $n }}{{ end }}
+{{- if $d.configMap }}{{ $n = add1 $n }}{{ end }}
+{{- if $d.files }}{{ $n = add1 $n }}{{ end }}
+{{- if gt $n 1 }}
+{{- fail "pipeline.dags: set at most one of existingClaim, configMap and files" }}
+{{- end }}
+{{- if $d.existingClaim }}
+persistentVolumeClaim:
+  claimName: {{ $d.existingClaim }}
+  readOnly: true
+{{- else if $d.configMap }}
+configMap:
+  name: {{ $d.configMap }}
+{{- else if $d.files }}
+configMap:
+  name: {{ include "bulwark.fullname" . }}-dags
+{{- else }}
+emptyDir: {}
+{{- end }}
 {{- end }}
