@@ -631,8 +631,12 @@ impl Scheduler {
                 metrics::gauge!("bulwark_pipeline_pool_waiting", "pool" => p.name.clone())
                     .set(waiting.get(&p.name).copied().unwrap_or(0) as f64);
             }
-            for (dag, n) in store::runs_past_sla(&self.s.db, now_ms()).await? {
-                metrics::gauge!("bulwark_pipeline_runs_past_sla", "dag" => dag).set(n as f64);
+            // Every loaded DAG has the series (0 when nothing is late), so the alert sees 0,
+            // not "no data".
+            let late = store::runs_past_sla(&self.s.db, now_ms()).await?;
+            for dag in self.s.registry.current().keys() {
+                metrics::gauge!("bulwark_pipeline_runs_past_sla", "dag" => dag.clone())
+                    .set(late.get(dag).copied().unwrap_or(0) as f64);
             }
         }
         Ok(())
