@@ -509,14 +509,53 @@ impl tower_http::request_id::MakeRequestId for FastRequestId {
 }
 
 /// A JSON body extractor whose rejections are problem+json naming what is wrong
-/// (400 malformed/invalid, 415 wrong content type, 413 too large).
+/// (400 malformed/invalid, 415 wrong content type, 413 too large). Every request body of the
+/// API is a JSON object: anything else is 400 `invalid-body` (serde would otherwise read a
+/// struct from an array, `[null, null]`, by position).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .is_some_and(|m| {
+                m.strip_prefix("application/")
+                    .is_some_and(|sub| sub == "json" || sub.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            )
+            .detail("expected `Content-Type: application/json`"));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) => {
+                return Err(Problem::for_status(rejection.status()).detail(rejection.body_text()));
+            }
+        };
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|b| *b != b'{') {
+            return Err(invalid(
+                "invalid-body",
+                "Invalid request body",
+                "the request body must be a JSON object".into(),
+            ));
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
                 use axum::extract::rejection::JsonRejection as J;

@@ -382,3 +382,86 @@ async fn http_call(
         Err(fail(format!("the server answered {status}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone as _;
+
+    fn ctx(day: u32, try_number: u32) -> RunContext {
+        let start = chrono::Utc
+            .with_ymd_and_hms(2026, 11, day, 0, 0, 0)
+            .single()
+            .expect("date");
+        RunContext {
+            dag_id: "d".into(),
+            task_id: "t".into(),
+            run_id: format!("manual__{day}"),
+            logical_date: start,
+            interval: crate::schedule::DataInterval {
+                start,
+                end: start + chrono::Duration::days(1),
+            },
+            try_number,
+            tz: chrono_tz::UTC,
+            conf: serde_json::json!({}),
+        }
+    }
+
+    /// P8: one key per DAG, task and logical date — the same for every try and rerun.
+    #[test]
+    fn idempotency_key_is_per_dag_task_and_date() {
+        let a = ctx(1, 1);
+        let k1 = idempotency_key("d", "t", &a.logical_date);
+        assert_eq!(k1, idempotency_key("d", "t", &ctx(1, 2).logical_date));
+        assert_ne!(k1, idempotency_key("d", "t", &ctx(2, 1).logical_date));
+        assert_ne!(k1, idempotency_key("d", "u", &a.logical_date));
+        assert_eq!(k1.len(), 64);
+    }
+
+    /// P6, P13: a rendered job depends on the run's context only; a stored job reads back equal.
+    #[test]
+    fn render_is_deterministic_and_round_trips() {
+        let task = crate::dag::Task::http("notify", "POST", "http://localhost/hooks/{{ ds }}");
+        let j1 = render(&task, &ctx(3, 1)).expect("render");
+        let j2 = render(&task, &ctx(3, 1)).expect("render");
+        assert_eq!(j1, j2);
+        match &j1.kind {
+            JobKind::Http {
+                url,
+                idempotency_key: key,
+                ..
+            } => {
+                assert_eq!(url, "http://localhost/hooks/2026-11-03");
+                assert_eq!(
+                    key,
+                    &idempotency_key("d", "notify", &ctx(3, 1).logical_date)
+                );
+            }
+            other => panic!("not http: {other:?}"),
+        }
+        let text = serde_json::to_string(&j1).expect("json");
+        let back: Job = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, j1);
+    }
+
+    #[test]
+    fn retry_spec_keeps_the_dags_rule() {
+        let p = RetryPolicy {
+            retries: 3,
+            delay: Duration::from_secs(1),
+            backoff: Backoff::Exponential,
+            max_delay: Duration::from_secs(3),
+            jitter: false,
+        };
+        let s = RetrySpec::of(&p);
+        for t in 2..6 {
+            assert_eq!(s.delay_before(t), p.delay_before(t), "try {t}");
+        }
+        assert_eq!(
+            s.delay_before(4),
+            Duration::from_secs(3),
+            "capped at max_delay"
+        );
+    }
+}
