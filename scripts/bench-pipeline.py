@@ -307,7 +307,7 @@ def bulwark_backfill(api, dag_id, runs, active_runs, timeout, sample_runs):
 
 def run_bulwark(a):
     api = Api(a.url, open(a.token_file).read().strip())
-    res = {"engine": "bulwark", "label": a.label}
+    res = {"engine": "bulwark", "label": a.label, "load_start": os.getloadavg()[0]}
     dags = ["bench_fanout"] + (["bench_chain_cmp"] if a.cmp_runs > 0 else []) + \
            (["bench_chain"] if a.backfill_runs > 0 else [])
     for d in dags:
@@ -341,6 +341,7 @@ def run_bulwark(a):
     if a.backfill_runs > 0:
         log(f"backfill: bench_chain, {a.backfill_runs} runs")
         res["backfill"] = bulwark_backfill(api, "bench_chain", a.backfill_runs, a.active_runs, a.timeout, 500)
+    res["load_end"] = os.getloadavg()[0]
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
 
@@ -379,7 +380,7 @@ def run_airflow(a):
     for d, paused in have.items():
         if paused:
             cli("dags", "unpause", d)
-    res = {"engine": "airflow", "label": a.label}
+    res = {"engine": "airflow", "label": a.label, "load_start": os.getloadavg()[0]}
 
     log(f"airflow fan-out: triggering bench_fanout ({a.fanout} + 1 tasks)")
     t0 = time.time()
@@ -428,6 +429,7 @@ def run_airflow(a):
         res["backfill_cmp"] = {"runs": total, "run_states": states, "wall_s": wall, "end_to_end_s": e2e,
                                "runs_per_s": total / e2e, "non_backfill_runs": scheduled,
                                "start_latency": latency_stats([(ts(x), ts(y)) for x, y in tis])}
+    res["load_end"] = os.getloadavg()[0]
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
 
@@ -484,6 +486,8 @@ def report(files):
     for r in rows:
         print(line(r))
     for r in results:
+        if r.get("load_start") is not None:
+            print(f"{r['label']}: 1-minute load average {r['load_start']:.1f} at the start, {r['load_end']:.1f} at the end (2 cores)")
         st = g(r, "fanout", "states")
         if st:
             print(f"{r['label']}: fan-out instance states {st}; run {g(r, 'fanout', 'run_state')}")
