@@ -18,6 +18,12 @@ Figures (every one computed from the engine's own timestamps, not from this scri
 except the `wall` lines):
   task start latency   per task instance: start_date - queued_at (Airflow: start_date -
                        queued_dttm), p50 / p99 / max over the fan-out run's instances.
+  ready -> running     per instance with an upstream: start_date - the upstream's end_date. The
+                       comparable latency: Bulwark queues every ready instance at once (pool
+                       slots permitting) and they wait for a worker slot while queued, whereas
+                       Airflow keeps them `scheduled` until its executor has a free slot, so its
+                       queued -> running excludes that wait (Airflow's scheduled_dttm -> start
+                       is printed too).
   scheduling rate      (n - 1) / (last queued_at - first queued_at) over the fan-out's N children
                        (the root is queued alone, before them).
   fan-out run          the run's queued_at -> end_date.
@@ -40,6 +46,7 @@ import urllib.request
 
 FROM_DATE = dt.date(1990, 1, 1)
 TERMINAL_RUN = {"success", "failed"}
+CHAIN_UPSTREAM = {"b": "a", "c": "b"}
 
 
 def log(msg):
@@ -87,8 +94,15 @@ def rate(times):
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def ready_pairs(tis, upstream):
+    """(upstream's end_date, start_date) of each instance of one run whose task has an upstream."""
+    by_task = {t["task_id"]: t for t in tis}
+    return [(by_task[upstream[t["task_id"]]]["end"], t["start"]) for t in tis
+            if t["task_id"] in upstream and upstream[t["task_id"]] in by_task]
+
+
 def fanout_figures(tis, root="start"):
-    """tis: dicts with task_id, state, queued, start, end (epoch s)."""
+    """tis: dicts with task_id, state, queued, start, end (epoch s) and, Airflow only, scheduled."""
     children = [t for t in tis if t["task_id"] != root]
     states = {}
     for t in tis:
@@ -99,6 +113,8 @@ def fanout_figures(tis, root="start"):
         "states": states,
         "start_latency": latency_stats([(t["queued"], t["start"]) for t in tis]),
         "start_latency_children": latency_stats([(t["queued"], t["start"]) for t in children]),
+        "ready_latency": latency_stats(ready_pairs(tis, {t["task_id"]: root for t in children})),
+        "scheduled_latency": latency_stats([(t.get("scheduled"), t["start"]) for t in tis]),
         "schedule_rate_per_s": rate(queued),
         "queued_spread_s": (max(queued) - min(queued)) if queued and None not in queued else None,
         "first_queued_to_last_end_s": (max(t["end"] for t in tis if t["end"]) -
@@ -297,10 +313,13 @@ def bulwark_backfill(api, dag_id, runs, active_runs, timeout, sample_runs):
            "runs_per_s": (len(dag_runs) / (max(ends) - created)) if ends and created else None}
     # Task start latency over the runs' instances (every run for a short backfill, a sample of a long one).
     picked = dag_runs if len(dag_runs) <= sample_runs else dag_runs[:: max(1, len(dag_runs) // sample_runs)]
-    tis = []
+    tis, ready = [], []
     for r in picked:
-        tis += bulwark_tis(api, dag_id, r["dag_run_id"])
+        one = bulwark_tis(api, dag_id, r["dag_run_id"])
+        tis += one
+        ready += ready_pairs(one, CHAIN_UPSTREAM)
     out["start_latency"] = latency_stats([(t["queued"], t["start"]) for t in tis])
+    out["ready_latency"] = latency_stats(ready)
     out["latency_sampled_runs"] = len(picked)
     return out
 
@@ -384,7 +403,7 @@ def run_airflow(a):
 
     log(f"airflow fan-out: triggering bench_fanout ({a.fanout} + 1 tasks)")
     t0 = time.time()
-    cli_s, _ = cli("dags", "trigger", "bench_fanout")
+    cli_s = None if a.read_existing else cli("dags", "trigger", "bench_fanout")[0]
     (run_pk, run_id), = q("SELECT id, run_id FROM dag_run WHERE dag_id = 'bench_fanout' ORDER BY id DESC LIMIT 1")
     deadline = time.monotonic() + a.timeout
     while True:
@@ -396,10 +415,10 @@ def run_airflow(a):
             raise RuntimeError(f"Airflow fan-out run unfinished after {a.timeout}s: {state}")
         time.sleep(0.25)
     wall = time.time() - t0
-    rows = q("SELECT task_id, state, queued_dttm, start_date, end_date FROM task_instance "
+    rows = q("SELECT task_id, state, queued_dttm, start_date, end_date, scheduled_dttm FROM task_instance "
              "WHERE dag_id = 'bench_fanout' AND run_id = %s", run_id)
     fo = fanout_figures([{"task_id": r[0], "state": r[1], "queued": ts(r[2]), "start": ts(r[3]),
-                          "end": ts(r[4])} for r in rows])
+                          "end": ts(r[4]), "scheduled": ts(r[5])} for r in rows])
     fo.update(run_state=state, wall_s=wall, trigger_cli_s=cli_s, run_s=ts(end_date) - ts(queued_at or start_date))
     res["fanout"] = fo
 
@@ -407,8 +426,9 @@ def run_airflow(a):
         start, last, _ = chain_days(a.cmp_runs)
         log(f"airflow backfill: bench_chain_cmp, {a.cmp_runs} runs")
         t0 = time.time()
-        cli("backfill", "create", "--dag-id", "bench_chain_cmp", "--from-date", str(start), "--to-date", str(last),
-            "--max-active-runs", str(a.active_runs), "--reprocess-behavior", "none")
+        if not a.read_existing:
+            cli("backfill", "create", "--dag-id", "bench_chain_cmp", "--from-date", str(start),
+                "--to-date", str(last), "--max-active-runs", str(a.active_runs), "--reprocess-behavior", "none")
         (bf_id, created), = q("SELECT id, created_at FROM backfill WHERE dag_id = 'bench_chain_cmp' ORDER BY id DESC LIMIT 1")
         deadline = time.monotonic() + a.timeout
         while True:
@@ -422,13 +442,21 @@ def run_airflow(a):
         wall = time.time() - t0
         states = dict(q("SELECT state, count(*) FROM dag_run WHERE backfill_id = %s GROUP BY state", bf_id))
         (last_end,), = q("SELECT max(end_date) FROM dag_run WHERE backfill_id = %s", bf_id)
-        tis = q("SELECT ti.queued_dttm, ti.start_date FROM task_instance ti JOIN dag_run r "
+        tis = q("SELECT ti.queued_dttm, ti.start_date, ti.run_id, ti.task_id, ti.end_date, ti.scheduled_dttm "
+                "FROM task_instance ti JOIN dag_run r "
                 "ON r.dag_id = ti.dag_id AND r.run_id = ti.run_id WHERE r.backfill_id = %s", bf_id)
+        per_run, ready = {}, []
+        for x in tis:
+            per_run.setdefault(x[2], []).append({"task_id": x[3], "start": ts(x[1]), "end": ts(x[4])})
+        for one in per_run.values():
+            ready += ready_pairs(one, CHAIN_UPSTREAM)
         scheduled = q("SELECT count(*) FROM dag_run WHERE dag_id = 'bench_chain_cmp' AND run_type <> 'backfill'")[0][0]
         e2e = ts(last_end) - ts(created)
         res["backfill_cmp"] = {"runs": total, "run_states": states, "wall_s": wall, "end_to_end_s": e2e,
                                "runs_per_s": total / e2e, "non_backfill_runs": scheduled,
-                               "start_latency": latency_stats([(ts(x), ts(y)) for x, y in tis])}
+                               "start_latency": latency_stats([(ts(x[0]), ts(x[1])) for x in tis]),
+                               "ready_latency": latency_stats(ready),
+                               "scheduled_latency": latency_stats([(ts(x[5]), ts(x[1])) for x in tis])}
     res["load_end"] = os.getloadavg()[0]
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
@@ -459,6 +487,9 @@ def report(files):
         (f"fan-out ({fan_n} tasks): start latency p50", ("fanout", "start_latency", "p50_ms"), " ms", "-"),
         ("fan-out: start latency p99", ("fanout", "start_latency", "p99_ms"), " ms", "< 100 ms"),
         ("fan-out: start latency max", ("fanout", "start_latency", "max_ms"), " ms", "-"),
+        ("fan-out: ready -> running p50 (start's end -> start)", ("fanout", "ready_latency", "p50_ms"), " ms", "-"),
+        ("fan-out: ready -> running p99", ("fanout", "ready_latency", "p99_ms"), " ms", "-"),
+        ("fan-out: scheduled -> running p99 (Airflow only)", ("fanout", "scheduled_latency", "p99_ms"), " ms", "-"),
         ("fan-out: scheduling rate (queued_at spread)", ("fanout", "schedule_rate_per_s"), "/s", ">= 2,000/s"),
         ("fan-out: run queued -> end", ("fanout", "run_s"), " s", "-"),
         ("fan-out: wall, trigger -> seen finished", ("fanout", "wall_s"), " s", "-"),
@@ -467,6 +498,8 @@ def report(files):
         ("short backfill: wall, request -> seen finished", ("backfill_cmp", "wall_s"), " s", "-"),
         ("short backfill: task start latency p50", ("backfill_cmp", "start_latency", "p50_ms"), " ms", "-"),
         ("short backfill: task start latency p99", ("backfill_cmp", "start_latency", "p99_ms"), " ms", "-"),
+        ("short backfill: ready -> running p50 (upstream end -> start)", ("backfill_cmp", "ready_latency", "p50_ms"), " ms", "-"),
+        ("short backfill: ready -> running p99", ("backfill_cmp", "ready_latency", "p99_ms"), " ms", "-"),
         ("long backfill: runs", ("backfill", "runs"), "", "-"),
         ("long backfill: created -> last run end", ("backfill", "end_to_end_s"), " s", "< 60 s (10,000 runs)"),
         ("long backfill: runs/s", ("backfill", "runs_per_s"), "/s", "-"),
@@ -505,6 +538,8 @@ def report(files):
                 continue
             for name, path in [("start latency p50", ("fanout", "start_latency", "p50_ms")),
                                ("start latency p99", ("fanout", "start_latency", "p99_ms")),
+                               ("ready -> running p50", ("fanout", "ready_latency", "p50_ms")),
+                               ("ready -> running p99", ("fanout", "ready_latency", "p99_ms")),
                                ("fan-out run queued -> end", ("fanout", "run_s")),
                                ("short backfill created -> last end", ("backfill_cmp", "end_to_end_s")),
                                ("short backfill task start latency p99", ("backfill_cmp", "start_latency", "p99_ms"))]:
@@ -544,6 +579,8 @@ def main():
     f.add_argument("--out", required=True)
     f.add_argument("--label", default="airflow 3.3.2")
     f.add_argument("--timeout", type=float, default=1800)
+    f.add_argument("--read-existing", action="store_true",
+                   help="trigger nothing: read the figures of the latest fan-out run and backfill in the DB")
     common(f)
     r = sub.add_parser("report")
     r.add_argument("files", nargs="+")
