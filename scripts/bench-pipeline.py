@@ -529,7 +529,7 @@ def report(files):
                 extra = f", non-backfill runs {g(r, k, 'non_backfill_runs')}" if g(r, k, "non_backfill_runs") is not None else ""
                 print(f"{r['label']}: {k} run states {g(r, k, 'run_states')}{extra}")
     air = [r for r in results if r["engine"] == "airflow"]
-    if air:
+    if air and any(r["engine"] == "bulwark" for r in results):
         af = air[0]
         print()
         print(f"ratios Bulwark / Airflow (same run; < 1 = Bulwark faster):")
