@@ -417,6 +417,71 @@ impl<'de> Deserialize<'de> for DateArg {
     }
 }
 
+impl utoipa::PartialSchema for DateArg {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type,
+        };
+        let string = |f: KnownFormat| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(f)))
+        };
+        OneOfBuilder::new()
+            .item(string(KnownFormat::Date))
+            .item(string(KnownFormat::DateTime))
+            .description(Some(
+                "A date (YYYY-MM-DD, midnight in the DAG's timezone) or an RFC 3339 time.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for DateArg {}
+
+/// A run id: 1 to 250 of letters, digits and `_.:+-`.
+#[derive(Debug, Clone)]
+pub struct RunIdText(String);
+
+impl RunIdText {
+    fn into_string(self) -> String {
+        self.0
+    }
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for RunIdText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        let ok = (1..=250).contains(&raw.len())
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.:+-".contains(c));
+        if ok {
+            Ok(Self(raw))
+        } else {
+            Err(serde::de::Error::custom(
+                "a run id is 1 to 250 of letters, digits and _.:+-",
+            ))
+        }
+    }
+}
+
+impl utoipa::PartialSchema for RunIdText {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(r"^[A-Za-z0-9_.:+-]{1,250}$"))
+            .description(Some("1 to 250 of letters, digits and _.:+-."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for RunIdText {}
+
 impl DateArg {
     /// The instant, with a date read in `tz`; `end_of_day` gives a date's last millisecond.
     fn resolve(self, tz: chrono_tz::Tz, end_of_day: bool) -> DateTime<Utc> {
@@ -456,7 +521,7 @@ fn schedule_of(d: &dag_e::Model) -> Schedule {
 #[serde(deny_unknown_fields)]
 pub struct TriggerRequest {
     /// Default: now. A schedule point gets that interval; any other time an empty interval.
-    #[schema(value_type = Option<String>)]
+    #[schema(inline)]
     pub logical_date: Option<DateArg>,
     /// Free-form settings for this run, as `{{ conf.x }}` in templates.
     pub conf: Option<serde_json::Map<String, serde_json::Value>>,
@@ -464,9 +529,6 @@ pub struct TriggerRequest {
     #[schema(inline)]
     pub dag_run_id: Option<RunIdText>,
 }
-
-/// A run id: 1 to 250 of letters, digits and `_.:+-`.
-pub type RunIdText = Text<250>;
 
 /// Trigger a run (role admin).
 #[utoipa::path(post, path = "/api/pipeline/dags/{dag_id}/dagRuns", tag = "pipeline", security(("bearer" = [])),
@@ -489,16 +551,7 @@ pub async fn trigger(
         .map_or_else(Utc::now, |l| l.resolve(tz, false));
     let iv = schedule_of(&d).interval_at(at(d.start_date_ms), tz, logical);
     let run_id = match req.dag_run_id {
-        Some(r) => {
-            let r = r.into_string();
-            if !r
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.:+-".contains(c))
-            {
-                return Err(bad("dag_run_id", "use letters, digits and _.:+- only"));
-            }
-            r
-        }
+        Some(r) => r.into_string(),
         None => crate::scheduler::run_id_for(run_type::MANUAL, logical),
     };
     let new = NewRun {
@@ -785,9 +838,9 @@ pub struct ClearRequest {
     /// Only list what would be cleared (the default, as in Airflow).
     #[serde(default = "yes")]
     pub dry_run: bool,
-    #[schema(value_type = Option<String>)]
+    #[schema(inline)]
     pub start_date: Option<DateArg>,
-    #[schema(value_type = Option<String>)]
+    #[schema(inline)]
     pub end_date: Option<DateArg>,
     #[schema(inline)]
     pub dag_run_id: Option<RunIdText>,
@@ -914,7 +967,7 @@ pub async fn clear_task_instances(
         &dag_id,
         from,
         to,
-        req.dag_run_id.as_deref(),
+        req.dag_run_id.as_ref().map(RunIdText::as_str),
         &list,
         req.only_failed,
     )
@@ -1051,10 +1104,10 @@ pub struct BackfillRequest {
     #[schema(inline)]
     pub dag_id: Text<250>,
     /// First logical date (inclusive). A bare date is midnight in the DAG's timezone.
-    #[schema(value_type = String)]
+    #[schema(inline)]
     pub from_date: DateArg,
     /// Last logical date (inclusive; a bare date covers the whole day).
-    #[schema(value_type = String)]
+    #[schema(inline)]
     pub to_date: DateArg,
     #[serde(default)]
     pub reprocess_behavior: Reprocess,
@@ -1579,6 +1632,8 @@ pub async fn import_errors(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct DatasetPath {
+    /// 1 to 250 of letters, digits and `_.:-`.
+    #[param(pattern = r"^[A-Za-z0-9_.:-]{1,250}$")]
     pub name: String,
 }
 
@@ -1612,11 +1667,11 @@ pub async fn dataset_event(
         || name.len() > 250
         || !name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-/:".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "_.-:".contains(c))
     {
         return Err(bad(
             "name",
-            "a dataset name is 1 to 250 of letters, digits and _.-/:",
+            "a dataset name is 1 to 250 of letters, digits and _.-:",
         ));
     }
     let extra = serde_json::Value::Object(req.extra.unwrap_or_default());
