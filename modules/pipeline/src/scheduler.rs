@@ -342,7 +342,7 @@ impl Scheduler {
         rows: &[crate::entity::dag::Model],
     ) -> PassResult<()> {
         let (mut by_dag, mut by_backfill) = store::running_counts(&self.s.db).await?;
-        let limits = store::backfill_limits(&self.s.db).await?;
+        let mut limits = store::backfill_limits(&self.s.db).await?;
         for row in rows.iter().filter(|r| !r.is_paused) {
             let Some(dag) = dags.get(&row.dag_id) else {
                 continue;
@@ -367,14 +367,28 @@ impl Scheduler {
                     break;
                 }
                 if let Some(b) = r.backfill_id {
+                    // A backfill created after `limits` was read (or one already done whose
+                    // run was cleared) is looked up, never run without its limit.
+                    let limit = match limits.get(&b) {
+                        Some(l) => *l,
+                        None => {
+                            let l = i64::from(
+                                store::backfill_by_id(&self.s.db, b).await?.max_active_runs,
+                            );
+                            limits.insert(b, l);
+                            l
+                        }
+                    };
                     let active = by_backfill.get(&b).copied().unwrap_or(0);
-                    if limits.get(&b).is_some_and(|limit| active >= *limit) {
+                    if active >= limit {
                         continue;
                     }
-                    *by_backfill.entry(b).or_default() += 1;
                 }
                 if store::start_run(&self.s.db, &r, &hash, &plan, now_ms()).await? {
                     started += 1;
+                    if let Some(b) = r.backfill_id {
+                        *by_backfill.entry(b).or_default() += 1;
+                    }
                 }
             }
             *by_dag.entry(dag.dag_id.clone()).or_default() += started;

@@ -1005,5 +1005,216 @@ async fn bad_input_is_refused_clearly(backend: Backend) {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--to"), "the CLI names --to: {err}");
+    let out = std::process::Command::new(bulwark_tests::app::binary_path())
+        .args([
+            "pipeline",
+            "backfill",
+            "d",
+            "--from",
+            "2026-02-01",
+            "--to",
+            "2026-02-05",
+            "--dry-run",
+        ])
+        .env(
+            "BULWARK__DATABASE__URL",
+            app.settings.kernel.database.url.expose(),
+        )
+        .env("BULWARK__DATA_DIR", &app.settings.kernel.data_dir)
+        .output()
+        .expect("run backfill --dry-run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 run(s) would be created"), "{text}");
 }
 bulwark_tests::each_backend!(bad_input_is_refused_clearly);
+
+/// P8: an http task sends an Idempotency-Key derived from DAG, task and logical date — the same
+/// on a cleared rerun of that date, different on another date.
+async fn http_task_sends_a_stable_idempotency_key(backend: Backend) {
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = seen.clone();
+        axum::Router::new().route(
+            "/hooks/{ds}",
+            axum::routing::post(
+                move |axum::extract::Path(ds): axum::extract::Path<String>,
+                      headers: axum::http::HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        let key = headers
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        seen.lock().expect("lock").push((ds, key));
+                        "ok"
+                    }
+                },
+            ),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    let app = builder(backend).start().await;
+    write_dag(
+        &app,
+        "notify.toml",
+        &format!(
+            r#"
+schedule = "@daily"
+start_date = "2026-11-01"
+end_date = "2026-11-02"
+catchup = false
+[tasks.notify]
+type = "http"
+method = "POST"
+url = "http://{addr}/hooks/{{{{ ds }}}}"
+body = '{{"date": "{{{{ ds }}}}"}}'
+"#
+        ),
+    );
+    wait_dag(&app, "notify").await;
+    for day in ["2026-11-01", "2026-11-02"] {
+        let run = format!("n-{day}");
+        trigger(
+            &app,
+            "notify",
+            json!({"dag_run_id": run, "logical_date": day}),
+        )
+        .await;
+        assert_eq!(wait_run(&app, "notify", &run).await["state"], "success");
+    }
+    let (status, v) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/dags/notify/clearTaskInstances",
+        Role::Admin,
+        Some(json!({"dry_run": false, "dag_run_id": "n-2026-11-01"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(
+        &app,
+        "/api/pipeline/dags/notify/dagRuns/n-2026-11-01/taskInstances",
+        "the rerun",
+        |v| {
+            v["task_instances"][0]["try_number"] == 2
+                && v["task_instances"][0]["state"] == "success"
+        },
+    )
+    .await;
+    let calls = seen.lock().expect("lock").clone();
+    let first: Vec<&String> = calls
+        .iter()
+        .filter(|(d, _)| d == "2026-11-01")
+        .map(|(_, k)| k)
+        .collect();
+    let second: Vec<&String> = calls
+        .iter()
+        .filter(|(d, _)| d == "2026-11-02")
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(
+        first.len(),
+        2,
+        "the first date was called twice (run and rerun): {calls:?}"
+    );
+    assert_eq!(first[0], first[1], "a rerun sends the same key");
+    assert_eq!(first[0].len(), 64);
+    assert_eq!(second.len(), 1, "{calls:?}");
+    assert_ne!(first[0], second[0], "another date has another key");
+}
+bulwark_tests::each_backend!(http_task_sends_a_stable_idempotency_key);
+
+/// P2, P9: a changed DAG file is reloaded without a restart; each run records the hash of the
+/// version it ran with. A DAG scheduled on a dataset gets a run when the dataset has an event.
+async fn hot_reload_versions_and_dataset_runs(backend: Backend) {
+    let app = builder(backend).start().await;
+    let dag = |word: &str| {
+        format!(
+            "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.say]\ntype = \"shell\"\ncommand = \"echo {word}\"\n"
+        )
+    };
+    write_dag(&app, "v.toml", &dag("one"));
+    wait_dag(&app, "v").await;
+    trigger(&app, "v", json!({"dag_run_id": "v1"})).await;
+    let r1 = wait_run(&app, "v", "v1").await;
+    let (_, d1) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/v",
+        Role::Viewer,
+        None,
+    )
+    .await;
+    write_dag(&app, "v.toml", &dag("two"));
+    wait_for(&app, "/api/pipeline/dags/v", "the new version", |v| {
+        v["hash"] != d1["hash"]
+    })
+    .await;
+    trigger(&app, "v", json!({"dag_run_id": "v2"})).await;
+    let r2 = wait_run(&app, "v", "v2").await;
+    assert_eq!(r1["dag_hash"], d1["hash"], "{r1}");
+    assert_ne!(
+        r1["dag_hash"], r2["dag_hash"],
+        "each run records its version: {r1} {r2}"
+    );
+    let say = |run: &'static str| {
+        let app = &app;
+        async move {
+            let tis = instances(app, "v", run).await;
+            by_task(&tis, "say")["rendered"]["kind"]["command"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        }
+    };
+    assert_eq!(say("v1").await, "echo one");
+    assert_eq!(say("v2").await, "echo two");
+
+    write_dag(
+        &app,
+        "on_data.toml",
+        "schedule = \"dataset:sales.raw\"\nstart_date = \"2026-11-01\"\n[tasks.use]\ntype = \"shell\"\ncommand = \"true\"\n",
+    );
+    wait_dag(&app, "on_data").await;
+    let (status, v) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/datasets/sales.raw/events",
+        Role::Admin,
+        Some(json!({"extra": {"rows": 10}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let runs = wait_for(
+        &app,
+        "/api/pipeline/dags/on_data/dagRuns?run_type=dataset",
+        "a dataset run",
+        |v| {
+            v["dag_runs"]
+                .as_array()
+                .is_some_and(|r| r.len() == 1 && r[0]["state"] == "success")
+        },
+    )
+    .await;
+    assert_eq!(runs["dag_runs"][0]["run_type"], "dataset");
+    let (status, v) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/datasets/bad%20name/events",
+        Role::Admin,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+}
+bulwark_tests::each_backend!(hot_reload_versions_and_dataset_runs);
