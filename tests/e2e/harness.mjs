@@ -6,7 +6,7 @@
 //
 // Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium).
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, openSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -55,10 +55,11 @@ const env = (port, extra = {}) => ({
   ...extra,
 });
 
-// Starts `bulwark serve` in dir on port (with the extra env settings); returns the child, which
-// `run` kills if still running.
-export function startServer(dir, port, extra = {}) {
-  const server = spawn(bin, ["serve"], { cwd: dir, env: env(port, extra), stdio: ["ignore", "ignore", "inherit"] });
+// Starts `bulwark serve` in dir on port (with the extra env settings; its stdout, the JSON log,
+// into the file logFile when given); returns the child, which `run` kills if still running.
+export function startServer(dir, port, extra = {}, logFile = null) {
+  const out = logFile ? openSync(logFile, "w") : "ignore";
+  const server = spawn(bin, ["serve"], { cwd: dir, env: env(port, extra), stdio: ["ignore", out, "inherit"] });
   servers.push(server);
   return server;
 }
