@@ -15,6 +15,7 @@
 //  - Backfill: the dry run says 3 dates; creating it adds 3 backfill runs to the grid and the
 //    progress reaches 3/3;
 //  - a viewer token sees the page and gets a clear "not allowed" message from Trigger (no run);
+//  - polling pauses while the tab is hidden and resumes when it is shown;
 //  - the paused toggle works for the admin.
 // Every request to another origin is refused and counted; script errors and CSP violations fail.
 //
@@ -231,6 +232,25 @@ async function main() {
     `a viewer's Trigger gets a clear message (${msg})`);
   check((await call("GET", "/dags/etl/dagRuns")).body.dag_runs.length === runsBefore, "and no run was created");
   if (shots) await v.screenshot({ path: path.join(shots, "pipeline-viewer.png"), fullPage: true });
+
+  // ------------------------------------------------- polling pauses while the tab is hidden
+  let gridCalls = 0;
+  a.on("request", (r) => { if (r.url().includes("/api/pipeline/dags/etl/grid")) gridCalls++; });
+  const setHidden = (h) => a.evaluate((hidden) => {
+    Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+    Object.defineProperty(document, "visibilityState", { value: hidden ? "hidden" : "visible", configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, h);
+  await new Promise((r) => setTimeout(r, 2500));
+  check(gridCalls >= 1, `the grid is polled while the tab is visible (${gridCalls} calls in 2.5 s)`);
+  await setHidden(true);
+  await new Promise((r) => setTimeout(r, 1000)); // a poll under way may still finish
+  gridCalls = 0;
+  await new Promise((r) => setTimeout(r, 4500));
+  check(gridCalls === 0, `polling pauses while the tab is hidden (${gridCalls} grid calls in 4.5 s)`);
+  await setHidden(false);
+  await new Promise((r) => setTimeout(r, 1000));
+  check(gridCalls >= 1, `and resumes at once when it is shown again (${gridCalls} calls)`);
 
   // -------------------------------------------------------------------------- pause
   await a.click('button[data-pause="etl"]');
