@@ -15,6 +15,7 @@
 //  - Backfill: the dry run says 3 dates; creating it adds 3 backfill runs to the grid and the
 //    progress reaches 3/3;
 //  - a viewer token sees the page and gets a clear "not allowed" message from Trigger (no run);
+//  - a running task's log is tailed live (slow.toml: echo, sleep 5, echo) until complete;
 //  - polling pauses while the tab is hidden and resumes when it is shown;
 //  - the paused toggle works for the admin.
 // Every request to another origin is refused and counted; script errors and CSP violations fail.
@@ -58,6 +59,7 @@ async function main() {
   const dags = path.join(dir, "data", "dags");
   mkdirSync(dags, { recursive: true });
   writeFileSync(path.join(dags, "etl.toml"), DAG);
+  writeFileSync(path.join(dags, "slow.toml"), 'schedule = "none"\nstart_date = "2026-11-01"\n[tasks.sleepy]\ntype = "shell"\ncommand = "echo begin {{ ds }}; sleep 5; echo end"\n');
   writeFileSync(path.join(dags, "broken.toml"), 'schedule = "@daily"\nstart_date = "2026-11-01"\n[tasks.a]\ntype = "shell"\ncommand = "true"\ndepends_on = ["nope"]\n');
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
@@ -232,6 +234,27 @@ async function main() {
     `a viewer's Trigger gets a clear message (${msg})`);
   check((await call("GET", "/dags/etl/dagRuns")).body.dag_runs.length === runsBefore, "and no run was created");
   if (shots) await v.screenshot({ path: path.join(shots, "pipeline-viewer.png"), fullPage: true });
+
+  // ------------------------------------------------------- live log of a running task
+  await a.click('button[data-dag="slow"]');
+  await a.waitForSelector('#dag-view[data-dag="slow"]', T);
+  await a.fill("#trigger-date", "2026-11-20");
+  await a.fill("#trigger-conf", "");
+  await a.click("#trigger-go");
+  await a.waitForSelector('#trigger-msg[data-kind="ok"]', T);
+  const slowRun = await a.getAttribute("#trigger-msg", "data-run");
+  await a.waitForSelector(`#grid button.cell[data-run="${slowRun}"][data-task="sleepy"]`, T);
+  await a.click(`#grid button.cell[data-run="${slowRun}"][data-task="sleepy"]`);
+  const live = await soft(a.waitForFunction(() => {
+    const l = document.querySelector("#log");
+    return l.textContent.includes("begin 2026-11-20") && !l.textContent.includes("end") && l.dataset.complete === "false";
+  }, null, T));
+  check(live, "the log of a running task shows its first line before the task ends (live tail)");
+  await soft(a.waitForSelector('#log[data-complete="true"]', T));
+  check((await text(a, "#log")).includes("end") && (await a.getAttribute("#ti", "data-state")) === "success",
+    `the tail goes on to the end and stops when the try is complete (${(await text(a, "#log")).replace(/\s+/g, " ")})`);
+  await a.click('button[data-dag="etl"]');
+  await a.waitForSelector('#dag-view[data-dag="etl"] #grid button.cell', T);
 
   // ------------------------------------------------- polling pauses while the tab is hidden
   let gridCalls = 0;
