@@ -1,12 +1,12 @@
 // Shared helpers of the browser end-to-end tests in this folder (auction-page.mjs, home-page.mjs,
-// annotation-page.mjs): where the binary and Chromium are, a temp data dir, one-line checks,
+// annotation-page.mjs, pipeline-page.mjs): where the binary and Chromium are, a temp data dir, one-line checks,
 // starting `bulwark serve` on a free port and waiting for /readyz, issuing tokens, launching
 // Chromium, and `run`, which runs a test's main, cleans up and exits 0 only when every check
 // passed.
 //
 // Env: BULWARK_BIN (default ../../target/debug/bulwark), CHROMIUM (default /usr/bin/chromium).
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, openSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -45,17 +45,21 @@ export async function freePort() {
   });
 }
 
-// The environment of `bulwark`: this one without BULWARK_*, listening on 127.0.0.1:port.
-const env = (port) => ({
+// The environment of `bulwark`: this one without BULWARK_*, listening on 127.0.0.1:port, plus
+// a test's own settings (`extra`, e.g. BULWARK__PIPELINE__RELOAD_INTERVAL).
+const env = (port, extra = {}) => ({
   ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("BULWARK_"))),
   BULWARK__SERVER__LISTEN: `127.0.0.1:${port}`,
   BULWARK__DRAIN__GRACE: "0s",
   BULWARK__TELEMETRY__LOG_LEVEL: "warn",
+  ...extra,
 });
 
-// Starts `bulwark serve` in dir on port; returns the child, which `run` kills if still running.
-export function startServer(dir, port) {
-  const server = spawn(bin, ["serve"], { cwd: dir, env: env(port), stdio: ["ignore", "ignore", "inherit"] });
+// Starts `bulwark serve` in dir on port (with the extra env settings; its stdout, the JSON log,
+// into the file logFile when given); returns the child, which `run` kills if still running.
+export function startServer(dir, port, extra = {}, logFile = null) {
+  const out = logFile ? openSync(logFile, "w") : "ignore";
+  const server = spawn(bin, ["serve"], { cwd: dir, env: env(port, extra), stdio: ["ignore", out, "inherit"] });
   servers.push(server);
   return server;
 }

@@ -57,3 +57,32 @@ pub fn home_entry() -> Page {
          (bulwark token issue --sub NAME --role admin).",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_nonce_mark_is_on_a_script_or_style_tag() {
+        let marks = HTML.matches(NONCE_MARK).count();
+        let tags = HTML
+            .matches(&format!(r#"<script nonce="{NONCE_MARK}">"#))
+            .count()
+            + HTML
+                .matches(&format!(r#"<style nonce="{NONCE_MARK}">"#))
+                .count();
+        assert_eq!(marks, 2);
+        assert_eq!(marks, tags);
+        // Nothing outside the page: no external script, style or image.
+        assert!(!HTML.contains("src=\"http"));
+        assert!(!HTML.contains("href=\"http"));
+    }
+
+    #[test]
+    fn the_policy_names_the_nonce_and_no_other_origin() {
+        let p = csp("abc");
+        assert!(p.contains("script-src 'nonce-abc'"));
+        assert!(p.contains("connect-src 'self'"));
+        assert!(!p.contains("unsafe"));
+    }
+}
