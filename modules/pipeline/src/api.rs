@@ -180,7 +180,11 @@ fn dag_view(d: dag_e::Model, last: Option<run::Model>) -> DagView {
         max_active_runs: d.max_active_runs,
         max_active_tasks: d.max_active_tasks,
         hash: d.hash,
-        next_logical_date: d.next_logical_ms.filter(|_| !dataset).map(at),
+        // Nothing is scheduled past end_date, so there is no next run to show.
+        next_logical_date: d
+            .next_logical_ms
+            .filter(|n| !dataset && d.end_date_ms.is_none_or(|e| *n <= e))
+            .map(at),
         last_run: last.map(run_view),
     }
 }
