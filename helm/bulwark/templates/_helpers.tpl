@@ -152,7 +152,10 @@ more module sections, rendered alike. */}}
 {{- end }}
 {{- if .Values.pipeline.enabled }}
 {{- $p := .Values.pipeline }}
-{{- $_ := set $sections "pipeline" (dict "dags_folder" $p.dags.mountPath "reload_interval" $p.reloadInterval "worker_slots" (int64 $p.workerSlots)) }}
+{{- /* parallelism: every worker slot of the deployment (with the HPA, its maximum), so the
+       scheduler queues only what workers can start at once. */}}
+{{- $workers := ternary .Values.worker.autoscaling.maxReplicas .Values.worker.replicaCount .Values.worker.autoscaling.enabled }}
+{{- $_ := set $sections "pipeline" (dict "dags_folder" $p.dags.mountPath "reload_interval" $p.reloadInterval "worker_slots" (int64 $p.workerSlots) "parallelism" (mul (int64 $p.workerSlots) (int64 $workers))) }}
 {{- end }}
 {{- range $section, $keys := $sections }}
 

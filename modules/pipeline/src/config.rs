@@ -17,6 +17,10 @@ pub struct PipelineConfig {
     pub reload_interval: Duration,
     /// Task instances one worker process runs at once.
     pub worker_slots: usize,
+    /// The most tries queued or running at once over all pools (Airflow's `parallelism`): set
+    /// it to the worker slots of the whole deployment, so a queued try is one a worker can start
+    /// at once. 0 means this config's `worker_slots` (right for one `serve` process).
+    pub parallelism: usize,
     /// The longest a scheduler sleeps between passes; work (a finished task, a trigger)
     /// wakes it sooner.
     #[serde(with = "humantime_serde")]
@@ -49,6 +53,7 @@ impl Default for PipelineConfig {
             dags_folder: PathBuf::from("dags"),
             reload_interval: Duration::from_secs(5),
             worker_slots: 16,
+            parallelism: 0,
             scheduler_interval: Duration::from_secs(1),
             scheduler_lease: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
@@ -58,6 +63,17 @@ impl Default for PipelineConfig {
             max_queue_per_pass: 2048,
             log_chunk_bytes: 16 * 1024,
             max_log_bytes_per_try: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// [`PipelineConfig::parallelism`], with 0 resolved.
+    pub fn effective_parallelism(&self) -> usize {
+        if self.parallelism == 0 {
+            self.worker_slots
+        } else {
+            self.parallelism
         }
     }
 }

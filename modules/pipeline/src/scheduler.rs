@@ -526,6 +526,8 @@ impl Scheduler {
             .collect();
         let mut runs: HashMap<i64, crate::entity::run::Model> = HashMap::new();
         let mut to_publish = Vec::new();
+        let parallelism = i64::try_from(self.s.cfg.effective_parallelism()).unwrap_or(i64::MAX);
+        let mut in_flight: i64 = pool_used.values().sum();
         let full = ready.len() >= limit;
         for t in ready {
             let Some(dag) = dags.get(&t.dag_id) else {
@@ -541,6 +543,11 @@ impl Scheduler {
                 let slots = pools.get(&t.pool).copied().unwrap_or(0);
                 let used = pool_used.get(&t.pool).copied().unwrap_or(0);
                 let dag_active = dag_used.get(&t.dag_id).copied().unwrap_or(0);
+                if in_flight >= parallelism {
+                    // Every worker slot is spoken for: the rest waits ready, not queued, so a
+                    // queued try starts as soon as it arrives.
+                    continue;
+                }
                 if used >= slots || dag_active >= i64::from(dag.max_active_tasks) {
                     continue;
                 }
@@ -607,6 +614,7 @@ impl Scheduler {
                 if !is_sensor {
                     *pool_used.entry(t.pool.clone()).or_default() += 1;
                     *dag_used.entry(t.dag_id.clone()).or_default() += 1;
+                    in_flight += 1;
                     to_publish.push((t.id, try_number));
                 }
             }
