@@ -556,14 +556,18 @@ def annotation_rendered(docs: list[dict], conf: dict, values: dict, label: str) 
 
 def pipeline_rendered(docs: list[dict], conf: dict, values: dict, label: str) -> None:
     """pipeline.enabled: [pipeline] is dags_folder = dags.mountPath, reload_interval,
-    worker_slots; the scheduler, worker and web pods mount the DAG volume read-only there, from
+    worker_slots, parallelism = workerSlots x worker replicas; the scheduler, worker and web pods mount the DAG volume read-only there, from
     the claim, the named ConfigMap, the chart's <release>-dags ConfigMap (dags.files: its data
     equals the files, each valid TOML) or an emptyDir. Disabled: no section, volume or ConfigMap."""
     import tomllib
     p = values["pipeline"]
     d = p["dags"]
+    w = values["worker"]
+    workers = w["autoscaling"]["maxReplicas"] if w["autoscaling"]["enabled"] else w["replicaCount"]
+    # parallelism: every worker slot of the deployment (the HPA's maximum when it scales).
     want = ({"dags_folder": d["mountPath"], "reload_interval": p["reloadInterval"],
-             "worker_slots": p["workerSlots"]} if p["enabled"] else None)
+             "worker_slots": p["workerSlots"], "parallelism": p["workerSlots"] * workers}
+            if p["enabled"] else None)
     check(conf.get("pipeline") == want, f"{label}: [pipeline] is {want} (got {conf.get('pipeline')})")
     dags_cm = named(docs, "ConfigMap", f"{RELEASE}-dags")
     if p["enabled"] and d["files"]:
