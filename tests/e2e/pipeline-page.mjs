@@ -251,6 +251,8 @@ async function main() {
   }, null, T));
   check(live, "the log of a running task shows its first line before the task ends (live tail)");
   await soft(a.waitForSelector('#log[data-complete="true"]', T));
+  // The details refresh on the next poll (every 2 s), after the log may already be complete.
+  await soft(a.waitForSelector('#ti[data-state="success"]', T));
   check((await text(a, "#log")).includes("end") && (await a.getAttribute("#ti", "data-state")) === "success",
     `the tail goes on to the end and stops when the try is complete (${(await text(a, "#log")).replace(/\s+/g, " ")})`);
   await a.click('button[data-dag="etl"]');

@@ -1261,3 +1261,145 @@ command = "sleep 5; touch {}"
     assert!(!marker.exists(), "the command was killed, not left running");
 }
 bulwark_tests::each_backend!(task_timeout_stops_the_command);
+
+/// P1: another module registers a built-in DAG through the service `pipeline.handle` (the Rust
+/// API the reporting module will use); it loads, shows in the API and runs like a file's.
+struct Builtin;
+
+#[async_trait::async_trait]
+impl Module for Builtin {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+    fn check_config(&self, _settings: &Settings) -> Result<Value, ConfigError> {
+        Ok(json!({}))
+    }
+    async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
+        use bulwark_pipeline::dag::{DagBuilder, Task, TaskKind};
+        let handle = ctx.service(bulwark_pipeline::HANDLE)?;
+        let shell = |id: &str, cmd: &str| {
+            Task::new(
+                id,
+                TaskKind::Shell {
+                    command: cmd.into(),
+                    env: Default::default(),
+                    cwd: None,
+                },
+            )
+        };
+        let dag = DagBuilder::new("builtin_summary")
+            .task(shell("collect", "echo collect {{ ds }}"))
+            .task(shell("publish", "echo publish {{ ds }}").depends_on(["collect"]))
+            .build()
+            .map_err(|e| ModuleError::Other(e.to_string()))?;
+        handle.register_dag(dag);
+        Ok(ModuleParts {
+            routes: axum::Router::new(),
+            openapi: utoipa::openapi::OpenApiBuilder::new().build(),
+            ..ModuleParts::default()
+        })
+    }
+}
+
+async fn builtin_dag_from_another_module(backend: Backend) {
+    let app = builder(backend).module(Arc::new(Builtin)).start().await;
+    wait_dag(&app, "builtin_summary").await;
+    let (_, d) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/builtin_summary",
+        Role::Viewer,
+        None,
+    )
+    .await;
+    assert_eq!(d["file"], Value::Null, "a built-in DAG has no file: {d}");
+    assert_eq!(d["tasks"].as_array().map(Vec::len), Some(2), "{d}");
+    trigger(
+        &app,
+        "builtin_summary",
+        json!({"dag_run_id": "b1", "logical_date": "2026-11-05"}),
+    )
+    .await;
+    assert_eq!(
+        wait_run(&app, "builtin_summary", "b1").await["state"],
+        "success"
+    );
+    let (_, log) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/builtin_summary/dagRuns/b1/taskInstances/publish/logs/1",
+        Role::Viewer,
+        None,
+    )
+    .await;
+    assert!(
+        log["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("publish 2026-11-05"),
+        "{log}"
+    );
+}
+bulwark_tests::each_backend!(builtin_dag_from_another_module);
+
+/// P1, P5: with one slot in a pool, ready tasks start by priority weight, highest first.
+async fn pool_slots_and_priority_weights(backend: Backend) {
+    let app = builder(backend).start().await;
+    write_dag(
+        &app,
+        "prio.toml",
+        r#"
+schedule = "none"
+start_date = "2026-11-01"
+[defaults]
+pool = "one"
+[tasks.low]
+type = "shell"
+command = "sleep 0.2"
+priority_weight = 1
+[tasks.mid]
+type = "shell"
+command = "sleep 0.2"
+priority_weight = 5
+[tasks.high]
+type = "shell"
+command = "sleep 0.2"
+priority_weight = 10
+"#,
+    );
+    wait_dag(&app, "prio").await;
+    wait_for(&app, "/api/pipeline/pools/one", "the DAG's pool", |_| true).await;
+    let (s, v) = call(
+        &app,
+        Method::PATCH,
+        "/api/pipeline/pools/one",
+        Role::Admin,
+        Some(json!({"slots": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trigger(&app, "prio", json!({"dag_run_id": "p1"})).await;
+    assert_eq!(wait_run(&app, "prio", "p1").await["state"], "success");
+    let tis = instances(&app, "prio", "p1").await;
+    let start = |t: &str| {
+        by_task(&tis, t)["start_date"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let end = |t: &str| {
+        by_task(&tis, t)["end_date"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        start("high") < start("mid") && start("mid") < start("low"),
+        "{tis:?}"
+    );
+    assert!(
+        end("high") <= start("mid") && end("mid") <= start("low"),
+        "one at a time (1 slot): {tis:?}"
+    );
+}
+bulwark_tests::each_backend!(pool_slots_and_priority_weights);
