@@ -243,10 +243,10 @@ class Api:
         return self.call("GET", path)[1]
 
     def pages(self, path, key, **query):
-        """Every item of a keyset-paginated list (limit 500, following next_cursor)."""
+        """Every item of a keyset-paginated list (limit 200, following next_cursor)."""
         items, cursor = [], None
         while True:
-            q = dict(query, limit=500)
+            q = dict(query, limit=200)
             if cursor:
                 q["cursor"] = cursor
             doc = self.get(f"{path}?{urllib.parse.urlencode(q)}")

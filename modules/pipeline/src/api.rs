@@ -391,7 +391,7 @@ pub async fn patch_dag(
     store::set_paused(&s.db, &dag_id, req.is_paused)
         .await
         .map_err(problem)?;
-    s.wake_scheduler().await;
+    s.wake_scheduler();
     dag_detail(&s, &dag_id).await.map(axum::Json)
 }
 
@@ -571,7 +571,7 @@ pub async fn trigger(
     let r = store::create_run(&s.db, new, now_ms())
         .await
         .map_err(problem)?;
-    s.wake_scheduler().await;
+    s.wake_scheduler();
     Ok((StatusCode::CREATED, axum::Json(run_view(r))))
 }
 
@@ -991,7 +991,7 @@ pub async fn clear_task_instances(
         store::clear(&s.db, &selected, &retries)
             .await
             .map_err(problem)?;
-        s.wake_scheduler().await;
+        s.wake_scheduler();
     }
     Ok(axum::Json(ClearResult {
         dry_run: req.dry_run,
@@ -1364,7 +1364,7 @@ pub async fn create_backfill(
     let b = start_backfill(&s.db, plan, req.reprocess_behavior, max, &a.0.subject)
         .await
         .map_err(problem)?;
-    s.wake_scheduler().await;
+    s.wake_scheduler();
     let v = backfill_view(&s, b).await?;
     Ok((StatusCode::CREATED, axum::Json(v)).into_response())
 }
@@ -1590,7 +1590,7 @@ pub async fn patch_pool(
     )
     .await
     .map_err(problem)?;
-    s.wake_scheduler().await;
+    s.wake_scheduler();
     let mut v = pool_views(&s, Some(&name)).await?;
     v.pop()
         .map(axum::Json)
@@ -1682,7 +1682,7 @@ pub async fn dataset_event(
     let id = store::add_dataset_event(&s.db, &name, &extra, now_ms())
         .await
         .map_err(problem)?;
-    s.wake_scheduler().await;
+    s.wake_scheduler();
     Ok((
         StatusCode::CREATED,
         axum::Json(DatasetEventView { id, dataset: name }),

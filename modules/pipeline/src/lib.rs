@@ -50,15 +50,30 @@ pub struct PipelineShared {
     pub registry: Arc<registry::Registry>,
     /// Wakes this process's scheduler at once.
     pub wake: tokio::sync::Notify,
+    /// Asks [`wake_broadcaster`] to tell the other processes' schedulers.
+    pub wake_others: tokio::sync::Notify,
     /// This process's name in leases and task records: host, pid and a random suffix.
     pub instance: String,
 }
 
 impl PipelineShared {
-    /// Wake the scheduler, here and in other processes.
-    pub async fn wake_scheduler(&self) {
+    /// Wake the scheduler, here at once and in other processes through the bus (coalesced).
+    pub fn wake_scheduler(&self) {
         self.wake.notify_one();
-        let _ = self
+        self.wake_others.notify_one();
+    }
+}
+
+/// Broadcasts `pipeline.wake` for the other processes' schedulers: at most one per 5 ms
+/// however many tasks finish (a `Notify` keeps one pending wake-up, so the last event is never
+/// dropped), instead of one per task that a slow subscriber would lose anyway.
+async fn wake_broadcaster(s: Arc<PipelineShared>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = s.wake_others.notified() => {}
+        }
+        let _ = s
             .bus
             .broadcast(
                 WAKE_SUBJECT,
@@ -66,6 +81,7 @@ impl PipelineShared {
                 bytes::Bytes::new(),
             )
             .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -217,8 +233,14 @@ impl Module for PipelineModule {
             bus: ctx.bus.clone(),
             registry,
             wake: tokio::sync::Notify::new(),
+            wake_others: tokio::sync::Notify::new(),
             instance: instance_name(),
         });
+        // Every role wakes schedulers (web: triggers; worker: finished tasks).
+        tokio::spawn(wake_broadcaster(
+            shared.clone(),
+            ctx.shutdown.closing_token(),
+        ));
         let (status, mut openapi) = status_route(self.name(), effective);
         openapi.merge(<api::PipelineApi as utoipa::OpenApi>::openapi());
         openapi.merge(<page::PageApi as utoipa::OpenApi>::openapi());

@@ -122,6 +122,10 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
             () = tokio::time::sleep(nap) => {}
             Some(_) = next_wake(&mut wake) => {}
         }
+        // One pass answers every wake-up that arrived meanwhile.
+        if let Some(w) = wake.as_mut() {
+            while let Some(Some(_)) = futures::FutureExt::now_or_never(w.next()) {}
+        }
     }
     if let Some(t) = token
         && let Err(e) = store::release_lease(&s.db, LEASE, &holder, t).await

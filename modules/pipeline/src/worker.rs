@@ -10,14 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::exec::{self, Job, LogSink};
 use crate::scheduler::{TaskMessage, finished_metrics};
 use crate::store::{self, Outcome, now_ms};
-use crate::{CONSUMER, PipelineShared, STREAM, TASKS_SUBJECT, WAKE_SUBJECT};
+use crate::{CONSUMER, PipelineShared, STREAM, TASKS_SUBJECT};
 
 pub fn consumer_spec() -> bulwark_kernel::bus::ConsumerSpec {
     bulwark_kernel::bus::ConsumerSpec {
@@ -199,7 +198,7 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
         Ok(Some(f)) => {
             finished_metrics(&f);
             // Downstreams may be ready, or the run finished: the scheduler looks now.
-            wake(s).await;
+            s.wake_scheduler();
         }
         Ok(None) => {}
         Err(e) => {
@@ -208,19 +207,6 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
         }
     }
     let _ = d.ack().await;
-}
-
-/// Wake the scheduler: in this process at once, in others through the bus.
-async fn wake(s: &PipelineShared) {
-    s.wake.notify_one();
-    let _ = s
-        .bus
-        .broadcast(
-            WAKE_SUBJECT,
-            bulwark_kernel::bus::Headers::new(),
-            Bytes::new(),
-        )
-        .await;
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
