@@ -605,11 +605,14 @@ impl Scheduler {
             } else {
                 state::QUEUED
             };
-            if store::take_ready(&self.s.db, t.id, try_number, to, &text, now).await? {
+            // Each try's own clock reading: `queued_at` says when it was queued, so its spread
+            // is the scheduler's queueing rate.
+            let at = now_ms();
+            if store::take_ready(&self.s.db, t.id, try_number, to, &text, at).await? {
                 if let Some(ready_at) = t.ready_at_ms.or(t.next_attempt_at_ms) {
                     #[allow(clippy::cast_precision_loss)]
                     metrics::histogram!("bulwark_pipeline_ready_to_queued_seconds")
-                        .record((now - ready_at).max(0) as f64 / 1000.0);
+                        .record((at - ready_at).max(0) as f64 / 1000.0);
                 }
                 if t.state == state::UP_FOR_RETRY {
                     metrics::counter!("bulwark_pipeline_task_retries_total", "dag" => t.dag_id.clone())
