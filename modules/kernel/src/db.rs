@@ -140,6 +140,22 @@ pub fn is_sqlite(db: &DatabaseConnection) -> bool {
     db.get_database_backend() == DbBackend::Sqlite
 }
 
+/// Call first in a transaction that reads before it writes. On SQLite a deferred transaction
+/// that has read cannot wait for the writer lock: its first write fails at once with "database
+/// is locked" (or a stale-snapshot error) when another connection writes meanwhile. A write
+/// statement first takes the lock up front, waiting up to the busy timeout like any write; it
+/// changes nothing (no row matches). PostgreSQL needs nothing.
+pub async fn lock_for_write(tx: &impl ConnectionTrait) -> Result<(), DbErr> {
+    if tx.get_database_backend() == DbBackend::Sqlite {
+        tx.execute(Statement::from_string(
+            DbBackend::Sqlite,
+            "DELETE FROM bulwark_migrations_kernel WHERE 1 = 0",
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -281,6 +281,7 @@ pub async fn update_project(
     change: ProjectChange,
 ) -> Result<project::Model> {
     let tx = db.begin().await?;
+    bulwark_kernel::db::lock_for_write(&tx).await?;
     let current = project(&tx, id).await?;
     if current.version != change.version {
         return Err(StoreError::Conflict {
