@@ -48,6 +48,7 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
     let mut sched = Scheduler {
         s: s.clone(),
         last_reload: None,
+        last_housekeeping: None,
         watch: SubjectWatch::default(),
     };
     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
@@ -202,9 +203,13 @@ impl SubjectWatch {
     }
 }
 
+/// How often a pass also sweeps zombies and lost publishes and refreshes the gauges.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
 struct Scheduler {
     s: Arc<PipelineShared>,
     last_reload: Option<Instant>,
+    last_housekeeping: Option<Instant>,
     watch: SubjectWatch,
 }
 
@@ -231,14 +236,24 @@ impl Scheduler {
         }
         self.start_runs(&dags, &rows).await?;
         self.sensors().await?;
-        self.sweep().await?;
+        // Housekeeping (zombies, lost publishes, gauges) once a second, not on every wake-up:
+        // a busy scheduler passes hundreds of times a second and each of these is a scan.
+        let housekeeping = self
+            .last_housekeeping
+            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING);
+        if housekeeping {
+            self.sweep().await?;
+        }
         let more = self.queue(&dags).await?;
         for f in store::finish_runs(&self.s.db, now_ms()).await? {
             metrics::counter!("bulwark_pipeline_runs_finished_total",
                 "dag" => f.dag_id.clone(), "state" => f.state, "run_type" => f.run_type.clone())
             .increment(1);
         }
-        self.gauges().await?;
+        if housekeeping {
+            self.gauges().await?;
+            self.last_housekeeping = Some(Instant::now());
+        }
         Ok(more)
     }
 
