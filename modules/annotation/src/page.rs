@@ -3,8 +3,7 @@
 //! `/api/annotation/` with the token it was opened with (`?token=`, kept in session storage
 //! and removed from the address bar). See docs/annotation.md, "Labeling page".
 
-use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use bulwark_kernel::auth::Role;
 use bulwark_kernel::home::Page;
 
@@ -14,33 +13,15 @@ const HTML: &str = include_str!("../assets/annotation.html");
 /// Where the page is served.
 pub const PATH: &str = "/annotation/";
 
-/// The placeholder of the per-response nonce in [`HTML`] (on its `<script>` and `<style>`).
-const NONCE_MARK: &str = "__CSP_NONCE__";
-
-/// The page's Content-Security-Policy: its own inline script and style (by nonce) and calls to
-/// its own origin; no other origin, no frames, no plugins, no forms posting elsewhere.
-fn csp(nonce: &str) -> String {
-    format!(
-        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
-         connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-         frame-ancestors 'none'"
-    )
-}
+#[cfg(test)]
+use bulwark_kernel::home::{NONCE_MARK, page_csp as csp};
 
 /// `GET /annotation/`: the single-page labeling app (projects, labeling, overview). It needs
 /// no token to load; every API call it makes does.
 #[utoipa::path(get, path = "/annotation/", tag = "annotation",
     responses((status = 200, description = "HTML page", content_type = "text/html")))]
 pub async fn page() -> impl IntoResponse {
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    (
-        [
-            (header::CONTENT_SECURITY_POLICY, csp(&nonce)),
-            (header::CACHE_CONTROL, "no-store".to_owned()),
-            (header::REFERRER_POLICY, "no-referrer".to_owned()),
-        ],
-        Html(HTML.replace(NONCE_MARK, &nonce)),
-    )
+    bulwark_kernel::home::nonce_page(HTML)
 }
 
 #[derive(utoipa::OpenApi)]

@@ -3,8 +3,7 @@
 //! `/api/pipeline/` with the token it was opened with (`?token=`, kept in session storage
 //! and removed from the address bar). See docs/pipeline.md, "Web UI".
 
-use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use bulwark_kernel::home::Page;
 
 /// The page, as written in `assets/pipeline.html`.
@@ -13,33 +12,15 @@ const HTML: &str = include_str!("../assets/pipeline.html");
 /// Where the page is served.
 pub const PATH: &str = "/pipeline/";
 
-/// The placeholder of the per-response nonce in [`HTML`] (on its `<script>` and `<style>`).
-const NONCE_MARK: &str = "__CSP_NONCE__";
-
-/// The page's Content-Security-Policy: its own inline script and style (by nonce) and calls to
-/// its own origin; no other origin, no frames, no plugins, no forms posting elsewhere.
-fn csp(nonce: &str) -> String {
-    format!(
-        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
-         connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-         frame-ancestors 'none'"
-    )
-}
+#[cfg(test)]
+use bulwark_kernel::home::{NONCE_MARK, page_csp as csp};
 
 /// `GET /pipeline/`: the single-page pipeline app (DAGs, grid, graph, task logs, trigger, clear, backfill). It needs
 /// no token to load; every API call it makes does.
 #[utoipa::path(get, path = "/pipeline/", tag = "pipeline",
     responses((status = 200, description = "HTML page", content_type = "text/html")))]
 pub async fn page() -> impl IntoResponse {
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    (
-        [
-            (header::CONTENT_SECURITY_POLICY, csp(&nonce)),
-            (header::CACHE_CONTROL, "no-store".to_owned()),
-            (header::REFERRER_POLICY, "no-referrer".to_owned()),
-        ],
-        Html(HTML.replace(NONCE_MARK, &nonce)),
-    )
+    bulwark_kernel::home::nonce_page(HTML)
 }
 
 #[derive(utoipa::OpenApi)]
