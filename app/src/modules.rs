@@ -96,7 +96,8 @@ mod tests {
 
     /// The kernel must not know the modules: no module name as a word (in code, strings or
     /// comments) in its sources. Identifiers are split at `_` and case is ignored, so
-    /// `AUCTION_BIDS` or `Cache::new` count too.
+    /// `AUCTION_BIDS` or `Cache::new` count too. HTTP's own `Cache-Control` header is not a
+    /// module name, so it is taken out of a line before the check.
     #[test]
     fn no_module_name_is_spelled_in_the_kernel() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/kernel");
@@ -121,7 +122,11 @@ mod tests {
         for path in files {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             for (no, line) in text.lines().enumerate() {
-                let hit = line
+                let lower = line
+                    .to_ascii_lowercase()
+                    .replace("cache_control", "")
+                    .replace("cache-control", "");
+                let hit = lower
                     .split(|c: char| !c.is_ascii_alphanumeric())
                     .map(|w| w.to_ascii_lowercase())
                     .find(|w| KNOWN.contains(&w.as_str()));
