@@ -226,6 +226,11 @@ pub struct TryView {
     pub worker: Option<String>,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// What the try reported beyond its log: a `sql` task's bytes scanned and file bytes
+    /// (P12), rows written, Delta version and application transaction (P8, P14), and its
+    /// quality checks (P10).
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
 }
 
 fn ti_view(t: ti::Model, r: &run::Model) -> TaskInstanceView {
@@ -758,6 +763,10 @@ pub async fn get_task_instance(
                 worker: y.worker,
                 exit_code: y.exit_code,
                 error: y.error,
+                details: y
+                    .details
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str(d).ok()),
             })
             .collect(),
     );

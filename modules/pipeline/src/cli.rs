@@ -104,7 +104,8 @@ fn validate(settings: &Settings, cfg: &PipelineConfig, a: &ArgMatches) -> Result
     if !dir.is_dir() {
         return Err(err(format!("DIR: {} is not a folder", dir.display())));
     }
-    let report = crate::validate::validate_dir(&dir, &[]);
+    let engine = crate::data::Engine::new(&cfg.engine, &settings.kernel.data_dir);
+    let report = crate::validate::validate_dir(&dir, &crate::data::task_types(&engine));
     for e in &report.errors {
         eprintln!("{e}");
     }

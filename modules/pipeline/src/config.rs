@@ -45,6 +45,38 @@ pub struct PipelineConfig {
     pub log_chunk_bytes: usize,
     /// The most log bytes kept per try; the rest is cut with a note.
     pub max_log_bytes_per_try: usize,
+    /// The data engine of `sql` tasks (issue 13).
+    pub engine: EngineConfig,
+}
+
+/// `[pipeline.engine]`: DataFusion in process over the warehouse folder.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// The warehouse: one folder per table (Delta or Parquet); under `kernel.data_dir` when
+    /// relative.
+    pub warehouse: PathBuf,
+    /// The memory one query may use, in MiB; sorts, aggregates and joins spill to `spill_dir`
+    /// beyond it (P11). 0: unbounded (and hash joins, which cannot spill).
+    pub memory_limit_mb: u64,
+    /// Where spill files and staged query results go; under `kernel.data_dir` when relative.
+    pub spill_dir: PathBuf,
+    /// Partitions a query runs in parallel; 0: one per core.
+    pub target_partitions: usize,
+    /// Rows per Arrow batch.
+    pub batch_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            warehouse: PathBuf::from("warehouse"),
+            memory_limit_mb: 0,
+            spill_dir: PathBuf::from("spill"),
+            target_partitions: 0,
+            batch_size: 8192,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -63,6 +95,7 @@ impl Default for PipelineConfig {
             max_queue_per_pass: 2048,
             log_chunk_bytes: 16 * 1024,
             max_log_bytes_per_try: 4 * 1024 * 1024,
+            engine: EngineConfig::default(),
         }
     }
 }
@@ -117,6 +150,22 @@ impl bulwark_kernel::config::ModuleConfig for PipelineConfig {
         }
         if self.max_log_bytes_per_try < self.log_chunk_bytes {
             return bad("max_log_bytes_per_try", "must be at least log_chunk_bytes");
+        }
+        let e = &self.engine;
+        if e.memory_limit_mb != 0 && e.memory_limit_mb < 16 {
+            return bad(
+                "engine.memory_limit_mb",
+                "must be 0 (unbounded) or at least 16",
+            );
+        }
+        if e.batch_size == 0 || e.batch_size > 1 << 20 {
+            return bad("engine.batch_size", "must be 1 to 1048576");
+        }
+        if e.target_partitions > 1024 {
+            return bad(
+                "engine.target_partitions",
+                "must be 0 (one per core) to 1024",
+            );
         }
         Ok(())
     }

@@ -168,7 +168,7 @@ impl TaskKind {
     }
 
     /// Every template string of the task with its field name (map values are listed under the
-    /// map's name). Plugin args are not templated here; their type decides.
+    /// map's name). Every string inside a plugin's args is a template, listed as `args`.
     pub fn templates(&self) -> Vec<(&'static str, &str)> {
         let mut out = Vec::new();
         match self {
@@ -189,9 +189,19 @@ impl TaskKind {
                 SensorTarget::File(f) => out.push(("file", f.as_str())),
                 SensorTarget::Dataset(_) => {}
             },
-            TaskKind::Plugin { .. } => {}
+            TaskKind::Plugin { args, .. } => json_strings(args, &mut out),
         }
         out
+    }
+}
+
+/// Every string value inside `v`, depth first.
+fn json_strings<'a>(v: &'a serde_json::Value, out: &mut Vec<(&'static str, &'a str)>) {
+    match v {
+        serde_json::Value::String(s) => out.push(("args", s.as_str())),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| json_strings(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| json_strings(x, out)),
+        _ => {}
     }
 }
 

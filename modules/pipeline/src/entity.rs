@@ -104,6 +104,8 @@ entity!(task_try, "pipeline_task_tries", {
     pub worker: Option<String>,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// JSON: what the try reported (a `sql` task's bytes read, rows, Delta version, checks).
+    pub details: Option<String>,
 });
 
 entity!(pool, "pipeline_pools", {

@@ -194,6 +194,26 @@ impl LogSink {
 pub struct TaskFailure {
     pub message: String,
     pub exit_code: Option<i32>,
+    /// What the try found before it failed (a `sql` task's quality results), stored with it.
+    pub details: Option<serde_json::Value>,
+}
+
+impl TaskFailure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            exit_code: None,
+            details: None,
+        }
+    }
+}
+
+/// What a successful try reports beyond its log: stored with the try and shown in the UI
+/// (a `sql` task's bytes read, rows written, Delta version, quality results).
+#[derive(Debug, Default)]
+pub struct TaskOutput {
+    pub exit_code: Option<i32>,
+    pub details: Option<serde_json::Value>,
 }
 
 /// A task type another module (or part 2 of this one) provides: `sql`, `quality`, `export`.
@@ -201,15 +221,16 @@ pub struct TaskFailure {
 pub trait TaskType: Send + Sync {
     /// The `type = "..."` of DAG files.
     fn name(&self) -> &'static str;
-    /// Check the task's arguments when the DAG loads (P9); the message names the field.
-    fn validate(&self, args: &serde_json::Value) -> Result<(), String>;
+    /// Check the task's arguments when the DAG loads (P9); the message names the field. `dag`
+    /// is the whole DAG, so a check can see its sibling tasks (a `sql` task's upstream tables).
+    fn validate(&self, args: &serde_json::Value, dag: &crate::dag::Dag) -> Result<(), String>;
     /// Run one try. Log through `log`; return an error to fail the try.
     async fn run(
         &self,
         job: &Job,
         args: &serde_json::Value,
         log: &LogSink,
-    ) -> Result<(), TaskFailure>;
+    ) -> Result<TaskOutput, TaskFailure>;
 }
 
 /// Task types by name.
@@ -221,9 +242,15 @@ pub async fn run(
     types: &TaskTypes,
     http: &reqwest::Client,
     log: &LogSink,
-) -> Result<Option<i32>, TaskFailure> {
+) -> Result<TaskOutput, TaskFailure> {
+    let code = |exit_code| TaskOutput {
+        exit_code,
+        details: None,
+    };
     match &job.kind {
-        JobKind::Shell { command, env, cwd } => shell(job, command, env, cwd.as_deref(), log).await,
+        JobKind::Shell { command, env, cwd } => shell(job, command, env, cwd.as_deref(), log)
+            .await
+            .map(code),
         JobKind::Http {
             method,
             url,
@@ -240,17 +267,15 @@ pub async fn run(
             log,
         )
         .await
-        .map(|()| None),
-        JobKind::Sensor { .. } => Err(TaskFailure {
-            message: "a sensor is not run by a worker (the scheduler waits for its event)".into(),
-            exit_code: None,
-        }),
+        .map(|()| code(None)),
+        JobKind::Sensor { .. } => Err(TaskFailure::new(
+            "a sensor is not run by a worker (the scheduler waits for its event)",
+        )),
         JobKind::Plugin { type_name, args } => match types.get(type_name) {
-            Some(t) => t.run(job, args, log).await.map(|()| None),
-            None => Err(TaskFailure {
-                message: format!("no task type `{type_name}` in this build"),
-                exit_code: None,
-            }),
+            Some(t) => t.run(job, args, log).await,
+            None => Err(TaskFailure::new(format!(
+                "no task type `{type_name}` in this build"
+            ))),
         },
     }
 }
@@ -283,6 +308,7 @@ async fn shell(
     let mut child = cmd.spawn().map_err(|e| TaskFailure {
         message: format!("cannot start `sh -c`: {e}"),
         exit_code: None,
+        details: None,
     })?;
     let group = child.id();
     let _group_guard = GroupKill(group);
@@ -307,6 +333,7 @@ async fn shell(
     let status = child.wait().await.map_err(|e| TaskFailure {
         message: format!("waiting for the command: {e}"),
         exit_code: None,
+        details: None,
     })?;
     let _ = a.await;
     let _ = b.await;
@@ -315,10 +342,12 @@ async fn shell(
         Some(code) => Err(TaskFailure {
             message: format!("the command exited with {code}"),
             exit_code: Some(code),
+            details: None,
         }),
         None => Err(TaskFailure {
             message: "the command was killed by a signal".into(),
             exit_code: None,
+            details: None,
         }),
     }
 }
@@ -354,6 +383,7 @@ async fn http_call(
     let fail = |message: String| TaskFailure {
         message,
         exit_code: None,
+        details: None,
     };
     let m = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| fail(format!("bad HTTP method `{method}`")))?;

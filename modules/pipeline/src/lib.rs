@@ -7,11 +7,14 @@
 //!   [`exec`] — rendered jobs and the built-in task types.
 //! * [`api`] — the REST surface under `/api/pipeline/`; [`cli`] — `bulwark pipeline ...`.
 //! * [`registry`] — loaded DAGs, and [`registry::PipelineHandle`] for other modules.
+//! * [`data`] — the data engine: `sql` tasks on DataFusion, Delta/Parquet outputs, quality
+//!   checks (issue 13).
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dag;
+pub mod data;
 pub mod entity;
 pub mod exec;
 pub mod page;
@@ -226,7 +229,12 @@ impl Module for PipelineModule {
             .await?;
         let folder = ctx.settings.kernel.data_dir.join(&cfg.dags_folder);
         let registry = Arc::new(registry::Registry::new(folder));
-        ctx.provide(HANDLE, Arc::new(PipelineHandle::new(registry.clone())))?;
+        let handle = Arc::new(PipelineHandle::new(registry.clone()));
+        let engine = data::Engine::new(&cfg.engine, &ctx.settings.kernel.data_dir);
+        for t in data::task_types(&engine).into_values() {
+            handle.register_task_type(t);
+        }
+        ctx.provide(HANDLE, handle)?;
         let shared = Arc::new(PipelineShared {
             cfg,
             db: ctx.db.clone(),

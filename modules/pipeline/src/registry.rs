@@ -111,6 +111,8 @@ impl Registry {
         } else {
             (Vec::new(), Vec::new())
         };
+        let (dags, arg_errors) = check_task_args(dags, &self.task_types());
+        errors.extend(arg_errors);
         let mut map: HashMap<String, Arc<Dag>> = HashMap::new();
         for d in self
             .builtin
@@ -134,6 +136,52 @@ impl Registry {
         *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         errors
     }
+}
+
+/// Ask each plugin task's type to check its arguments in the context of its DAG (P9: a `sql`
+/// task's syntax and tables). A DAG with a bad task is reported, naming file and the task's
+/// line, and left out; the others load.
+pub fn check_task_args(dags: Vec<Dag>, types: &TaskTypes) -> (Vec<Dag>, Vec<DagError>) {
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for dag in dags {
+        let mut bad = false;
+        for task in &dag.tasks {
+            let crate::dag::TaskKind::Plugin { type_name, args } = &task.kind else {
+                continue;
+            };
+            let Some(t) = types.get(type_name) else {
+                continue;
+            };
+            if let Err(message) = t.validate(args, &dag) {
+                bad = true;
+                errors.push(DagError {
+                    file: dag.file.clone(),
+                    line: dag
+                        .file
+                        .as_deref()
+                        .and_then(|f| task_line(f, &task.task_id)),
+                    message: format!("tasks.{}: {message}", task.task_id),
+                });
+            }
+        }
+        if !bad {
+            ok.push(dag);
+        }
+    }
+    (ok, errors)
+}
+
+/// The 1-based line of `[tasks.<id>]` in a DAG file.
+fn task_line(file: &std::path::Path, task_id: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let heads = [
+        format!("[tasks.{task_id}]"),
+        format!("[tasks.\"{task_id}\"]"),
+    ];
+    text.lines()
+        .position(|l| heads.iter().any(|h| l.trim_start().starts_with(h.as_str())))
+        .map(|i| i + 1)
 }
 
 /// The schedule as stored text that [`Schedule::parse`] reads back.

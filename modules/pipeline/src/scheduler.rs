@@ -477,7 +477,7 @@ impl Scheduler {
             };
             if let Some(o) = outcome
                 && let Some(f) =
-                    store::finish_try(&self.s.db, t.id, t.try_number, &o, None, now).await?
+                    store::finish_try(&self.s.db, t.id, t.try_number, &o, None, None, now).await?
             {
                 finished_metrics(&f);
             }
@@ -507,7 +507,7 @@ impl Scheduler {
                 retry_delay: delay,
             };
             if let Some(f) =
-                store::finish_try(&self.s.db, id, try_number, &outcome, None, now).await?
+                store::finish_try(&self.s.db, id, try_number, &outcome, None, None, now).await?
             {
                 metrics::counter!("bulwark_pipeline_zombies_total").increment(1);
                 tracing::warn!(
@@ -784,7 +784,7 @@ async fn fail_unrenderable(
             error: message.to_owned(),
             retry_delay: Duration::ZERO,
         };
-        if let Some(f) = store::finish_try(&s.db, t.id, try_number, &o, None, now).await? {
+        if let Some(f) = store::finish_try(&s.db, t.id, try_number, &o, None, None, now).await? {
             finished_metrics(&f);
         }
     }

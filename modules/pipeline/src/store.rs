@@ -1023,6 +1023,7 @@ pub async fn finish_try(
     try_number: i32,
     outcome: &Outcome,
     exit_code: Option<i32>,
+    details: Option<&serde_json::Value>,
     now: i64,
 ) -> Result<Option<Finished>> {
     let tx = db.begin().await?;
@@ -1076,9 +1077,10 @@ pub async fn finish_try(
     tx.execute(sql(
         &tx,
         "INSERT INTO pipeline_task_tries (ti_id, try_number, state, start_ms, end_ms, worker, \
-           exit_code, error) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) \
+           exit_code, error, details) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
          ON CONFLICT (ti_id, try_number) DO UPDATE SET state = excluded.state, \
-           end_ms = excluded.end_ms, exit_code = excluded.exit_code, error = excluded.error",
+           end_ms = excluded.end_ms, exit_code = excluded.exit_code, error = excluded.error, \
+           details = excluded.details",
         vec![
             id.into(),
             try_number.into(),
@@ -1088,6 +1090,7 @@ pub async fn finish_try(
             t.worker.clone().into(),
             exit_code.into(),
             error.into(),
+            details.map(serde_json::Value::to_string).into(),
         ],
     ))
     .await?;

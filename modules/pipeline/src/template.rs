@@ -182,8 +182,9 @@ fn render_map(
         .collect()
 }
 
-/// Render every template field of a task; the result has the same shape. Plugin args are
-/// passed through unchanged (the plugin type decides what it templates).
+/// Render every template field of a task; the result has the same shape. Every string inside
+/// a plugin's args is rendered too (a `sql` task's query, paths and predicates), so the stored
+/// job is what runs (P13).
 pub fn render_task(kind: &TaskKind, ctx: &RunContext) -> Result<TaskKind, TemplateError> {
     let one = |field: &str, s: &str| render(s, ctx).map_err(|e| in_field(field, e));
     Ok(match kind {
@@ -218,8 +219,30 @@ pub fn render_task(kind: &TaskKind, ctx: &RunContext) -> Result<TaskKind, Templa
         },
         TaskKind::Plugin { type_name, args } => TaskKind::Plugin {
             type_name: type_name.clone(),
-            args: args.clone(),
+            args: render_json(args, ctx)?,
         },
+    })
+}
+
+/// Render every string inside a JSON value (object keys stay as they are).
+fn render_json(
+    v: &serde_json::Value,
+    ctx: &RunContext,
+) -> Result<serde_json::Value, TemplateError> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::String(s) => Value::String(render(s, ctx).map_err(|e| in_field("args", e))?),
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .map(|x| render_json(x, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| Ok((k.clone(), render_json(x, ctx)?)))
+                .collect::<Result<_, TemplateError>>()?,
+        ),
+        other => other.clone(),
     })
 }
 

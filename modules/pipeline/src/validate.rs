@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::dag::{DagError, load_dir};
+use crate::exec::TaskTypes;
 
 /// The outcome of validating a folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -23,9 +24,13 @@ impl Report {
     }
 }
 
-/// Load and check every `*.toml` of `dir`.
-pub fn validate_dir(dir: &Path, plugin_types: &[&str]) -> Report {
-    let (dags, errors) = load_dir(dir, plugin_types);
+/// Load and check every `*.toml` of `dir`, with the task types of this build.
+pub fn validate_dir(dir: &Path, types: &TaskTypes) -> Report {
+    let names: Vec<&str> = types.keys().map(String::as_str).collect();
+    let (dags, mut errors) = load_dir(dir, &names);
+    let (dags, arg_errors) = crate::registry::check_task_args(dags, types);
+    errors.extend(arg_errors);
+    errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     Report {
         dags: dags.into_iter().map(|d| d.dag_id).collect(),
         errors,
@@ -43,7 +48,10 @@ mod tests {
 
     #[test]
     fn example_folder_is_valid() {
-        let r = validate_dir(&examples(), &[]);
+        let r = validate_dir(
+            &examples(),
+            &crate::data::task_types(&crate::data::Engine::for_tests()),
+        );
         assert!(r.ok(), "{:?}", r.errors);
         assert_eq!(r.dags, ["daily_sales", "etl_daily", "wait_for_upload"]);
     }
@@ -57,7 +65,7 @@ mod tests {
         std::fs::write(dir.join("b.toml"), format!("dag_id = \"same\"\n{good}")).expect("write");
         std::fs::write(dir.join("c.toml"), "dag_id = \n").expect("write");
         std::fs::write(dir.join("ignored.txt"), "not a dag").expect("write");
-        let r = validate_dir(&dir, &[]);
+        let r = validate_dir(&dir, &TaskTypes::new());
         std::fs::remove_dir_all(&dir).expect("cleanup");
         assert_eq!(r.dags, ["same"]);
         assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
@@ -75,7 +83,7 @@ mod tests {
 
     #[test]
     fn missing_folder_is_one_error() {
-        let r = validate_dir(Path::new("/nonexistent/bulwark/dags"), &[]);
+        let r = validate_dir(Path::new("/nonexistent/bulwark/dags"), &TaskTypes::new());
         assert!(r.dags.is_empty());
         assert_eq!(r.errors.len(), 1);
     }

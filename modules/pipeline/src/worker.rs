@@ -127,6 +127,7 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
         None => Err(exec::TaskFailure {
             message: "the task's rendered job is missing or unreadable".into(),
             exit_code: None,
+            details: None,
         }),
         Some(job) => {
             let timeout = job.timeout_ms.map(Duration::from_millis);
@@ -156,6 +157,7 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
                             Ok(false) => break Err(exec::TaskFailure {
                                 message: "the try was cleared or taken over while running".into(),
                                 exit_code: None,
+                                details: None,
                             }),
                             Err(e) => tracing::debug!(message = "Heartbeat failed.", error = %e),
                         }
@@ -164,6 +166,7 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
                         break Err(exec::TaskFailure {
                             message: format!("timed out after {:.1}s", started.elapsed().as_secs_f64()),
                             exit_code: None,
+                            details: None,
                         });
                     }
                 }
@@ -178,8 +181,8 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
             result
         }
     };
-    let (o, exit_code) = match outcome {
-        Ok(code) => (Outcome::Success, code),
+    let (o, exit_code, details) = match outcome {
+        Ok(out) => (Outcome::Success, out.exit_code, out.details),
         Err(f) => {
             let delay = job
                 .as_ref()
@@ -191,10 +194,21 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
                     retry_delay: delay,
                 },
                 f.exit_code,
+                f.details,
             )
         }
     };
-    match store::finish_try(&s.db, t.id, t.try_number, &o, exit_code, now_ms()).await {
+    match store::finish_try(
+        &s.db,
+        t.id,
+        t.try_number,
+        &o,
+        exit_code,
+        details.as_ref(),
+        now_ms(),
+    )
+    .await
+    {
         Ok(Some(f)) => {
             finished_metrics(&f);
             // Downstreams may be ready, or the run finished: the scheduler looks now.
