@@ -225,6 +225,7 @@ pub async fn migrate(settings: &Settings, action: MigrateAction) -> Result<(), C
 /// The whole CLI: parse `args` (with each module's subcommand added), run, return the exit
 /// code (0 ok, 1 failure, 2 bad config or usage). `main` is this plus `process::exit`.
 pub fn main(modules: Vec<Arc<dyn Module>>, args: impl IntoIterator<Item = OsString>) -> i32 {
+    bulwark_kernel::install_crypto_provider();
     let version: &'static str = Box::leak(crate::version_line().into_boxed_str());
     let mut cmd = Cli::command().version(version);
     for m in &modules {

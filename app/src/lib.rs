@@ -137,6 +137,7 @@ impl Application {
         candidates: Vec<Arc<dyn Module>>,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
+        bulwark_kernel::install_crypto_provider();
         let kernel = &settings.kernel;
         let prometheus = telemetry::init(&kernel.telemetry)?;
         let compiled: Vec<&'static str> = candidates.iter().map(|m| m.name()).collect();

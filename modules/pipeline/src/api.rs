@@ -493,7 +493,7 @@ impl utoipa::ToSchema for RunIdText {}
 
 impl DateArg {
     /// The instant, with a date read in `tz`; `end_of_day` gives a date's last millisecond.
-    fn resolve(self, tz: chrono_tz::Tz, end_of_day: bool) -> DateTime<Utc> {
+    pub(crate) fn resolve(self, tz: chrono_tz::Tz, end_of_day: bool) -> DateTime<Utc> {
         match self {
             Self::Time(t) => t,
             Self::Date(d) => {

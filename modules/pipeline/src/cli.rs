@@ -1,5 +1,6 @@
 //! `bulwark pipeline ...`: `validate [DIR]` checks DAG files for a user's CI (P9);
-//! `backfill DAG --from --to` creates a bounded backfill and follows it with a progress bar (P7).
+//! `backfill DAG --from --to` creates a bounded backfill and follows it with a progress bar (P7);
+//! `explain DAG TASK --date D` prints a `sql` task's optimised and physical plans (P12).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +30,26 @@ pub fn command() -> Command {
                         .value_name("DIR")
                         .value_parser(value_parser!(PathBuf))
                         .help("Default: pipeline.dags_folder"),
+                ),
+        )
+        .subcommand(
+            Command::new("explain")
+                .about("Print a sql task's optimised logical plan and its physical plan for a date")
+                .arg(Arg::new("dag").value_name("DAG").required(true))
+                .arg(Arg::new("task").value_name("TASK").required(true))
+                .arg(
+                    Arg::new("date")
+                        .long("date")
+                        .required(true)
+                        .value_name("DATE")
+                        .help("The logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
+                )
+                .arg(
+                    Arg::new("dir")
+                        .long("dir")
+                        .value_name("DIR")
+                        .value_parser(value_parser!(PathBuf))
+                        .help("The DAG folder (default: pipeline.dags_folder)"),
                 ),
         )
         .subcommand(
@@ -91,6 +112,7 @@ pub async fn run(
 ) -> Result<(), ModuleError> {
     match args.subcommand() {
         Some(("validate", a)) => validate(settings, cfg, a),
+        Some(("explain", a)) => explain(settings, cfg, a).await,
         Some(("backfill", a)) => backfill(settings, cfg, a).await,
         _ => Err(err("unknown pipeline command")),
     }
@@ -124,6 +146,70 @@ fn validate(settings: &Settings, cfg: &PipelineConfig, a: &ArgMatches) -> Result
             dir.display()
         )))
     }
+}
+
+async fn explain(
+    settings: &Settings,
+    cfg: &PipelineConfig,
+    a: &ArgMatches,
+) -> Result<(), ModuleError> {
+    let get = |k: &str| a.get_one::<String>(k).cloned().unwrap_or_default();
+    let (dag_id, task_id) = (get("dag"), get("task"));
+    let dir = a
+        .get_one::<PathBuf>("dir")
+        .cloned()
+        .unwrap_or_else(|| settings.kernel.data_dir.join(&cfg.dags_folder));
+    let engine = crate::data::Engine::new(&cfg.engine, &settings.kernel.data_dir);
+    let types = crate::data::task_types(&engine);
+    let names: Vec<&str> = types.keys().map(String::as_str).collect();
+    let (dags, errors) = crate::dag::load_dir(&dir, &names);
+    let Some(dag) = dags.into_iter().find(|d| d.dag_id == dag_id) else {
+        let why = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(err(format!(
+            "DAG: no DAG `{dag_id}` in {}{}",
+            dir.display(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            }
+        )));
+    };
+    let Some(task) = dag.task(&task_id) else {
+        return Err(err(format!("TASK: DAG `{dag_id}` has no task `{task_id}`")));
+    };
+    let logical = date_arg("date", &get("date"))?.resolve(dag.timezone, false);
+    let ctx = crate::template::RunContext {
+        dag_id: dag.dag_id.clone(),
+        task_id: task.task_id.clone(),
+        run_id: format!("manual__{}", logical.to_rfc3339()),
+        logical_date: logical,
+        interval: dag
+            .schedule
+            .interval_at(dag.start_date, dag.timezone, logical),
+        try_number: 1,
+        tz: dag.timezone,
+        conf: serde_json::json!({}),
+    };
+    let job = crate::exec::render(task, &ctx).map_err(|e| err(e.to_string()))?;
+    let crate::exec::JobKind::Plugin { type_name, args } = &job.kind else {
+        return Err(err(format!("TASK: `{task_id}` is not a sql task")));
+    };
+    if type_name != "sql" {
+        return Err(err(format!(
+            "TASK: `{task_id}` is a {type_name} task, not sql"
+        )));
+    }
+    let sql_args = crate::data::sql::SqlArgs::parse(args).map_err(err)?;
+    let text = crate::data::sql::explain(&engine, &sql_args)
+        .await
+        .map_err(|e| err(format!("{dag_id}.{task_id}: {e}")))?;
+    println!("{text}");
+    Ok(())
 }
 
 fn date_arg(flag: &str, raw: &str) -> Result<DateArg, ModuleError> {

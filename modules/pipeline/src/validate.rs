@@ -53,7 +53,15 @@ mod tests {
             &crate::data::task_types(&crate::data::Engine::for_tests()),
         );
         assert!(r.ok(), "{:?}", r.errors);
-        assert_eq!(r.dags, ["daily_sales", "etl_daily", "wait_for_upload"]);
+        assert_eq!(
+            r.dags,
+            [
+                "daily_sales",
+                "etl_daily",
+                "events_daily",
+                "wait_for_upload"
+            ]
+        );
     }
 
     #[test]

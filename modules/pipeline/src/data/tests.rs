@@ -299,8 +299,7 @@ async fn fail_policy_stops_before_the_output() {
     args["checks"][0]["mostly"] = json!(0.9);
     let f = run(&e, "gate", "2026-11-01", args)
         .await
-        .err()
-        .expect("the gate fails");
+        .expect_err("the gate fails");
     assert!(
         f.message.contains("not_null(user_id)"),
         "names the check: {}",
@@ -347,8 +346,7 @@ async fn regex_schema_and_freshness() {
     assert_eq!(c[2]["passed"], true, "newest row 1 h before the reference");
     let f = run(&e, "check", "2026-11-01", args("30m"))
         .await
-        .err()
-        .expect("stale");
+        .expect_err("stale");
     assert!(f.message.contains("freshness(at)"), "{}", f.message);
 }
 
@@ -366,8 +364,7 @@ async fn nondeterminism_is_refused_and_reruns_match() {
         let args = json!({"query": q, "sources": {"raw": {"format": "csv", "path": csv}}});
         let f = run(&e, "t", "2026-11-01", args.clone())
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(f.message.contains("P13"), "{}", f.message);
         let mut allowed = args;
         allowed["nondeterministic"] = json!(true);
@@ -475,8 +472,7 @@ async fn bounded_memory_spills_or_says_why() {
         json!({"query": "SELECT array_agg(p) AS all_p FROM big"}),
     )
     .await
-    .err()
-    .expect("does not fit");
+    .expect_err("does not fit");
     assert!(
         f.message.contains("memory_limit_mb"),
         "a resources error naming the setting: {}",
@@ -555,8 +551,7 @@ async fn bad_input_is_named() {
                "checks": [{"expect": "not_null", "column": "nope"}]}),
     )
     .await
-    .err()
-    .expect("unknown column");
+    .expect_err("unknown column");
     assert!(f.message.contains("no column `nope`"), "{}", f.message);
     std::fs::create_dir_all(s.0.join("warehouse/plain")).expect("dir");
     let f = run(
@@ -567,7 +562,83 @@ async fn bad_input_is_named() {
                "sources": {"t": {"format": "delta", "path": "plain"}}}),
     )
     .await
-    .err()
-    .expect("not a table");
+    .expect_err("not a table");
     assert!(f.message.contains("is not a Delta table"), "{}", f.message);
+}
+
+/// Issue 13 item 8: the shipped events DAG validates, and its tasks run in order for two
+/// dates and again for the first; the counts add up and a rerun duplicates nothing.
+#[tokio::test]
+async fn the_example_events_dag_runs_end_to_end() {
+    let s = Scratch::new("example");
+    let e = engine(&s.0, 0);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dags");
+    let types = task_types(&e);
+    let report = crate::validate::validate_dir(&dir, &types);
+    assert!(report.ok(), "{:?}", report.errors);
+    let names: Vec<&str> = types.keys().map(String::as_str).collect();
+    let (dags, _) = crate::dag::load_dir(&dir, &names);
+    let dag = dags
+        .into_iter()
+        .find(|d| d.dag_id == "events_daily")
+        .expect("events_daily");
+    let t = sql::SqlTask::new(e.clone());
+    for ds in ["2026-11-01", "2026-11-02", "2026-11-01"] {
+        let day = chrono::NaiveDate::parse_from_str(ds, "%Y-%m-%d").expect("date");
+        let start = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        for task in &dag.tasks {
+            let ctx = crate::template::RunContext {
+                dag_id: dag.dag_id.clone(),
+                task_id: task.task_id.clone(),
+                run_id: format!("scheduled__{ds}"),
+                logical_date: start,
+                interval: dag
+                    .schedule
+                    .interval_at(dag.start_date, dag.timezone, start),
+                try_number: 1,
+                tz: dag.timezone,
+                conf: json!({}),
+            };
+            let job = crate::exec::render(task, &ctx).expect("render");
+            let JobKind::Plugin { args, .. } = &job.kind else {
+                panic!("not sql")
+            };
+            let (log, _rx) = LogSink::new();
+            if let Err(f) = t.run(&job, args, &log).await {
+                panic!("{ds} {}: {}", task.task_id, f.message);
+            }
+        }
+    }
+    for ds in ["2026-11-01", "2026-11-02"] {
+        let q = |t: &str| format!("SELECT count(*) FROM {t} WHERE day = '{ds}'");
+        let raw = count(&e, &q("raw_events")).await;
+        let checked = count(&e, &q("checked_events")).await;
+        let quarantined = count(
+            &e,
+            &format!("SELECT count(*) FROM checked_events_quarantine WHERE day = '{ds}'"),
+        )
+        .await;
+        assert_eq!(raw, 20_000, "one copy of {ds} after the rerun");
+        assert!(quarantined > 0, "the gate found bad rows");
+        assert_eq!(checked + quarantined, raw, "counts add up for {ds}");
+        let clean = count(&e, &q("clean_events")).await;
+        assert_eq!(
+            count(
+                &e,
+                &format!(
+                    "SELECT CAST(sum(events) AS BIGINT) FROM daily_kind_totals WHERE day = '{ds}'"
+                )
+            )
+            .await,
+            clean
+        );
+    }
+    assert_eq!(
+        count(
+            &e,
+            "SELECT count(DISTINCT day) FROM daily_kind_totals_export"
+        )
+        .await,
+        2
+    );
 }
