@@ -642,3 +642,87 @@ async fn the_example_events_dag_runs_end_to_end() {
         2
     );
 }
+
+/// The Python that has the `deltalake` package: `BULWARK_TEST_PYTHON` (scripts/test points it
+/// at the scripts' virtualenv). `None` with a note when unset, unless real services are
+/// required (`BULWARK_TEST_REQUIRE_SERVICES=1`, as in CI), where it is a failure.
+fn delta_python() -> Option<String> {
+    let py = std::env::var("BULWARK_TEST_PYTHON")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let works = |p: &str| {
+        std::process::Command::new(p)
+            .args(["-c", "import deltalake"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(p) = py.filter(|p| works(p)) {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("BULWARK_TEST_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "no Python with the deltalake package (set BULWARK_TEST_PYTHON) but \
+         BULWARK_TEST_REQUIRE_SERVICES=1"
+    );
+    eprintln!("note: BULWARK_TEST_PYTHON unset; the independent Delta reader test is skipped");
+    None
+}
+
+/// P14, P12: the Python `deltalake` package (an independent reader) sees our tables' rows,
+/// versions and application transactions, and the column a later partition added.
+#[tokio::test]
+async fn python_deltalake_reads_our_tables() {
+    let Some(python) = delta_python() else {
+        return;
+    };
+    let s = Scratch::new("pyreader");
+    let e = engine(&s.0, 0);
+    let d1 = events_csv(&s.0, "2026-11-01", 5);
+    let d2 = write_csv(
+        &s.0,
+        "d2.csv",
+        "id,user_id,amount,day,channel\nx,1,2,2026-11-02,web\ny,2,3,2026-11-02,app\n",
+    );
+    let args = |csv: &str| {
+        json!({
+            "query": "SELECT * FROM raw",
+            "sources": {"raw": {"format": "csv", "path": csv}},
+            "output": {"table": "events", "mode": "overwrite_partition", "partition_by": ["day"]},
+        })
+    };
+    ok(&e, "load", "2026-11-01", args(&d1)).await;
+    ok(&e, "load", "2026-11-02", args(&d2)).await;
+    ok(&e, "load", "2026-11-01", args(&d1)).await;
+    let script = r#"
+import json, sys
+from deltalake import DeltaTable
+dt = DeltaTable(sys.argv[1])
+t = dt.to_pyarrow_table()
+days = {}
+for d in t.column("day").to_pylist():
+    days[str(d)] = days.get(str(d), 0) + 1
+channels = sorted(c for c in t.column("channel").to_pylist() if c is not None)
+print(json.dumps({"version": dt.version(), "rows": t.num_rows, "days": days,
+                  "channels": channels, "txn": dt.transaction_version("events.load"),
+                  "partitions": dt.metadata().partition_columns}))
+"#;
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(e.table_path("events"))
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let want_txn = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00+00:00")
+        .expect("date")
+        .timestamp();
+    assert_eq!(
+        got,
+        json!({"version": 2, "rows": 7, "days": {"2026-11-01": 5, "2026-11-02": 2},
+               "channels": ["app", "web"], "txn": want_txn, "partitions": ["day"]})
+    );
+}
