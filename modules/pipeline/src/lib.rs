@@ -168,9 +168,31 @@ fn describe_metrics() {
         "bulwark_pipeline_dag_import_errors",
         "DAG files that failed to load at the last reload."
     );
+    describe_histogram!(
+        "bulwark_pipeline_sql_seconds",
+        Unit::Seconds,
+        "Time of a sql task's query, checks and write."
+    );
+    describe_counter!(
+        "bulwark_pipeline_sql_bytes_scanned_total",
+        Unit::Bytes,
+        "Bytes the scans of sql tasks read (after projection and predicate pushdown)."
+    );
+    describe_counter!(
+        "bulwark_pipeline_sql_file_bytes_total",
+        Unit::Bytes,
+        "Bytes of the table files sql tasks read from (the baseline of pushdown)."
+    );
+    describe_counter!(
+        "bulwark_pipeline_checks_total",
+        "Quality checks of sql tasks, by DAG, policy, severity and outcome (pass, fail)."
+    );
     for name in [
         "bulwark_pipeline_zombies_total",
         "bulwark_pipeline_task_retries_total",
+        "bulwark_pipeline_checks_total",
+        "bulwark_pipeline_sql_bytes_scanned_total",
+        "bulwark_pipeline_sql_file_bytes_total",
     ] {
         counter!(name).increment(0);
     }
