@@ -60,6 +60,10 @@ async function main() {
   mkdirSync(dags, { recursive: true });
   writeFileSync(path.join(dags, "etl.toml"), DAG);
   writeFileSync(path.join(dags, "slow.toml"), 'schedule = "none"\nstart_date = "2026-11-01"\n[tasks.sleepy]\ntype = "shell"\ncommand = "echo begin {{ ds }}; sleep 5; echo end"\n');
+  // A sql task with a quality check that quarantines every tenth row (issue 13, P10).
+  writeFileSync(path.join(dags, "gated.toml"), 'schedule = "none"\nstart_date = "2026-11-01"\n[tasks.gate]\ntype = "sql"\n' +
+    'query = "SELECT value AS id, CASE WHEN value % 10 = 0 THEN NULL ELSE value END AS v FROM generate_series(1, 100)"\n' +
+    'output = { table = "gated_out" }\nchecks = [{ expect = "not_null", column = "v", policy = "quarantine", mostly = 0.5 }]\n');
   writeFileSync(path.join(dags, "broken.toml"), 'schedule = "@daily"\nstart_date = "2026-11-01"\n[tasks.a]\ntype = "shell"\ncommand = "true"\ndepends_on = ["nope"]\n');
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
@@ -276,6 +280,27 @@ async function main() {
   await setHidden(false);
   await new Promise((r) => setTimeout(r, 1000));
   check(gridCalls >= 1, `and resumes at once when it is shown again (${gridCalls} calls)`);
+
+  // ------------------------------------------- a sql task's checks next to the task (P10)
+  const g = await call("POST", "/dags/gated/dagRuns", admin, { dag_run_id: "g1" });
+  check(g.status === 200 || g.status === 201, `the sql DAG is triggered (${g.status})`);
+  let gState = "";
+  for (let i = 0; i < 120 && !["success", "failed"].includes(gState); i++) {
+    await new Promise((r) => setTimeout(r, 500));
+    gState = (await call("GET", "/dags/gated/dagRuns/g1")).body.state;
+  }
+  check(gState === "success", `the sql run succeeds (${gState})`);
+  await a.click('button[data-dag="gated"]');
+  await a.waitForSelector('#dag-view[data-dag="gated"] #grid button.cell[data-run="g1"]', T);
+  await a.click('#grid button.cell[data-run="g1"][data-task="gate"]');
+  await soft(a.waitForSelector('#ti-checks tr[data-check="not_null(v)"]', T));
+  check((await a.getAttribute('#ti-checks tr[data-check="not_null(v)"]', "data-passed")) === "true",
+    "the try's quality check is listed next to the task, passed (90 % of rows are not null)");
+  const dataKv = (await text(a, "#ti-data-kv")).replace(/\s+/g, " ");
+  check(dataKv.includes("10 rows") && dataKv.includes("gated_out_quarantine") && dataKv.includes("90 rows"),
+    `the try's data shows 90 rows written and 10 quarantined (${dataKv})`);
+  await a.click('button[data-dag="etl"]');
+  await a.waitForSelector('#dag-view[data-dag="etl"] #grid button.cell', T);
 
   // -------------------------------------------------------------------------- pause
   await a.click('button[data-pause="etl"]');

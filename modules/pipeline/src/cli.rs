@@ -1,6 +1,7 @@
 //! `bulwark pipeline ...`: `validate [DIR]` checks DAG files for a user's CI (P9);
 //! `backfill DAG --from --to` creates a bounded backfill and follows it with a progress bar (P7);
-//! `explain DAG TASK --date D` prints a `sql` task's optimised and physical plans (P12).
+//! `explain DAG TASK --date D` prints a `sql` task's optimised and physical plans (P12);
+//! `test DAG TASK --date D` runs one task here, without the scheduler.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,26 @@ pub fn command() -> Command {
         .subcommand(
             Command::new("explain")
                 .about("Print a sql task's optimised logical plan and its physical plan for a date")
+                .arg(Arg::new("dag").value_name("DAG").required(true))
+                .arg(Arg::new("task").value_name("TASK").required(true))
+                .arg(
+                    Arg::new("date")
+                        .long("date")
+                        .required(true)
+                        .value_name("DATE")
+                        .help("The logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
+                )
+                .arg(
+                    Arg::new("dir")
+                        .long("dir")
+                        .value_name("DIR")
+                        .value_parser(value_parser!(PathBuf))
+                        .help("The DAG folder (default: pipeline.dags_folder)"),
+                ),
+        )
+        .subcommand(
+            Command::new("test")
+                .about("Run one task for a date here, without the scheduler; its details as JSON")
                 .arg(Arg::new("dag").value_name("DAG").required(true))
                 .arg(Arg::new("task").value_name("TASK").required(true))
                 .arg(
@@ -113,6 +134,7 @@ pub async fn run(
     match args.subcommand() {
         Some(("validate", a)) => validate(settings, cfg, a),
         Some(("explain", a)) => explain(settings, cfg, a).await,
+        Some(("test", a)) => test_task(settings, cfg, a).await,
         Some(("backfill", a)) => backfill(settings, cfg, a).await,
         _ => Err(err("unknown pipeline command")),
     }
@@ -148,11 +170,12 @@ fn validate(settings: &Settings, cfg: &PipelineConfig, a: &ArgMatches) -> Result
     }
 }
 
-async fn explain(
+/// The DAG folder, engine and rendered job of `DAG TASK --date D [--dir DIR]`.
+fn job_of(
     settings: &Settings,
     cfg: &PipelineConfig,
     a: &ArgMatches,
-) -> Result<(), ModuleError> {
+) -> Result<(crate::data::Engine, crate::exec::Job), ModuleError> {
     let get = |k: &str| a.get_one::<String>(k).cloned().unwrap_or_default();
     let (dag_id, task_id) = (get("dag"), get("task"));
     let dir = a
@@ -161,16 +184,21 @@ async fn explain(
         .unwrap_or_else(|| settings.kernel.data_dir.join(&cfg.dags_folder));
     let engine = crate::data::Engine::new(&cfg.engine, &settings.kernel.data_dir);
     let types = crate::data::task_types(&engine);
+    let report = crate::validate::validate_dir(&dir, &types);
     let names: Vec<&str> = types.keys().map(String::as_str).collect();
-    let (dags, errors) = crate::dag::load_dir(&dir, &names);
-    let Some(dag) = dags.into_iter().find(|d| d.dag_id == dag_id) else {
-        let why = errors
+    let (dags, _) = crate::dag::load_dir(&dir, &names);
+    let Some(dag) = dags
+        .into_iter()
+        .find(|d| d.dag_id == dag_id && report.dags.contains(&d.dag_id))
+    else {
+        let why = report
+            .errors
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
         return Err(err(format!(
-            "DAG: no DAG `{dag_id}` in {}{}",
+            "DAG: no valid DAG `{dag_id}` in {}{}",
             dir.display(),
             if why.is_empty() {
                 String::new()
@@ -196,20 +224,76 @@ async fn explain(
         conf: serde_json::json!({}),
     };
     let job = crate::exec::render(task, &ctx).map_err(|e| err(e.to_string()))?;
+    Ok((engine, job))
+}
+
+async fn explain(
+    settings: &Settings,
+    cfg: &PipelineConfig,
+    a: &ArgMatches,
+) -> Result<(), ModuleError> {
+    let (engine, job) = job_of(settings, cfg, a)?;
     let crate::exec::JobKind::Plugin { type_name, args } = &job.kind else {
-        return Err(err(format!("TASK: `{task_id}` is not a sql task")));
+        return Err(err(format!("TASK: `{}` is not a sql task", job.task_id)));
     };
     if type_name != "sql" {
         return Err(err(format!(
-            "TASK: `{task_id}` is a {type_name} task, not sql"
+            "TASK: `{}` is a {type_name} task, not sql",
+            job.task_id
         )));
     }
     let sql_args = crate::data::sql::SqlArgs::parse(args).map_err(err)?;
     let text = crate::data::sql::explain(&engine, &sql_args)
         .await
-        .map_err(|e| err(format!("{dag_id}.{task_id}: {e}")))?;
+        .map_err(|e| err(format!("{}.{}: {e}", job.dag_id, job.task_id)))?;
     println!("{text}");
     Ok(())
+}
+
+/// `bulwark pipeline test`: run one task for a date here and now, without the scheduler or the
+/// metadata database (Airflow's `tasks test`): its log on stderr, its details as JSON on stdout.
+async fn test_task(
+    settings: &Settings,
+    cfg: &PipelineConfig,
+    a: &ArgMatches,
+) -> Result<(), ModuleError> {
+    let (engine, job) = job_of(settings, cfg, a)?;
+    let types = crate::data::task_types(&engine);
+    let http = reqwest::Client::new();
+    let (sink, mut lines) = crate::exec::LogSink::new();
+    let printer = tokio::spawn(async move {
+        while let Some(l) = lines.recv().await {
+            eprint!("{l}");
+        }
+    });
+    let started = std::time::Instant::now();
+    let outcome = crate::exec::run(&job, &types, &http, &sink).await;
+    drop(sink);
+    let _ = printer.await;
+    let seconds = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(out) => {
+            let report = serde_json::json!({
+                "dag_id": job.dag_id, "task_id": job.task_id, "logical_date": job.logical_date,
+                "state": "success", "seconds": seconds, "exit_code": out.exit_code,
+                "details": out.details,
+            });
+            println!("{report}");
+            Ok(())
+        }
+        Err(f) => {
+            let report = serde_json::json!({
+                "dag_id": job.dag_id, "task_id": job.task_id, "logical_date": job.logical_date,
+                "state": "failed", "seconds": seconds, "error": f.message,
+                "exit_code": f.exit_code, "details": f.details,
+            });
+            println!("{report}");
+            Err(err(format!(
+                "{}.{}: {}",
+                job.dag_id, job.task_id, f.message
+            )))
+        }
+    }
 }
 
 fn date_arg(flag: &str, raw: &str) -> Result<DateArg, ModuleError> {

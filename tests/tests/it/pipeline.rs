@@ -1403,3 +1403,106 @@ priority_weight = 10
     );
 }
 bulwark_tests::each_backend!(pool_slots_and_priority_weights);
+
+/// Issue 13 (P8, P10, P14): the shipped events DAG of `sql` tasks runs through the scheduler and
+/// the workers; the gate's try records its checks and what it quarantined, read back through
+/// the API; `bulwark pipeline explain` prints a plan and `explain`/`test` name bad input.
+async fn sql_tasks_run_through_the_scheduler(backend: Backend) {
+    let app = builder(backend).start().await;
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../modules/pipeline/examples/dags/events_daily.toml");
+    let text = std::fs::read_to_string(&example).expect("example DAG");
+    write_dag(&app, "events_daily.toml", &text);
+    wait_dag(&app, "events_daily").await;
+    trigger(
+        &app,
+        "events_daily",
+        json!({"dag_run_id": "d1", "logical_date": "2026-11-01T00:00:00Z"}),
+    )
+    .await;
+    let run = wait_run(&app, "events_daily", "d1").await;
+    assert_eq!(run["state"], "success", "{run}");
+    let (status, gate) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/dags/events_daily/dagRuns/d1/taskInstances/gate",
+        Role::Viewer,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{gate}");
+    let details = &gate["tries"][0]["details"];
+    assert_eq!(
+        details["checks"].as_array().map(Vec::len),
+        Some(6),
+        "{gate}"
+    );
+    let quarantined = details["quarantine"]["rows"].as_u64().unwrap_or(0);
+    let written = details["output"]["rows"].as_u64().unwrap_or(0);
+    assert!(quarantined > 0, "{details}");
+    assert_eq!(quarantined + written, details["rows"].as_u64().unwrap_or(0));
+    assert_eq!(details["output"]["app_id"], "events_daily.gate");
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bulwark_tests::app::binary_path())
+            .args(args)
+            .arg("--dir")
+            .arg(dags_dir(&app))
+            .env("BULWARK__KERNEL__DATA_DIR", &app.settings.kernel.data_dir)
+            .output()
+            .expect("run bulwark")
+    };
+    let out = cli(&[
+        "pipeline",
+        "explain",
+        "events_daily",
+        "extract",
+        "--date",
+        "2026-11-01",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("logical_plan") && stdout.contains("physical_plan"),
+        "{stdout}"
+    );
+    for (args, needle) in [
+        (
+            vec![
+                "pipeline",
+                "explain",
+                "events_daily",
+                "nope",
+                "--date",
+                "2026-11-01",
+            ],
+            "no task `nope`",
+        ),
+        (
+            vec!["pipeline", "test", "missing", "x", "--date", "2026-11-01"],
+            "no valid DAG `missing`",
+        ),
+        (
+            vec![
+                "pipeline",
+                "test",
+                "events_daily",
+                "gate",
+                "--date",
+                "yesterday",
+            ],
+            "--date",
+        ),
+    ] {
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} fails");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+bulwark_tests::each_backend!(sql_tasks_run_through_the_scheduler);

@@ -726,3 +726,25 @@ print(json.dumps({"version": dt.version(), "rows": t.num_rows, "days": days,
                "channels": ["app", "web"], "txn": want_txn, "partitions": ["day"]})
     );
 }
+
+/// The forms docs/pipeline.md shows: dotted keys and inline tables in a `sql` task.
+#[test]
+fn dotted_keys_and_inline_tables_parse() {
+    let text = r#"
+start_date = "2026-11-01"
+[tasks.q]
+type = "sql"
+query = "SELECT * FROM raw"
+sources.raw = { format = "csv", path = "landing/{{ ds }}.csv" }
+output = { table = "clean", mode = "overwrite_partition", partition_by = ["day"] }
+checks = [{ expect = "not_null", column = "v", policy = "quarantine", mostly = 0.5 }]
+"#;
+    let dag = crate::dag::parse_dag(text, Path::new("x.toml"), &["sql"]).expect("parses");
+    let TaskKind::Plugin { args, .. } = &dag.tasks[0].kind else {
+        panic!("plugin")
+    };
+    let a = sql::SqlArgs::parse(args).expect("sql args");
+    assert_eq!(a.sources["raw"].path, "landing/{{ ds }}.csv");
+    assert_eq!(a.output.expect("output").partition_by, ["day"]);
+    assert_eq!(a.checks[0].policy, checks::Policy::Quarantine);
+}
