@@ -33,46 +33,12 @@ pub fn command() -> Command {
                         .help("Default: pipeline.dags_folder"),
                 ),
         )
-        .subcommand(
-            Command::new("explain")
-                .about("Print a sql task's optimised logical plan and its physical plan for a date")
-                .arg(Arg::new("dag").value_name("DAG").required(true))
-                .arg(Arg::new("task").value_name("TASK").required(true))
-                .arg(
-                    Arg::new("date")
-                        .long("date")
-                        .required(true)
-                        .value_name("DATE")
-                        .help("The logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
-                )
-                .arg(
-                    Arg::new("dir")
-                        .long("dir")
-                        .value_name("DIR")
-                        .value_parser(value_parser!(PathBuf))
-                        .help("The DAG folder (default: pipeline.dags_folder)"),
-                ),
-        )
-        .subcommand(
-            Command::new("test")
-                .about("Run one task for a date here, without the scheduler; its details as JSON")
-                .arg(Arg::new("dag").value_name("DAG").required(true))
-                .arg(Arg::new("task").value_name("TASK").required(true))
-                .arg(
-                    Arg::new("date")
-                        .long("date")
-                        .required(true)
-                        .value_name("DATE")
-                        .help("The logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
-                )
-                .arg(
-                    Arg::new("dir")
-                        .long("dir")
-                        .value_name("DIR")
-                        .value_parser(value_parser!(PathBuf))
-                        .help("The DAG folder (default: pipeline.dags_folder)"),
-                ),
-        )
+        .subcommand(task_date_args(Command::new("explain").about(
+            "Print a sql task's optimised logical plan and its physical plan for a date",
+        )))
+        .subcommand(task_date_args(Command::new("test").about(
+            "Run one task for a date here, without the scheduler; its details as JSON",
+        )))
         .subcommand(
             Command::new("backfill")
                 .about("Run a DAG for every schedule point of a date range (P7)")
@@ -123,6 +89,26 @@ pub fn command() -> Command {
                         .action(ArgAction::SetTrue)
                         .help("Create the backfill and return without following it"),
                 ),
+        )
+}
+
+/// `DAG TASK --date D [--dir DIR]`, the arguments of `explain` and `test`.
+fn task_date_args(cmd: Command) -> Command {
+    cmd.arg(Arg::new("dag").value_name("DAG").required(true))
+        .arg(Arg::new("task").value_name("TASK").required(true))
+        .arg(
+            Arg::new("date")
+                .long("date")
+                .required(true)
+                .value_name("DATE")
+                .help("The logical date: YYYY-MM-DD (in the DAG's timezone) or RFC 3339"),
+        )
+        .arg(
+            Arg::new("dir")
+                .long("dir")
+                .value_name("DIR")
+                .value_parser(value_parser!(PathBuf))
+                .help("The DAG folder (default: pipeline.dags_folder)"),
         )
 }
 
@@ -184,15 +170,12 @@ fn job_of(
         .unwrap_or_else(|| settings.kernel.data_dir.join(&cfg.dags_folder));
     let engine = crate::data::Engine::new(&cfg.engine, &settings.kernel.data_dir);
     let types = crate::data::task_types(&engine);
-    let report = crate::validate::validate_dir(&dir, &types);
     let names: Vec<&str> = types.keys().map(String::as_str).collect();
-    let (dags, _) = crate::dag::load_dir(&dir, &names);
-    let Some(dag) = dags
-        .into_iter()
-        .find(|d| d.dag_id == dag_id && report.dags.contains(&d.dag_id))
-    else {
-        let why = report
-            .errors
+    let (dags, mut errors) = crate::dag::load_dir(&dir, &names);
+    let (dags, arg_errors) = crate::registry::check_task_args(dags, &types);
+    errors.extend(arg_errors);
+    let Some(dag) = dags.into_iter().find(|d| d.dag_id == dag_id) else {
+        let why = errors
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()

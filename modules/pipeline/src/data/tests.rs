@@ -80,19 +80,23 @@ async fn ok(e: &Engine, task: &str, ds: &str, args: serde_json::Value) -> serde_
     }
 }
 
-/// Rows of a query over the warehouse's tables, as JSON objects in order.
-async fn rows(e: &Engine, sql_text: &str) -> Vec<serde_json::Value> {
+/// The batches of a query over the warehouse's tables.
+async fn query(e: &Engine, sql_text: &str) -> Vec<arrow::array::RecordBatch> {
     let ctx = e.session().expect("session");
     for t in sql::referenced_tables(&ctx, sql_text).expect("tables") {
         e.register_table(&ctx, &t).await.expect("register");
     }
-    let batches = ctx
-        .sql(sql_text)
+    ctx.sql(sql_text)
         .await
         .expect("plan")
         .collect()
         .await
-        .expect("run");
+        .expect("run")
+}
+
+/// Rows of a query over the warehouse's tables, as JSON objects in order.
+async fn rows(e: &Engine, sql_text: &str) -> Vec<serde_json::Value> {
+    let batches = query(e, sql_text).await;
     let mut buf = Vec::new();
     {
         let mut w = arrow::json::ArrayWriter::new(&mut buf);
@@ -108,17 +112,7 @@ async fn rows(e: &Engine, sql_text: &str) -> Vec<serde_json::Value> {
 }
 
 async fn count(e: &Engine, sql_text: &str) -> i64 {
-    let ctx = e.session().expect("session");
-    for t in sql::referenced_tables(&ctx, sql_text).expect("tables") {
-        e.register_table(&ctx, &t).await.expect("register");
-    }
-    let b = ctx
-        .sql(sql_text)
-        .await
-        .expect("plan")
-        .collect()
-        .await
-        .expect("run");
+    let b = query(e, sql_text).await;
     b[0].column(0).as_primitive::<Int64Type>().value(0)
 }
 
