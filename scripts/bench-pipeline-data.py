@@ -11,7 +11,6 @@ DuckDB and Polars on every row, pandas on one day (10 % of the rows).
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -72,26 +71,31 @@ def dir_bytes(path):
 
 
 def bulwark_task(binary, work, dag_dir, task, env_extra=None):
-    """Run one task with `bulwark pipeline test`; (seconds, report, peak RSS KiB of the child)."""
+    """Run one task with `bulwark pipeline test`; (seconds, report, peak RSS KiB of that child)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK")}
     env.update({
-        "BULWARK__KERNEL__DATA_DIR": work,
+        "BULWARK__DATA_DIR": work,
         "RUST_LOG": "warn",
     })
     env.update(env_extra or {})
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.time()
-    p = subprocess.run(
-        [binary, "pipeline", "test", "bench_data", task, "--date", "2026-11-01", "--dir", dag_dir],
-        env=env, cwd=work, capture_output=True, text=True,
-    )
-    seconds = time.time() - t
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if p.returncode != 0:
-        log(p.stderr[-3000:])
-        raise SystemExit(f"bulwark task {task} failed (exit {p.returncode})")
-    report = json.loads(p.stdout.strip().splitlines()[-1])
-    return seconds, report, rss if rss > before else None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(
+            [binary, "pipeline", "test", "bench_data", task, "--date", "2026-11-01", "--dir", dag_dir],
+            env=env, cwd=work, stdout=out, stderr=err, text=True,
+        )
+        # wait4 gives this child's own peak RSS (RUSAGE_CHILDREN would be the max over all children).
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.time() - t
+        code = p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if code != 0:
+        log(stderr[-3000:])
+        raise SystemExit(f"bulwark task {task} failed (exit {code})")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    return seconds, report, usage.ru_maxrss
 
 
 def write_dag(dag_dir, data, day_data):

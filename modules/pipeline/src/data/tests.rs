@@ -688,7 +688,7 @@ async fn python_deltalake_reads_our_tables() {
     ok(&e, "load", "2026-11-02", args(&d2)).await;
     ok(&e, "load", "2026-11-01", args(&d1)).await;
     let script = r#"
-import json, sys
+import json, os, sys
 from deltalake import DeltaTable
 dt = DeltaTable(sys.argv[1])
 t = dt.to_pyarrow_table()
@@ -699,6 +699,10 @@ channels = sorted(c for c in t.column("channel").to_pylist() if c is not None)
 print(json.dumps({"version": dt.version(), "rows": t.num_rows, "days": days,
                   "channels": channels, "txn": dt.transaction_version("events.load"),
                   "partitions": dt.metadata().partition_columns}))
+# The Python deltalake 1.6 wheel can abort in interpreter teardown ("terminate called without
+# an active exception", seen in a CI rehearsal) after everything above succeeded: leave at once.
+sys.stdout.flush()
+os._exit(0)
 "#;
     let out = std::process::Command::new(&python)
         .args(["-c", script])
