@@ -68,7 +68,8 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn wait_port(port: u16, timeout: Duration) -> bool {
+/// Wait until something accepts TCP connections on loopback `port`.
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

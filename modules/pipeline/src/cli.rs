@@ -1,7 +1,8 @@
 //! `bulwark pipeline ...`: `validate [DIR]` checks DAG files for a user's CI (P9);
 //! `backfill DAG --from --to` creates a bounded backfill and follows it with a progress bar (P7);
 //! `explain DAG TASK --date D` prints a `sql` task's optimised and physical plans (P12);
-//! `test DAG TASK --date D` runs one task here, without the scheduler.
+//! `test DAG TASK --date D` runs one task here, without the scheduler;
+//! `ballista-scheduler` / `ballista-executor` run Apache Ballista's nodes from this binary (P11).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,6 +40,61 @@ pub fn command() -> Command {
         .subcommand(task_date_args(Command::new("test").about(
             "Run one task for a date here, without the scheduler; its details as JSON",
         )))
+        .subcommand(
+            Command::new("ballista-scheduler")
+                .about("Run an Apache Ballista scheduler (for pipeline.engine.kind = \"ballista\")")
+                .arg(
+                    Arg::new("listen")
+                        .long("listen")
+                        .value_name("ADDR")
+                        .value_parser(value_parser!(std::net::SocketAddr))
+                        .default_value("127.0.0.1:50050")
+                        .help("Where the scheduler listens (gRPC and /readyz)"),
+                ),
+        )
+        .subcommand(
+            Command::new("ballista-executor")
+                .about("Run an Apache Ballista executor that pulls tasks from a scheduler")
+                .arg(
+                    Arg::new("scheduler")
+                        .long("scheduler")
+                        .value_name("ADDR")
+                        .value_parser(value_parser!(std::net::SocketAddr))
+                        .default_value("127.0.0.1:50050"),
+                )
+                .arg(
+                    Arg::new("listen")
+                        .long("listen")
+                        .value_name("ADDR")
+                        .value_parser(value_parser!(std::net::SocketAddr))
+                        .default_value("127.0.0.1:50051")
+                        .help("This executor's Arrow Flight address (results and shuffles)"),
+                )
+                .arg(
+                    Arg::new("work-dir")
+                        .long("work-dir")
+                        .value_name("DIR")
+                        .value_parser(value_parser!(PathBuf))
+                        .required(true)
+                        .help("Where shuffle and spill files go"),
+                )
+                .arg(
+                    Arg::new("vcores")
+                        .long("vcores")
+                        .value_name("N")
+                        .value_parser(value_parser!(usize))
+                        .default_value("0")
+                        .help("Task slots (0: one per core)"),
+                )
+                .arg(
+                    Arg::new("memory-mb")
+                        .long("memory-mb")
+                        .value_name("MIB")
+                        .value_parser(value_parser!(u64))
+                        .default_value("0")
+                        .help("Memory pool; it spills beyond it (0: Ballista's default)"),
+                ),
+        )
         .subcommand(
             Command::new("backfill")
                 .about("Run a DAG for every schedule point of a date range (P7)")
@@ -122,6 +178,34 @@ pub async fn run(
         Some(("explain", a)) => explain(settings, cfg, a).await,
         Some(("test", a)) => test_task(settings, cfg, a).await,
         Some(("backfill", a)) => backfill(settings, cfg, a).await,
+        Some(("ballista-scheduler", a)) => {
+            let listen = *a
+                .get_one::<std::net::SocketAddr>("listen")
+                .ok_or_else(|| err("--listen: missing"))?;
+            crate::data::cluster::run_scheduler(listen)
+                .await
+                .map_err(|e| err(e.to_string()))
+        }
+        Some(("ballista-executor", a)) => {
+            let addr = |k: &str| {
+                a.get_one::<std::net::SocketAddr>(k)
+                    .copied()
+                    .ok_or_else(|| err(format!("--{k}: missing")))
+            };
+            let o = crate::data::cluster::ExecutorOptions {
+                scheduler: addr("scheduler")?,
+                listen: addr("listen")?,
+                work_dir: a
+                    .get_one::<PathBuf>("work-dir")
+                    .cloned()
+                    .ok_or_else(|| err("--work-dir: missing"))?,
+                vcores: a.get_one::<usize>("vcores").copied().unwrap_or(0),
+                memory_limit_mb: a.get_one::<u64>("memory-mb").copied().unwrap_or(0),
+            };
+            crate::data::cluster::run_executor(&o)
+                .await
+                .map_err(|e| err(e.to_string()))
+        }
         _ => Err(err("unknown pipeline command")),
     }
 }

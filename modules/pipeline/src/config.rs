@@ -49,10 +49,26 @@ pub struct PipelineConfig {
     pub engine: EngineConfig,
 }
 
-/// `[pipeline.engine]`: DataFusion in process over the warehouse folder.
+/// Where `sql` tasks' queries run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// DataFusion in this process (the embedded default).
+    #[default]
+    Datafusion,
+    /// An Apache Ballista cluster at `scheduler_url` (P11): the query runs on its executors,
+    /// which must see the warehouse at the same path; checks and outputs run here.
+    Ballista,
+}
+
+/// `[pipeline.engine]`: DataFusion in process over the warehouse folder, or a Ballista cluster.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
+    /// `datafusion` (in process) or `ballista`.
+    pub kind: EngineKind,
+    /// The Ballista scheduler, `df://host:port` (needed when `kind = "ballista"`).
+    pub scheduler_url: Option<String>,
     /// The warehouse: one folder per table (Delta or Parquet); under `kernel.data_dir` when
     /// relative.
     pub warehouse: PathBuf,
@@ -70,6 +86,8 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
+            kind: EngineKind::Datafusion,
+            scheduler_url: None,
             warehouse: PathBuf::from("warehouse"),
             memory_limit_mb: 0,
             spill_dir: PathBuf::from("spill"),
@@ -152,6 +170,23 @@ impl bulwark_kernel::config::ModuleConfig for PipelineConfig {
             return bad("max_log_bytes_per_try", "must be at least log_chunk_bytes");
         }
         let e = &self.engine;
+        if e.kind == EngineKind::Ballista {
+            let Some(u) = &e.scheduler_url else {
+                return bad(
+                    "engine.scheduler_url",
+                    "is needed when engine.kind = \"ballista\" (the scheduler, df://host:port)",
+                );
+            };
+            match url::Url::parse(u) {
+                Ok(p) if p.host_str().is_some() => {}
+                _ => {
+                    return bad(
+                        "engine.scheduler_url",
+                        "must be a URL with a host, like df://127.0.0.1:50050",
+                    );
+                }
+            }
+        }
         if e.memory_limit_mb != 0 && e.memory_limit_mb < 16 {
             return bad(
                 "engine.memory_limit_mb",

@@ -26,5 +26,6 @@ mod logs;
 mod module_cli;
 mod otlp;
 mod pipeline;
+mod pipeline_ballista;
 mod resilience;
 mod services;

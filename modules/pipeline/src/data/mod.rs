@@ -8,8 +8,10 @@
 //! * [`sql`] — the `sql` task type: arguments, validation, determinism (P13), the run.
 //! * [`checks`] — expectations compiled to one aggregate scan, and quarantine (P10).
 //! * [`output`] — Delta and Parquet outputs (P8, P14).
+//! * [`cluster`] — Ballista's scheduler and executor run from this binary (P11).
 
 pub mod checks;
+pub mod cluster;
 pub mod output;
 pub mod sql;
 
@@ -21,7 +23,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
 use serde::{Deserialize, Serialize};
 
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, EngineKind};
 use crate::exec::TaskTypes;
 
 /// Why the engine could not do what a task asked. The message is the task's error.
@@ -102,6 +104,19 @@ pub struct Registered {
     pub format: Format,
     /// Bytes of the table's live data files (the baseline of projection pushdown, P12).
     pub file_bytes: u64,
+    /// On Ballista, the folder of links to a Delta snapshot's files; removed with the last clone.
+    #[serde(skip)]
+    pub snapshot: Option<Arc<TempTree>>,
+}
+
+/// A folder removed when dropped.
+#[derive(Debug)]
+pub struct TempTree(PathBuf);
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The engine of this process: where the warehouse is, and how sessions are configured.
@@ -112,11 +127,19 @@ pub struct Engine {
     memory_limit: usize,
     target_partitions: usize,
     batch_size: usize,
+    /// The Ballista scheduler's URL when queries run on a cluster.
+    ballista: Option<String>,
 }
 
 impl Engine {
     pub fn new(cfg: &EngineConfig, data_dir: &Path) -> Self {
+        // Absolute, because Ballista's executors are other processes with their own cwd.
+        let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         Self {
+            ballista: match cfg.kind {
+                EngineKind::Ballista => cfg.scheduler_url.clone(),
+                EngineKind::Datafusion => None,
+            },
             warehouse: data_dir.join(&cfg.warehouse),
             spill: data_dir.join(&cfg.spill_dir),
             memory_limit: usize::try_from(cfg.memory_limit_mb.saturating_mul(1024 * 1024))
@@ -161,6 +184,34 @@ impl Engine {
             .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
             .build();
         Ok(SessionContext::new_with_state(state))
+    }
+
+    /// The scheduler URL when queries run on Ballista.
+    pub fn ballista(&self) -> Option<&str> {
+        self.ballista.as_deref()
+    }
+
+    /// The session a task's query runs in: [`Engine::session`] in process, or one whose plans
+    /// run on the Ballista cluster (P11). Ballista ships the logical plan with every setting of
+    /// this session; its executors apply their own memory pools.
+    pub async fn query_session(&self) -> Result<SessionContext> {
+        let Some(url) = &self.ballista else {
+            return self.session();
+        };
+        // Staged results and Delta snapshot links go here even when the cluster spills.
+        std::fs::create_dir_all(&self.spill)?;
+        use ballista::prelude::{SessionConfigExt, SessionContextExt};
+        let mut config = SessionConfig::new_with_ballista()
+            .with_batch_size(self.batch_size)
+            .with_ballista_job_name("bulwark-pipeline");
+        if self.target_partitions > 0 {
+            config = config.with_target_partitions(self.target_partitions);
+        }
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config)
+            .build();
+        Ok(SessionContext::remote_with_state(url, state).await?)
     }
 
     /// The folder of warehouse table `name`.
@@ -217,6 +268,7 @@ impl Engine {
             )));
         }
         let text = path.display().to_string();
+        let mut snapshot = None;
         let file_bytes = match spec.format {
             Format::Delta => {
                 let table = open_delta(&path).await.map_err(|e| match e {
@@ -227,11 +279,15 @@ impl Engine {
                     other => other,
                 })?;
                 let bytes = delta_file_bytes(&table);
-                table
-                    .update_datafusion_session(&ctx.state())
-                    .map_err(EngineError::from)?;
-                let provider = table.table_provider().await.map_err(EngineError::from)?;
-                ctx.register_table(name, provider)?;
+                if self.ballista.is_some() {
+                    snapshot = Some(self.register_delta_files(ctx, name, &table).await?);
+                } else {
+                    table
+                        .update_datafusion_session(&ctx.state())
+                        .map_err(EngineError::from)?;
+                    let provider = table.table_provider().await.map_err(EngineError::from)?;
+                    ctx.register_table(name, provider)?;
+                }
                 bytes
             }
             Format::Parquet => {
@@ -255,7 +311,88 @@ impl Engine {
             name: name.to_owned(),
             format: spec.format,
             file_bytes,
+            snapshot,
         })
+    }
+
+    /// Ballista cannot ship delta-rs' scan to its executors, so a Delta table is read there as
+    /// the Parquet files of its current snapshot: a folder of links to exactly those files (in
+    /// their `k=v` partition folders), registered as a Parquet listing. Files the log has
+    /// removed are not linked, so the read is the same snapshot the in-process engine sees.
+    /// (Deletion vectors and column mapping, which our writers do not use, are not supported.)
+    async fn register_delta_files(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        table: &deltalake::DeltaTable,
+    ) -> Result<Arc<TempTree>> {
+        let root = self
+            .spill
+            .join(format!("snapshot-{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&root)?;
+        let tree = Arc::new(TempTree(root.clone()));
+        let state = table.snapshot().map_err(EngineError::from)?;
+        let partitions = state.metadata().partition_columns().to_vec();
+        let schema = state.snapshot().arrow_schema();
+        for uri in table.get_file_uris().map_err(EngineError::from)? {
+            // delta-rs gives local files as plain paths, other stores as URLs.
+            let file = match url::Url::parse(&uri) {
+                Err(_) => PathBuf::from(&uri),
+                Ok(u) => u.to_file_path().map_err(|()| {
+                    EngineError::Invalid(format!(
+                        "source `{name}`: {uri} is not a local file (Ballista reads local warehouses)"
+                    ))
+                })?,
+            };
+            let table_root = table.table_url().to_file_path().map_err(|()| {
+                EngineError::Invalid(format!("source `{name}`: not a local Delta table"))
+            })?;
+            let rel = file
+                .strip_prefix(&table_root)
+                .map_err(|_| EngineError::Io(format!("{} is outside its table", file.display())))?;
+            let link = root.join(rel);
+            if let Some(parent) = link.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::os::unix::fs::symlink(&file, &link)?;
+        }
+        let cols = partitions
+            .iter()
+            .map(|c| {
+                let t = schema
+                    .field_with_name(c)
+                    .map(|f| f.data_type().clone())
+                    .unwrap_or(arrow::datatypes::DataType::Utf8);
+                (c.clone(), t)
+            })
+            .collect();
+        let file_schema = arrow::datatypes::Schema::new(
+            schema
+                .fields()
+                .iter()
+                .filter(|f| !partitions.contains(f.name()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let opts = ParquetReadOptions::default()
+            .table_partition_cols(cols)
+            .schema(&file_schema);
+        // A listing puts partition columns last; a view over it keeps the Delta table's column
+        // order, so `SELECT *` means the same on both engines (views ship to Ballista as SQL plans).
+        let files = format!("{name}__delta_files");
+        ctx.register_parquet(&files, root.display().to_string(), opts)
+            .await?;
+        let cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| format!("\"{}\"", f.name().replace('"', "\"\"")))
+            .collect();
+        ctx.sql(&format!(
+            "CREATE VIEW {name} AS SELECT {} FROM {files}",
+            cols.join(", ")
+        ))
+        .await?;
+        Ok(tree)
     }
 
     fn resolve(&self, path: &str) -> PathBuf {

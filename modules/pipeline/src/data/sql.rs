@@ -229,13 +229,27 @@ impl TaskType for SqlTask {
 
 type RunError = (EngineError, Option<serde_json::Value>);
 
-/// Plan a task's query in a fresh session with its tables registered.
-pub async fn plan(
-    engine: &Engine,
-    a: &SqlArgs,
-) -> Result<(SessionContext, LogicalPlan, Vec<Registered>)> {
-    let ctx = engine.session()?;
-    let tables = referenced_tables(&ctx, &a.query).map_err(EngineError::Invalid)?;
+/// A task's query, planned in a fresh session with its tables registered.
+pub struct Planned {
+    pub ctx: SessionContext,
+    pub plan: LogicalPlan,
+    pub tables: Vec<Registered>,
+    /// The plan runs on the Ballista cluster (else in this process).
+    pub on_cluster: bool,
+}
+
+/// Plan a task's query in a fresh session with its tables registered. On Ballista, a query
+/// that reads no table (only `VALUES` or table functions such as `generate_series`, which
+/// Ballista cannot ship) has nothing to distribute and runs in process.
+pub async fn plan(engine: &Engine, a: &SqlArgs) -> Result<Planned> {
+    let local = engine.session()?;
+    let tables = referenced_tables(&local, &a.query).map_err(EngineError::Invalid)?;
+    let on_cluster = engine.ballista().is_some() && !tables.is_empty();
+    let ctx = if on_cluster {
+        engine.query_session().await?
+    } else {
+        local
+    };
     let mut registered = Vec::new();
     for t in &tables {
         let r = if let Some(spec) = a.sources.get(t) {
@@ -283,12 +297,17 @@ pub async fn plan(
             )));
         }
     }
-    Ok((ctx, plan, registered))
+    Ok(Planned {
+        ctx,
+        plan,
+        tables: registered,
+        on_cluster,
+    })
 }
 
 /// `bulwark pipeline explain`: the optimised logical and the physical plan.
 pub async fn explain(engine: &Engine, a: &SqlArgs) -> Result<String> {
-    let (ctx, plan, _) = plan(engine, a).await?;
+    let Planned { ctx, plan, .. } = plan(engine, a).await?;
     let df = ctx.execute_logical_plan(plan).await?;
     let batches = df.explain(false, false)?.collect().await?;
     Ok(arrow::util::pretty::pretty_format_batches(&batches)
@@ -303,7 +322,12 @@ async fn run_sql(
     log: &LogSink,
 ) -> std::result::Result<serde_json::Value, RunError> {
     let plain = |e: EngineError| (e, None);
-    let (ctx, plan, registered) = plan(engine, a).await.map_err(plain)?;
+    let Planned {
+        ctx,
+        plan,
+        tables: registered,
+        on_cluster,
+    } = plan(engine, a).await.map_err(plain)?;
     let file_bytes: u64 = registered.iter().map(|r| r.file_bytes).sum();
     log.line(format!(
         "reading {}",
@@ -326,12 +350,19 @@ async fn run_sql(
     let rows = stage_result(&ctx, physical.clone(), &stage)
         .await
         .map_err(plain)?;
-    let bytes_scanned = scanned_bytes(physical.as_ref());
-    log.line(format!(
-        "query: {rows} rows; scanned {bytes_scanned} of {file_bytes} file bytes"
-    ));
-    metrics::counter!("bulwark_pipeline_sql_bytes_scanned_total", "dag" => job.dag_id.clone())
-        .increment(bytes_scanned);
+    // Ballista runs the scan on its executors, whose metrics do not come back to this plan.
+    let bytes_scanned = (!on_cluster).then(|| scanned_bytes(physical.as_ref()));
+    log.line(match bytes_scanned {
+        Some(b) => format!("query: {rows} rows; scanned {b} of {file_bytes} file bytes"),
+        None => format!(
+            "query: {rows} rows on Ballista ({file_bytes} file bytes; bytes scanned are not \
+             reported by the cluster)"
+        ),
+    });
+    if let Some(b) = bytes_scanned {
+        metrics::counter!("bulwark_pipeline_sql_bytes_scanned_total", "dag" => job.dag_id.clone())
+            .increment(b);
+    }
     metrics::counter!("bulwark_pipeline_sql_file_bytes_total", "dag" => job.dag_id.clone())
         .increment(file_bytes);
     let mut details = serde_json::json!({
@@ -339,7 +370,15 @@ async fn run_sql(
         "bytes_scanned": bytes_scanned,
         "file_bytes": file_bytes,
         "tables": registered,
+        "engine": if on_cluster { "ballista" } else { "datafusion" },
     });
+    // Checks, quarantine and outputs read the staged result here, in process: on Ballista in a
+    // local session (Delta writes plan in it), in process in the query's own session.
+    let ctx = if on_cluster {
+        engine.session().map_err(plain)?
+    } else {
+        ctx
+    };
     ctx.register_parquet(
         checks::STAGED,
         stage.display().to_string(),
