@@ -97,6 +97,38 @@ def bulwark_task(binary, work, dag_dir, task, env_extra=None):
     report = json.loads(stdout.strip().splitlines()[-1])
     return seconds, report, usage.ru_maxrss
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ballista(binary, work, executors=2):
+    """A Ballista scheduler and `executors` executors from our binary, on loopback."""
+    import urllib.request
+    port = free_port()
+    procs = [subprocess.Popen([binary, "pipeline", "ballista-scheduler", "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "scheduler.log"), "w"))]
+    for i in range(executors):
+        procs.append(subprocess.Popen(
+            [binary, "pipeline", "ballista-executor", "--scheduler", f"127.0.0.1:{port}",
+             "--listen", f"127.0.0.1:{free_port()}", "--work-dir", os.path.join(work, f"executor-{i}"),
+             "--vcores", str(max(1, (os.cpu_count() or 2) // executors))],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"executor-{i}.log"), "w")))
+    deadline = time.time() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("ballista did not become ready")
+        time.sleep(0.2)
+    time.sleep(2)  # let the second executor register too
+    return port, procs
+
 
 def write_dag(dag_dir, data, day_data):
     agg_all = ", ".join(
@@ -156,6 +188,7 @@ def main():
     ap.add_argument("--users", type=int, default=50_000_000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--only", default="", help="comma list of parts: daily,day,pushdown,memory,ballista")
     a = ap.parse_args()
 
     import duckdb
@@ -169,67 +202,92 @@ def main():
     write_dag(dag_dir, a.data, day_data)
     res = {"rows": a.rows, "parquet_bytes": file_bytes, "cores": os.cpu_count()}
 
-    log("daily aggregation: bulwark sql task")
-    runs = [bulwark_task(a.binary, work, dag_dir, "daily") for _ in range(a.repeat)]
-    res["bulwark_s"] = min(r[0] for r in runs)
-    res["bulwark_bytes_scanned"] = runs[0][1]["details"]["bytes_scanned"]
-    ours = runs[0][1]["details"]["rows"]
-
-    log("daily aggregation: duckdb")
+    parts = set(a.only.split(",")) if a.only else {"daily", "day", "pushdown", "memory", "ballista"}
+    # Arrow (in-memory) size of the data: 9 eight-byte columns + the kind string (~5 bytes + offset).
+    res["arrow_bytes_estimate"] = a.rows * (9 * 8 + 9)
     glob = os.path.join(a.data, "**", "*.parquet")
-    q = DAILY_SQL.replace("FROM events", f"FROM read_parquet('{glob}', hive_partitioning = true)")
-    res["duckdb_s"], d_rows = timed(lambda: duckdb.connect().execute(q).fetchall(), a.repeat)
+    if "daily" in parts:
+        log("daily aggregation: bulwark sql task")
+        runs = [bulwark_task(a.binary, work, dag_dir, "daily") for _ in range(a.repeat)]
+        res["bulwark_s"] = min(r[0] for r in runs)
+        res["bulwark_bytes_scanned"] = runs[0][1]["details"]["bytes_scanned"]
+        ours = runs[0][1]["details"]["rows"]
 
-    log("daily aggregation: polars")
+        log("daily aggregation: duckdb")
+        q = DAILY_SQL.replace("FROM events", f"FROM read_parquet('{glob}', hive_partitioning = true)")
+        res["duckdb_s"], d_rows = timed(lambda: duckdb.connect().execute(q).fetchall(), a.repeat)
 
-    def polars_daily(path):
-        return (
-            pl.scan_parquet(path, hive_partitioning=True)
-            .group_by(["day", "kind"])
-            .agg(pl.len().alias("events"), pl.col("amount").sum(), pl.col("amount").min().alias("lo"),
-                 pl.col("amount").max().alias("hi"))
-            .sort(["day", "kind"])
-            .collect()
-        )
+        log("daily aggregation: polars")
 
-    res["polars_s"], p_df = timed(lambda: polars_daily(glob), a.repeat)
-    if not (ours == len(d_rows) == p_df.height):
-        raise SystemExit(f"MISMATCH: result rows bulwark {ours}, duckdb {len(d_rows)}, polars {p_df.height}")
-    fastest = min(res["duckdb_s"], res["polars_s"])
-    res["ratio_vs_fastest_peer"] = fastest / res["bulwark_s"]
+        def polars_daily(path):
+            return (
+                pl.scan_parquet(path, hive_partitioning=True)
+                .group_by(["day", "kind"])
+                .agg(pl.len().alias("events"), pl.col("amount").sum(), pl.col("amount").min().alias("lo"),
+                     pl.col("amount").max().alias("hi"))
+                .sort(["day", "kind"])
+                .collect()
+            )
 
-    log("one day (10 %): bulwark, duckdb, polars, pandas")
-    res["day_bulwark_s"] = min(bulwark_task(a.binary, work, dag_dir, "daily_one_day")[0] for _ in range(a.repeat))
-    dglob = os.path.join(day_data, "*.parquet")
-    qd = DAILY_SQL.replace("FROM events", f"FROM read_parquet('{dglob}')").replace("day, kind", "kind").replace(
-        "SELECT kind", "SELECT kind")
-    res["day_duckdb_s"], _ = timed(lambda: duckdb.connect().execute(qd).fetchall(), a.repeat)
-    res["day_polars_s"], _ = timed(lambda: pl.scan_parquet(dglob).group_by("kind").agg(
-        pl.len(), pl.col("amount").sum(), pl.col("amount").min(), pl.col("amount").max()).collect(), a.repeat)
+        res["polars_s"], p_df = timed(lambda: polars_daily(glob), a.repeat)
+        if not (ours == len(d_rows) == p_df.height):
+            raise SystemExit(f"MISMATCH: result rows bulwark {ours}, duckdb {len(d_rows)}, polars {p_df.height}")
+        fastest = min(res["duckdb_s"], res["polars_s"])
+        res["ratio_vs_fastest_peer"] = fastest / res["bulwark_s"]
 
-    def pandas_day():
-        import pandas as pd
-        df = pd.read_parquet(day_data, columns=["kind", "amount"])
-        return df.groupby("kind")["amount"].agg(["count", "sum", "min", "max"])
+    if "day" in parts:
+        log("one day (10 %): bulwark, duckdb, polars, pandas")
+        res["day_bulwark_s"] = min(bulwark_task(a.binary, work, dag_dir, "daily_one_day")[0] for _ in range(a.repeat))
+        dglob = os.path.join(day_data, "*.parquet")
+        qd = DAILY_SQL.replace("FROM events", f"FROM read_parquet('{dglob}')").replace("day, kind", "kind").replace(
+            "SELECT kind", "SELECT kind")
+        res["day_duckdb_s"], _ = timed(lambda: duckdb.connect().execute(qd).fetchall(), a.repeat)
+        res["day_polars_s"], _ = timed(lambda: pl.scan_parquet(dglob).group_by("kind").agg(
+            pl.len(), pl.col("amount").sum(), pl.col("amount").min(), pl.col("amount").max()).collect(), a.repeat)
 
-    res["day_pandas_s"], _ = timed(pandas_day, a.repeat)
-    res["day_ratio_vs_pandas"] = res["day_pandas_s"] / res["day_bulwark_s"]
+        def pandas_day():
+            import pandas as pd
+            df = pd.read_parquet(day_data, columns=["kind", "amount"])
+            return df.groupby("kind")["amount"].agg(["count", "sum", "min", "max"])
 
-    log("projection pushdown: 2 of 10 columns vs all")
-    _, two, _ = bulwark_task(a.binary, work, dag_dir, "two_columns")
-    _, alls, _ = bulwark_task(a.binary, work, dag_dir, "all_columns")
-    res["pushdown_bytes_two"] = two["details"]["bytes_scanned"]
-    res["pushdown_bytes_all"] = alls["details"]["bytes_scanned"]
-    res["pushdown_ratio"] = res["pushdown_bytes_two"] / max(1, res["pushdown_bytes_all"])
+        res["day_pandas_s"], _ = timed(pandas_day, a.repeat)
+        res["day_ratio_vs_pandas"] = res["day_pandas_s"] / res["day_bulwark_s"]
 
-    log(f"memory-bounded: {a.users:,} groups with a {a.memory_mb} MiB pool, then unbounded")
-    env = {"BULWARK__PIPELINE__ENGINE__MEMORY_LIMIT_MB": str(a.memory_mb)}
-    s, rep, rss = bulwark_task(a.binary, work, dag_dir, "many_groups", env)
-    res["bounded_s"] = s
-    res["bounded_peak_rss_kib"] = rss
-    s2, rep2, rss2 = bulwark_task(a.binary, work, dag_dir, "many_groups")
-    res["unbounded_s"] = s2
-    res["unbounded_peak_rss_kib"] = rss2
+    if "pushdown" in parts:
+        log("projection pushdown: 2 of 10 columns vs all")
+        _, two, _ = bulwark_task(a.binary, work, dag_dir, "two_columns")
+        _, alls, _ = bulwark_task(a.binary, work, dag_dir, "all_columns")
+        res["pushdown_bytes_two"] = two["details"]["bytes_scanned"]
+        res["pushdown_bytes_all"] = alls["details"]["bytes_scanned"]
+        res["pushdown_ratio"] = res["pushdown_bytes_two"] / max(1, res["pushdown_bytes_all"])
+
+    if "memory" in parts:
+        log(f"memory-bounded: {a.users:,} groups with a {a.memory_mb} MiB pool, then unbounded")
+        env = {"BULWARK__PIPELINE__ENGINE__MEMORY_LIMIT_MB": str(a.memory_mb)}
+        s, rep, rss = bulwark_task(a.binary, work, dag_dir, "many_groups", env)
+        res["bounded_s"] = s
+        res["bounded_peak_rss_kib"] = rss
+        s2, rep2, rss2 = bulwark_task(a.binary, work, dag_dir, "many_groups")
+        res["unbounded_s"] = s2
+        res["unbounded_peak_rss_kib"] = rss2
+    if "ballista" in parts:
+        log("ballista: the daily aggregation on a scheduler + 2 executors vs in process")
+        port, procs = start_ballista(a.binary, work)
+        try:
+            env = {"BULWARK__PIPELINE__ENGINE__KIND": "ballista",
+                   "BULWARK__PIPELINE__ENGINE__SCHEDULER_URL": f"df://127.0.0.1:{port}"}
+            runs = [bulwark_task(a.binary, work, dag_dir, "daily", env) for _ in range(a.repeat)]
+            if runs[0][1]["details"].get("engine") != "ballista":
+                raise SystemExit(f"the task did not run on ballista: {runs[0][1]}")
+            res["ballista_s"] = min(r[0] for r in runs)
+            local = res.get("bulwark_s") or min(bulwark_task(a.binary, work, dag_dir, "daily")[0] for _ in range(a.repeat))
+            res["ballista_in_process_s"] = local
+            res["ballista_overhead_ratio"] = res["ballista_s"] / local
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=2))
 

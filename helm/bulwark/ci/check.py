@@ -565,8 +565,13 @@ def pipeline_rendered(docs: list[dict], conf: dict, values: dict, label: str) ->
     w = values["worker"]
     workers = w["autoscaling"]["maxReplicas"] if w["autoscaling"]["enabled"] else w["replicaCount"]
     # parallelism: every worker slot of the deployment (the HPA's maximum when it scales).
+    e = p["engine"]
+    engine = {"kind": e["kind"], "memory_limit_mb": e["memoryLimitMb"]}
+    if e["kind"] == "ballista":
+        engine["scheduler_url"] = e["schedulerUrl"]
     want = ({"dags_folder": d["mountPath"], "reload_interval": p["reloadInterval"],
-             "worker_slots": p["workerSlots"], "parallelism": p["workerSlots"] * workers}
+             "worker_slots": p["workerSlots"], "parallelism": p["workerSlots"] * workers,
+             "engine": engine}
             if p["enabled"] else None)
     check(conf.get("pipeline") == want, f"{label}: [pipeline] is {want} (got {conf.get('pipeline')})")
     dags_cm = named(docs, "ConfigMap", f"{RELEASE}-dags")
@@ -615,6 +620,9 @@ def pipeline_tests(chart: helm.Chart, base: dict) -> None:
     cases = {
         "pipeline disabled": {"pipeline": {"enabled": False}},
         "pipeline DAGs from a claim": {"pipeline": {"dags": {"existingClaim": "bulwark-dags"}}},
+        "pipeline sql tasks on a Ballista cluster":
+            {"pipeline": {"engine": {"kind": "ballista", "schedulerUrl": "df://ballista-scheduler:50050",
+                                     "memoryLimitMb": 2048}}},
         "pipeline DAGs from a named ConfigMap, another mount path":
             {"pipeline": {"dags": {"configMap": "my-dags", "mountPath": "/srv/dags"}}},
     }
@@ -642,6 +650,14 @@ def pipeline_tests(chart: helm.Chart, base: dict) -> None:
             check("at most one of existingClaim, configMap and files" in str(e),
                   f"pipeline.dags with {what} fails naming the rule: {e}")
             print(f"  ok   pipeline.dags with {what}: render fails")
+    try:
+        chart.render(values=deep_merge(base, {"pipeline": {"engine": {"kind": "ballista"}}}),
+                     name=RELEASE, namespace=NAMESPACE, is_install=True)
+        check(False, "pipeline.engine.kind ballista without a schedulerUrl was accepted")
+    except helm.HelmError as e:
+        check("pipeline.engine.schedulerUrl" in str(e),
+              f"ballista without a schedulerUrl fails naming the key: {e}")
+        print("  ok   pipeline.engine.kind ballista without schedulerUrl: render fails")
 
 
 def annotation_tests(chart: helm.Chart, base: dict) -> None:
@@ -691,6 +707,9 @@ def negative_tests(chart: helm.Chart, base: dict) -> None:
         "a relative pipeline.dags.mountPath": {"pipeline": {"dags": {"mountPath": "dags"}}},
         "a DAG file name without .toml": {"pipeline": {"dags": {"files": {"daily.yaml": "x = 1"}}}},
         "an unknown pipeline key": {"pipeline": {"dagsFolder": "/dags"}},
+        "an unknown pipeline.engine.kind": {"pipeline": {"engine": {"kind": "spark"}}},
+        "a pipeline.engine.schedulerUrl that is not df://host:port":
+            {"pipeline": {"engine": {"schedulerUrl": "http://x"}}},
         "scheduler.replicaCount 3": {"scheduler": {"replicaCount": 3}},
     }
     for what, over in cases.items():

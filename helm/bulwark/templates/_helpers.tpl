@@ -155,7 +155,17 @@ more module sections, rendered alike. */}}
 {{- /* parallelism: every worker slot of the deployment (with the HPA, its maximum), so the
        scheduler queues only what workers can start at once. */}}
 {{- $workers := ternary .Values.worker.autoscaling.maxReplicas .Values.worker.replicaCount .Values.worker.autoscaling.enabled }}
-{{- $_ := set $sections "pipeline" (dict "dags_folder" $p.dags.mountPath "reload_interval" $p.reloadInterval "worker_slots" (int64 $p.workerSlots) "parallelism" (mul (int64 $p.workerSlots) (int64 $workers))) }}
+{{- $pipeline := dict "dags_folder" $p.dags.mountPath "reload_interval" $p.reloadInterval "worker_slots" (int64 $p.workerSlots) "parallelism" (mul (int64 $p.workerSlots) (int64 $workers)) }}
+{{- /* [pipeline.engine] as dotted keys of [pipeline]. */}}
+{{- $_ := set $pipeline "engine.kind" $p.engine.kind }}
+{{- $_ := set $pipeline "engine.memory_limit_mb" (int64 $p.engine.memoryLimitMb) }}
+{{- if eq $p.engine.kind "ballista" }}
+{{- if not $p.engine.schedulerUrl }}
+{{- fail "pipeline.engine.schedulerUrl: needed when pipeline.engine.kind is ballista (df://host:port)" }}
+{{- end }}
+{{- $_ := set $pipeline "engine.scheduler_url" $p.engine.schedulerUrl }}
+{{- end }}
+{{- $_ := set $sections "pipeline" $pipeline }}
 {{- end }}
 {{- range $section, $keys := $sections }}
 
