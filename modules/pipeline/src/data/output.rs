@@ -205,6 +205,10 @@ async fn write_delta(
     std::fs::create_dir_all(&path)?;
     let mut table = deltalake::DeltaTable::try_from_url(dir_url(&path)?).await?;
     let exists = table.version().is_some();
+    if exists && spec.mode != Mode::Overwrite {
+        let stored = table.snapshot()?.snapshot().arrow_schema();
+        numeric_types_match(&spec.table, &stored, df.schema().as_arrow())?;
+    }
     if spec.mode == Mode::Merge {
         if exists {
             let held = table
@@ -259,6 +263,33 @@ async fn write_delta(
     };
     let t = w.await?;
     Ok((version_of(&t), false))
+}
+
+/// A numeric column must keep its stored type (P12). Delta lets a type widen (int → bigint)
+/// only with the `typeWidening` table feature, which delta-rs 1.1 neither writes nor reads; left
+/// alone, delta-rs casts each value to the stored type and fails on the first day one does not
+/// fit. Refusing the changed type up front makes that a failure of the change, not of the data.
+fn numeric_types_match(
+    table: &str,
+    stored: &arrow::datatypes::Schema,
+    new: &arrow::datatypes::Schema,
+) -> Result<()> {
+    for f in new.fields() {
+        let Ok(old) = stored.field_with_name(f.name()) else {
+            continue; // a new column: schema evolution adds it
+        };
+        let (a, b) = (old.data_type(), f.data_type());
+        if a != b && a.is_numeric() && b.is_numeric() {
+            return Err(EngineError::Invalid(format!(
+                "output: column `{}` of the query is {b}, but table `{table}` stores {a}; Delta \
+                 changes a column's type only with the typeWidening table feature, which \
+                 delta-rs 1.1 does not support: CAST it to {a} in the query, or write a new table \
+                 (mode = \"overwrite\" replaces the table and its schema)",
+                f.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn merge(

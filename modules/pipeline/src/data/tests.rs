@@ -497,6 +497,39 @@ async fn schema_evolution_adds_columns() {
     );
 }
 
+/// P12, widened types: Delta allows a column's type to widen (int → bigint) only with the
+/// `typeWidening` table feature, which delta-rs 1.1 does not support (it refuses to read such a
+/// table, and casts new values to the stored type, failing on the first that does not fit). So
+/// a task whose column widened fails naming the column, and the table keeps its rows and version.
+#[tokio::test]
+async fn a_widened_type_is_refused_and_loses_nothing() {
+    let s = Scratch::new("widen");
+    let e = engine(&s.0, 0);
+    let csv = write_csv(&s.0, "a.csv", "id,day\n1,2026-11-01\n");
+    let args = |ty: &str| {
+        json!({
+            "query": format!("SELECT CAST(id AS {ty}) AS id, day FROM raw"),
+            "sources": {"raw": {"format": "csv", "path": csv}},
+            "output": {"table": "widening", "mode": "append"},
+        })
+    };
+    ok(&e, "load", "2026-11-01", args("INT")).await;
+    let err = run(&e, "load", "2026-11-02", args("BIGINT")).await;
+    let msg = match err {
+        Err(f) => f.message,
+        Ok(o) => panic!("a widened column was written: {:?}", o.details),
+    };
+    assert!(
+        msg.contains("column `id`") && msg.contains("Int64") && msg.contains("typeWidening"),
+        "{msg}"
+    );
+    let table = super::open_delta(&e.table_path("widening"))
+        .await
+        .expect("table");
+    assert_eq!(table.version(), Some(0), "no commit for the refused write");
+    assert_eq!(count(&e, "SELECT count(*) FROM widening").await, 1);
+}
+
 fn dag_with(args: serde_json::Value) -> Dag {
     crate::dag::DagBuilder::new("d")
         .task(Task::new(
