@@ -334,6 +334,9 @@ impl Engine {
         let state = table.snapshot().map_err(EngineError::from)?;
         let partitions = state.metadata().partition_columns().to_vec();
         let schema = state.snapshot().arrow_schema();
+        let table_root = table.table_url().to_file_path().map_err(|()| {
+            EngineError::Invalid(format!("source `{name}`: not a local Delta table"))
+        })?;
         for uri in table.get_file_uris().map_err(EngineError::from)? {
             // delta-rs gives local files as plain paths, other stores as URLs.
             let file = match url::Url::parse(&uri) {
@@ -344,9 +347,6 @@ impl Engine {
                     ))
                 })?,
             };
-            let table_root = table.table_url().to_file_path().map_err(|()| {
-                EngineError::Invalid(format!("source `{name}`: not a local Delta table"))
-            })?;
             let rel = file
                 .strip_prefix(&table_root)
                 .map_err(|_| EngineError::Io(format!("{} is outside its table", file.display())))?;
