@@ -1676,12 +1676,7 @@ pub async fn dataset_event(
     ApiPath(DatasetPath { name }): ApiPath<DatasetPath>,
     ApiJson(req): ApiJson<DatasetEvent>,
 ) -> Result<(StatusCode, axum::Json<DatasetEventView>), Problem> {
-    if name.is_empty()
-        || name.len() > 250
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-:".contains(c))
-    {
+    if !crate::dag::valid_dataset_name(&name) {
         return Err(bad(
             "name",
             "a dataset name is 1 to 250 of letters, digits and _.-:",

@@ -54,6 +54,19 @@ pub struct Task {
     #[serde(serialize_with = "ser_opt_dur")]
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
+    /// Datasets a successful try updates (Airflow's `outlets`): each gets an event, so DAGs
+    /// scheduled on it run and sensors waiting for it fire. A `sql` task's output table is
+    /// announced without being listed.
+    pub outlets: Vec<String>,
+}
+
+/// A dataset name: 1 to 250 of ASCII letters, digits and `_.-:`.
+pub fn valid_dataset_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 250
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-:".contains(c))
 }
 
 /// How a failed task is retried.
@@ -122,6 +135,9 @@ pub enum TaskKind {
         command: String,
         env: BTreeMap<String, String>,
         cwd: Option<String>,
+        /// Exit codes that end the try `skipped` instead of failed (Airflow's BashOperator
+        /// convention: 99 unless the DAG says otherwise; an empty list turns it off).
+        skip_on_exit_code: Vec<i32>,
     },
     Http {
         method: String,
@@ -136,6 +152,8 @@ pub enum TaskKind {
         /// The sensor fails after waiting this long.
         #[serde(serialize_with = "ser_opt_dur")]
         timeout: Option<Duration>,
+        /// On timeout the sensor is `skipped` (and so is everything downstream), not failed.
+        soft_fail: bool,
     },
     /// A type another part of the module or another module registers (sql, quality, export).
     Plugin {
@@ -172,7 +190,9 @@ impl TaskKind {
     pub fn templates(&self) -> Vec<(&'static str, &str)> {
         let mut out = Vec::new();
         match self {
-            TaskKind::Shell { command, env, cwd } => {
+            TaskKind::Shell {
+                command, env, cwd, ..
+            } => {
                 out.push(("command", command.as_str()));
                 out.extend(env.values().map(|v| ("env", v.as_str())));
                 out.extend(cwd.as_deref().map(|c| ("cwd", c)));
@@ -216,6 +236,7 @@ impl Task {
             priority_weight: 1,
             timeout: None,
             retry: RetryPolicy::default(),
+            outlets: Vec::new(),
         }
     }
 
@@ -226,6 +247,7 @@ impl Task {
                 command: command.into(),
                 env: BTreeMap::new(),
                 cwd: None,
+                skip_on_exit_code: DEFAULT_SKIP_EXIT_CODES.to_vec(),
             },
         )
     }
@@ -253,6 +275,7 @@ impl Task {
                 target,
                 poke_interval: DEFAULT_POKE_INTERVAL,
                 timeout: None,
+                soft_fail: false,
             },
         )
     }
@@ -285,6 +308,16 @@ impl Task {
         self
     }
 
+    /// Datasets a successful try announces (see [`Task::outlets`]).
+    pub fn outlets<I, S>(mut self, names: I) -> Task
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.outlets.extend(names.into_iter().map(Into::into));
+        self
+    }
+
     pub fn priority_weight(mut self, w: i32) -> Task {
         self.priority_weight = w;
         self
@@ -302,6 +335,35 @@ impl Task {
 }
 
 const DEFAULT_POKE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A shell command exiting with one of these is `skipped` (Airflow's BashOperator default).
+pub const DEFAULT_SKIP_EXIT_CODES: [i32; 1] = [99];
+
+/// `skip_on_exit_code`: one exit code or a list of them, each 1–255 (0 is success); `[]` turns
+/// skipping off.
+fn exit_codes(cx: &mut FileCx<'_>, line: Option<usize>, id: &str, v: &Node) -> Vec<i32> {
+    let items: Vec<&Node> = match &v.val {
+        Val::Array(items) => items.iter().collect(),
+        _ => vec![v],
+    };
+    let mut out = Vec::new();
+    for it in items {
+        match &it.val {
+            Val::Int(i) if (1..=255).contains(i) => out.push(i32::try_from(*i).unwrap_or(99)),
+            Val::Int(i) => cx.err(
+                line,
+                format!("task `{id}`: skip_on_exit_code {i} is not an exit code from 1 to 255"),
+            ),
+            other => cx.wrong(
+                line,
+                "skip_on_exit_code",
+                "an integer or an array of integers",
+                other,
+            ),
+        }
+    }
+    out
+}
 
 impl Dag {
     /// sha256 (hex) of everything that affects execution: not the file path, description,
@@ -1169,6 +1231,7 @@ const COMMON_TASK_KEYS: &[&str] = &[
     "backoff",
     "max_retry_delay",
     "jitter",
+    "outlets",
 ];
 
 /// `[defaults]`: what each task inherits.
@@ -1316,6 +1379,19 @@ fn parse_task(
                     task.priority_weight = w;
                 }
             }
+            "outlets" => {
+                if let Some(names) = cx.strings(l, key, n) {
+                    for bad in names.iter().filter(|d| !valid_dataset_name(d)) {
+                        cx.err(
+                            l,
+                            format!(
+                                "task `{id}`: outlet `{bad}` is not a dataset name (1 to 250 of letters, digits and _.-:)"
+                            ),
+                        );
+                    }
+                    task.outlets = names;
+                }
+            }
             // For sensors `timeout` is how long to wait for the event, not an execution limit.
             "timeout" if type_name.as_deref() == Some("sensor") => {
                 sensor_timeout = cx.duration(l, key, n);
@@ -1355,7 +1431,7 @@ fn parse_task(
 
     match type_name.as_str() {
         "shell" => {
-            unknown(cx, &["command", "env", "cwd"]);
+            unknown(cx, &["command", "env", "cwd", "skip_on_exit_code"]);
             let command = match get("command") {
                 Some((l, n)) => cx.string(l, "command", n),
                 None => {
@@ -1367,8 +1443,17 @@ fn parse_task(
                 .and_then(|(l, n)| cx.string_map(l, "env", n))
                 .unwrap_or_default();
             let cwd = get("cwd").and_then(|(l, n)| cx.string(l, "cwd", n));
+            let skip_on_exit_code = match get("skip_on_exit_code") {
+                Some((l, n)) => exit_codes(cx, l, &id, n),
+                None => DEFAULT_SKIP_EXIT_CODES.to_vec(),
+            };
             if let Some(command) = command {
-                task.kind = TaskKind::Shell { command, env, cwd };
+                task.kind = TaskKind::Shell {
+                    command,
+                    env,
+                    cwd,
+                    skip_on_exit_code,
+                };
             }
         }
         "http" => {
@@ -1401,7 +1486,13 @@ fn parse_task(
             }
         }
         "sensor" => {
-            unknown(cx, &["subject", "file", "dataset", "poke_interval"]);
+            unknown(
+                cx,
+                &["subject", "file", "dataset", "poke_interval", "soft_fail"],
+            );
+            let soft_fail = get("soft_fail")
+                .and_then(|(l, n)| cx.boolean(l, "soft_fail", n))
+                .unwrap_or(false);
             let mut targets = Vec::new();
             for key in ["subject", "file", "dataset"] {
                 if let Some((l, n)) = get(key)
@@ -1440,6 +1531,7 @@ fn parse_task(
                     target,
                     poke_interval,
                     timeout: sensor_timeout,
+                    soft_fail,
                 };
                 // The sensor's own timeout replaces the execution timeout (see above).
                 task.timeout = None;
@@ -1786,6 +1878,7 @@ mod tests {
                 target: SensorTarget::Subject("uploads.sales.{{ ds_nodash }}".into()),
                 poke_interval: Duration::from_secs(30),
                 timeout: Some(Duration::from_secs(6 * 3600)),
+                soft_fail: false,
             }
         );
         assert_eq!(wait.timeout, None);
@@ -2114,6 +2207,67 @@ mod tests {
         assert!(err.message.contains("duplicate task id `b`"), "{err}");
         assert!(err.message.contains("dependency cycle"), "{err}");
         assert_eq!(err.to_string().split(": ").next(), Some("<built-in>"));
+    }
+
+    /// P2: `skip_on_exit_code` (default 99, one code or a list, `[]` off), `soft_fail` and
+    /// `outlets` parse; bad values name the task, the key and the line.
+    #[test]
+    fn skip_codes_soft_fail_and_outlets() {
+        let d = parse(&format!(
+            "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\noutlets = [\"sales.raw\"]\n\
+             [tasks.b]\ntype = \"shell\"\ncommand = \"x\"\nskip_on_exit_code = [3, 4]\n\
+             [tasks.c]\ntype = \"shell\"\ncommand = \"x\"\nskip_on_exit_code = []\n\
+             [tasks.d]\ntype = \"shell\"\ncommand = \"x\"\nskip_on_exit_code = 7\n\
+             [tasks.e]\ntype = \"sensor\"\nfile = \"/x\"\nsoft_fail = true\n"
+        ))
+        .expect("parses");
+        let codes = |id: &str| match &d.task(id).expect("task").kind {
+            TaskKind::Shell {
+                skip_on_exit_code, ..
+            } => skip_on_exit_code.clone(),
+            other => panic!("not shell: {other:?}"),
+        };
+        assert_eq!(codes("a"), [99], "Airflow's default");
+        assert_eq!(codes("b"), [3, 4]);
+        assert!(codes("c").is_empty());
+        assert_eq!(codes("d"), [7]);
+        assert_eq!(d.task("a").expect("a").outlets, ["sales.raw"]);
+        assert!(matches!(
+            d.task("e").expect("e").kind,
+            TaskKind::Sensor {
+                soft_fail: true,
+                ..
+            }
+        ));
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\nskip_on_exit_code = 0\n"),
+            5,
+            "task `a`: skip_on_exit_code 0 is not an exit code from 1 to 255",
+        );
+        one_err(
+            &format!(
+                "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\nskip_on_exit_code = [\"99\"]\n"
+            ),
+            5,
+            "`skip_on_exit_code` must be an integer or an array of integers",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"sensor\"\nfile = \"/x\"\nsoft_fail = \"yes\"\n"),
+            5,
+            "`soft_fail` must be a boolean",
+        );
+        one_err(
+            &format!(
+                "{HEAD}[tasks.a]\ntype = \"shell\"\ncommand = \"x\"\noutlets = [\"bad name\"]\n"
+            ),
+            5,
+            "task `a`: outlet `bad name` is not a dataset name",
+        );
+        one_err(
+            &format!("{HEAD}[tasks.a]\ntype = \"http\"\nurl = \"http://x\"\nsoft_fail = true\n"),
+            5,
+            "unknown key `soft_fail` for a http task `a`",
+        );
     }
 
     #[test]

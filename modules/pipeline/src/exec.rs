@@ -27,6 +27,9 @@ pub struct Job {
     pub kind: JobKind,
     pub timeout_ms: Option<u64>,
     pub retry: RetrySpec,
+    /// Datasets a successful try announces (the task's `outlets`).
+    #[serde(default)]
+    pub outlets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,6 +39,9 @@ pub enum JobKind {
         command: String,
         env: BTreeMap<String, String>,
         cwd: Option<String>,
+        /// Exit codes that end the try `skipped`.
+        #[serde(default)]
+        skip_on_exit_code: Vec<i32>,
     },
     Http {
         method: String,
@@ -50,6 +56,9 @@ pub enum JobKind {
         target: Target,
         poke_interval_ms: u64,
         timeout_ms: Option<u64>,
+        /// A timeout skips the sensor instead of failing it.
+        #[serde(default)]
+        soft_fail: bool,
     },
     Plugin {
         type_name: String,
@@ -119,7 +128,17 @@ pub fn render(task: &Task, ctx: &RunContext) -> Result<Job, RenderError> {
         message: e.to_string(),
     };
     let kind = match template::render_task(&task.kind, ctx).map_err(fail)? {
-        TaskKind::Shell { command, env, cwd } => JobKind::Shell { command, env, cwd },
+        TaskKind::Shell {
+            command,
+            env,
+            cwd,
+            skip_on_exit_code,
+        } => JobKind::Shell {
+            command,
+            env,
+            cwd,
+            skip_on_exit_code,
+        },
         TaskKind::Http {
             method,
             url,
@@ -136,6 +155,7 @@ pub fn render(task: &Task, ctx: &RunContext) -> Result<Job, RenderError> {
             target,
             poke_interval,
             timeout,
+            soft_fail,
         } => JobKind::Sensor {
             target: match target {
                 SensorTarget::Subject(s) => Target::Subject(s),
@@ -144,6 +164,7 @@ pub fn render(task: &Task, ctx: &RunContext) -> Result<Job, RenderError> {
             },
             poke_interval_ms: u64::try_from(poke_interval.as_millis()).unwrap_or(u64::MAX),
             timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            soft_fail,
         },
         TaskKind::Plugin { type_name, args } => JobKind::Plugin { type_name, args },
     };
@@ -158,6 +179,7 @@ pub fn render(task: &Task, ctx: &RunContext) -> Result<Job, RenderError> {
             .timeout
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         retry: RetrySpec::of(&task.retry),
+        outlets: task.outlets.clone(),
     })
 }
 
@@ -214,6 +236,11 @@ impl TaskFailure {
 pub struct TaskOutput {
     pub exit_code: Option<i32>,
     pub details: Option<serde_json::Value>,
+    /// Set when the try decided there is nothing to do (a shell task's `skip_on_exit_code`):
+    /// the instance ends `skipped` with this reason, and so does everything downstream.
+    pub skipped: Option<String>,
+    /// Datasets the try updated besides the task's `outlets` (a `sql` task's output table).
+    pub datasets: Vec<String>,
 }
 
 /// A task type another module (or part 2 of this one) provides: `sql`, `quality`, `export`.
@@ -245,12 +272,15 @@ pub async fn run(
 ) -> Result<TaskOutput, TaskFailure> {
     let code = |exit_code| TaskOutput {
         exit_code,
-        details: None,
+        ..TaskOutput::default()
     };
     match &job.kind {
-        JobKind::Shell { command, env, cwd } => shell(job, command, env, cwd.as_deref(), log)
-            .await
-            .map(code),
+        JobKind::Shell {
+            command,
+            env,
+            cwd,
+            skip_on_exit_code,
+        } => shell(job, command, env, cwd.as_deref(), skip_on_exit_code, log).await,
         JobKind::Http {
             method,
             url,
@@ -285,8 +315,9 @@ async fn shell(
     command: &str,
     env: &BTreeMap<String, String>,
     cwd: Option<&str>,
+    skip_codes: &[i32],
     log: &LogSink,
-) -> Result<Option<i32>, TaskFailure> {
+) -> Result<TaskOutput, TaskFailure> {
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(command)
@@ -338,7 +369,17 @@ async fn shell(
     let _ = a.await;
     let _ = b.await;
     match status.code() {
-        Some(0) => Ok(Some(0)),
+        Some(0) => Ok(TaskOutput {
+            exit_code: Some(0),
+            ..TaskOutput::default()
+        }),
+        Some(code) if skip_codes.contains(&code) => Ok(TaskOutput {
+            exit_code: Some(code),
+            skipped: Some(format!(
+                "the command exited with {code} (skip_on_exit_code)"
+            )),
+            ..TaskOutput::default()
+        }),
         Some(code) => Err(TaskFailure {
             message: format!("the command exited with {code}"),
             exit_code: Some(code),

@@ -50,6 +50,7 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
         last_reload: None,
         last_housekeeping: None,
         watch: SubjectWatch::default(),
+        reported: Reported::default(),
     };
     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
     let mut token: Option<i64> = None;
@@ -90,6 +91,7 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
                 if token.is_none() {
                     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
                     sched.watch.clear();
+                    sched.reported.zero();
                 }
             }
             Some(_) => {}
@@ -134,6 +136,35 @@ pub async fn run(s: Arc<PipelineShared>, stop: CancellationToken) {
         tracing::warn!(message = "Cannot release the scheduler lease.", error = %e);
     }
     metrics::gauge!("bulwark_pipeline_scheduler_active").set(0.0);
+    sched.reported.zero();
+}
+
+/// The labelled gauges only the active scheduler reports. A scheduler that loses the lease
+/// zeroes them: a standby's last figures would otherwise stay on `/metrics` for ever, and a
+/// dashboard's `max` over instances (or an alert on pool starvation or a late run) would read
+/// the stale backlog of a process that no longer schedules anything.
+#[derive(Default)]
+struct Reported {
+    pools: HashSet<String>,
+    dags: HashSet<String>,
+}
+
+impl Reported {
+    fn zero(&mut self) {
+        metrics::gauge!("bulwark_pipeline_queued_tasks").set(0.0);
+        metrics::gauge!("bulwark_pipeline_deferred_tasks").set(0.0);
+        metrics::gauge!("bulwark_pipeline_dag_import_errors").set(0.0);
+        for p in self.pools.drain() {
+            for st in ["used", "open"] {
+                metrics::gauge!("bulwark_pipeline_pool_slots", "pool" => p.clone(), "state" => st)
+                    .set(0.0);
+            }
+            metrics::gauge!("bulwark_pipeline_pool_waiting", "pool" => p).set(0.0);
+        }
+        for d in self.dags.drain() {
+            metrics::gauge!("bulwark_pipeline_runs_past_sla", "dag" => d).set(0.0);
+        }
+    }
 }
 
 async fn next_wake(
@@ -211,6 +242,7 @@ struct Scheduler {
     last_reload: Option<Instant>,
     last_housekeeping: Option<Instant>,
     watch: SubjectWatch,
+    reported: Reported,
 }
 
 type PassResult<T> = Result<T, StoreError>;
@@ -434,6 +466,7 @@ impl Scheduler {
                 target,
                 poke_interval_ms,
                 timeout_ms,
+                soft_fail,
             } = &job.kind
             else {
                 continue;
@@ -463,14 +496,22 @@ impl Scheduler {
                 }
             };
             let outcome = if done {
-                Some(Outcome::Success)
+                Some(Outcome::Success {
+                    datasets: Vec::new(),
+                })
             } else if timeout_ms
                 .and_then(|ms| i64::try_from(ms).ok())
                 .is_some_and(|ms| now - since > ms)
             {
-                Some(Outcome::Failed {
-                    error: "the sensor timed out".into(),
-                    retry_delay: job.retry.delay_before(job.try_number + 1),
+                Some(if *soft_fail {
+                    Outcome::Skipped {
+                        reason: "the sensor timed out (soft_fail)".into(),
+                    }
+                } else {
+                    Outcome::Failed {
+                        error: "the sensor timed out".into(),
+                        retry_delay: job.retry.delay_before(job.try_number + 1),
+                    }
                 })
             } else {
                 None
@@ -657,7 +698,7 @@ impl Scheduler {
         Ok(full)
     }
 
-    async fn gauges(&self) -> PassResult<()> {
+    async fn gauges(&mut self) -> PassResult<()> {
         let (by_state, waiting) = store::backlog(&self.s.db).await?;
         let (used, _) = store::slot_usage(&self.s.db).await?;
         #[allow(clippy::cast_precision_loss)]
@@ -667,6 +708,7 @@ impl Scheduler {
             metrics::gauge!("bulwark_pipeline_deferred_tasks")
                 .set(by_state.get(state::DEFERRED).copied().unwrap_or(0) as f64);
             for p in store::pools(&self.s.db).await? {
+                self.reported.pools.insert(p.name.clone());
                 let u = used.get(&p.name).copied().unwrap_or(0);
                 metrics::gauge!("bulwark_pipeline_pool_slots", "pool" => p.name.clone(), "state" => "used")
                     .set(u as f64);
@@ -679,6 +721,7 @@ impl Scheduler {
             // not "no data".
             let late = store::runs_past_sla(&self.s.db, now_ms()).await?;
             for dag in self.s.registry.current().keys() {
+                self.reported.dags.insert(dag.clone());
                 metrics::gauge!("bulwark_pipeline_runs_past_sla", "dag" => dag.clone())
                     .set(late.get(dag).copied().unwrap_or(0) as f64);
             }
@@ -800,5 +843,9 @@ pub fn finished_metrics(f: &store::Finished) {
     if f.upstream_failed > 0 {
         metrics::counter!("bulwark_pipeline_tasks_finished_total", "dag" => f.dag_id.clone(), "state" => state::UPSTREAM_FAILED)
             .increment(f.upstream_failed);
+    }
+    if f.skipped > 0 {
+        metrics::counter!("bulwark_pipeline_tasks_finished_total", "dag" => f.dag_id.clone(), "state" => state::SKIPPED)
+            .increment(f.skipped);
     }
 }

@@ -619,7 +619,9 @@ pub async fn start_run(
 }
 
 /// For every instance of run `run_pk` in `none`: count its unfinished upstreams; with an upstream
-/// that failed it is `upstream_failed`, with none left it is `scheduled`.
+/// that failed it is `upstream_failed`, with one skipped it is `skipped`, with none left it is
+/// `scheduled`. Failures and skips are carried through waiting chains (a cleared `b → c` under a
+/// failed `a` ends both `upstream_failed`, not `c` waiting for ever).
 async fn recompute_readiness(db: &impl ConnectionTrait, run_pk: i64, now: i64) -> Result<()> {
     let rows = db
         .query_all(sql(
@@ -634,30 +636,56 @@ async fn recompute_readiness(db: &impl ConnectionTrait, run_pk: i64, now: i64) -
         let task = col_str(r, "task_id")?;
         let st = col_str(r, "state")?;
         if st == state::NONE {
-            waiting.push((col_i64(r, "id")?, json_list(&col_str(r, "upstream")?)));
+            waiting.push((
+                col_i64(r, "id")?,
+                task.clone(),
+                json_list(&col_str(r, "upstream")?),
+            ));
         }
         states.insert(task, st);
     }
+    let mut decided: HashMap<i64, (&'static str, i64)> = HashMap::new();
+    // To a fixed point: a DAG is acyclic, so this takes at most its depth in rounds.
+    loop {
+        let mut changed = false;
+        for (id, task, ups) in &waiting {
+            let mut pending = 0i64;
+            let mut failed = false;
+            let mut skipped = false;
+            for u in ups {
+                match states.get(u).map(String::as_str) {
+                    Some(state::SUCCESS) => {}
+                    Some(state::SKIPPED) => skipped = true,
+                    Some(state::FAILED | state::UPSTREAM_FAILED) => failed = true,
+                    _ => pending += 1,
+                }
+            }
+            // A failure wins over a skip, as in Airflow's `all_success`.
+            let key = if failed {
+                (state::UPSTREAM_FAILED, 0)
+            } else if skipped {
+                (state::SKIPPED, 0)
+            } else if pending == 0 {
+                (state::SCHEDULED, 0)
+            } else {
+                (state::NONE, pending)
+            };
+            if (key.0 == state::UPSTREAM_FAILED || key.0 == state::SKIPPED)
+                && states.get(task).map(String::as_str) != Some(key.0)
+            {
+                states.insert(task.clone(), key.0.to_owned());
+                changed = true;
+            }
+            decided.insert(*id, key);
+        }
+        if !changed {
+            break;
+        }
+    }
     // Group by outcome so a 1,000-task run costs a handful of statements.
     let mut by: BTreeMap<(&str, i64), Vec<i64>> = BTreeMap::new();
-    for (id, ups) in &waiting {
-        let mut pending = 0i64;
-        let mut failed = false;
-        for u in ups {
-            match states.get(u).map(String::as_str) {
-                Some(state::SUCCESS | state::SKIPPED) => {}
-                Some(state::FAILED | state::UPSTREAM_FAILED) => failed = true,
-                _ => pending += 1,
-            }
-        }
-        let key = if failed {
-            (state::UPSTREAM_FAILED, 0)
-        } else if pending == 0 {
-            (state::SCHEDULED, 0)
-        } else {
-            (state::NONE, pending)
-        };
-        by.entry(key).or_default().push(*id);
+    for (id, key) in decided {
+        by.entry(key).or_default().push(id);
     }
     for ((st, pending), ids) in by {
         for chunk in ids.chunks(500) {
@@ -666,7 +694,7 @@ async fn recompute_readiness(db: &impl ConnectionTrait, run_pk: i64, now: i64) -
             } else {
                 None
             };
-            let end = if st == state::UPSTREAM_FAILED {
+            let end = if st == state::UPSTREAM_FAILED || st == state::SKIPPED {
                 Some(now)
             } else {
                 None
@@ -991,7 +1019,11 @@ pub async fn heartbeat(
 /// How a try ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Success,
+    /// Done; each named dataset gets an event in the same transaction.
+    Success { datasets: Vec<String> },
+    /// Nothing to do (a shell exit code in `skip_on_exit_code`, a `soft_fail` sensor that timed
+    /// out): the instance is `skipped`, never retried, and everything downstream is skipped.
+    Skipped { reason: String },
     Failed {
         error: String,
         /// Delay before the next try, when one is allowed.
@@ -1011,6 +1043,8 @@ pub struct Finished {
     pub newly_ready: u64,
     /// Downstream instances marked upstream_failed.
     pub upstream_failed: u64,
+    /// Downstream instances marked skipped.
+    pub skipped: u64,
 }
 
 /// Finish a try that is `running` (a worker's task) or `deferred` (a sensor). One transaction:
@@ -1029,10 +1063,11 @@ pub async fn finish_try(
     let tx = db.begin().await?;
     // The guarded update comes first: on SQLite a transaction that reads before it writes can
     // fail outright (a stale WAL snapshot) instead of waiting for the writer lock.
-    let (success, error, delay) = match outcome {
-        Outcome::Success => (true, None, 0i64),
+    let (ended, error, delay) = match outcome {
+        Outcome::Success { .. } => (state::SUCCESS, None, 0i64),
+        Outcome::Skipped { reason } => (state::SKIPPED, Some(reason.clone()), 0),
         Outcome::Failed { error, retry_delay } => (
-            false,
+            state::FAILED,
             Some(error.clone()),
             i64::try_from(retry_delay.as_millis()).unwrap_or(i64::MAX),
         ),
@@ -1041,17 +1076,17 @@ pub async fn finish_try(
         .execute(sql(
             &tx,
             "UPDATE pipeline_task_instances SET \
-               state = CASE WHEN $3 THEN 'success' WHEN try_number < max_tries \
+               state = CASE WHEN $3 <> 'failed' THEN $3 WHEN try_number < max_tries \
                             THEN 'up_for_retry' ELSE 'failed' END, \
                end_ms = $4, duration_ms = CASE WHEN start_ms IS NULL OR start_ms > $4 THEN 0 ELSE $4 - start_ms END, \
                exit_code = $5, error = $6, \
-               next_attempt_at_ms = CASE WHEN NOT $3 AND try_number < max_tries \
+               next_attempt_at_ms = CASE WHEN $3 = 'failed' AND try_number < max_tries \
                                          THEN $4 + $7 ELSE NULL END \
              WHERE id = $1 AND try_number = $2 AND state IN ('running','deferred')",
             vec![
                 id.into(),
                 try_number.into(),
-                success.into(),
+                ended.into(),
                 now.into(),
                 exit_code.into(),
                 error.clone().into(),
@@ -1065,6 +1100,7 @@ pub async fn finish_try(
     let t = task_instance(&tx, id).await?;
     let new_state: &'static str = match t.state.as_str() {
         state::SUCCESS => state::SUCCESS,
+        state::SKIPPED => state::SKIPPED,
         state::UP_FOR_RETRY => state::UP_FOR_RETRY,
         _ => state::FAILED,
     };
@@ -1097,6 +1133,7 @@ pub async fn finish_try(
     let downstream = json_list(&t.downstream);
     let mut newly_ready = 0;
     let mut upstream_failed = 0;
+    let mut skipped = 0;
     if new_state == state::SUCCESS && !downstream.is_empty() {
         let values: Vec<Value> = std::iter::once(t.run_pk.into())
             .chain(downstream.iter().map(|d| d.clone().into()))
@@ -1127,7 +1164,21 @@ pub async fn finish_try(
             .await?
             .rows_affected();
     } else if new_state == state::FAILED {
-        upstream_failed = mark_upstream_failed(&tx, t.run_pk, &t.task_id, now).await?;
+        upstream_failed =
+            mark_downstream(&tx, t.run_pk, &t.task_id, state::UPSTREAM_FAILED, now).await?;
+    }
+    if let (state::SUCCESS, Outcome::Success { datasets }) = (new_state, outcome) {
+        let extra = serde_json::json!({
+            "dag_id": t.dag_id, "task_id": t.task_id, "run_pk": t.run_pk, "try_number": try_number,
+        });
+        for d in datasets {
+            add_dataset_event(&tx, d, &extra, now).await?;
+        }
+    }
+    if new_state == state::SKIPPED {
+        // Every task's trigger rule is "all upstreams succeeded" (Airflow's `all_success`), so
+        // a skipped upstream skips what depends on it.
+        skipped = mark_downstream(&tx, t.run_pk, &t.task_id, state::SKIPPED, now).await?;
     }
     tx.commit().await?;
     Ok(Some(Finished {
@@ -1137,15 +1188,17 @@ pub async fn finish_try(
         duration_ms: duration,
         newly_ready,
         upstream_failed,
+        skipped,
     }))
 }
 
-/// Mark every transitive downstream of `task_id` in `run_pk` that has not started
-/// `upstream_failed`.
-async fn mark_upstream_failed(
+/// Mark every transitive downstream of `task_id` in `run_pk` that has not started `to`
+/// (`upstream_failed` or `skipped`).
+async fn mark_downstream(
     db: &impl ConnectionTrait,
     run_pk: i64,
     task_id: &str,
+    to: &'static str,
     now: i64,
 ) -> Result<u64> {
     let rows = db
@@ -1173,16 +1226,16 @@ async fn mark_upstream_failed(
         return Ok(0);
     }
     let ids: Vec<String> = seen.into_iter().collect();
-    let mut values: Vec<Value> = vec![run_pk.into(), now.into()];
+    let mut values: Vec<Value> = vec![run_pk.into(), now.into(), to.into()];
     values.extend(ids.iter().map(|d| d.clone().into()));
     let n = db
         .execute(sql(
             db,
             &format!(
-                "UPDATE pipeline_task_instances SET state = 'upstream_failed', end_ms = $2 \
+                "UPDATE pipeline_task_instances SET state = $3, end_ms = $2 \
                  WHERE run_pk = $1 AND state IN ('none','scheduled','up_for_retry') \
                    AND task_id IN {}",
-                placeholders(3, ids.len())
+                placeholders(4, ids.len())
             ),
             values,
         ))

@@ -188,10 +188,16 @@ fn render_map(
 pub fn render_task(kind: &TaskKind, ctx: &RunContext) -> Result<TaskKind, TemplateError> {
     let one = |field: &str, s: &str| render(s, ctx).map_err(|e| in_field(field, e));
     Ok(match kind {
-        TaskKind::Shell { command, env, cwd } => TaskKind::Shell {
+        TaskKind::Shell {
+            command,
+            env,
+            cwd,
+            skip_on_exit_code,
+        } => TaskKind::Shell {
             command: one("command", command)?,
             env: render_map("env", env, ctx)?,
             cwd: cwd.as_deref().map(|c| one("cwd", c)).transpose()?,
+            skip_on_exit_code: skip_on_exit_code.clone(),
         },
         TaskKind::Http {
             method,
@@ -208,6 +214,7 @@ pub fn render_task(kind: &TaskKind, ctx: &RunContext) -> Result<TaskKind, Templa
             target,
             poke_interval,
             timeout,
+            soft_fail,
         } => TaskKind::Sensor {
             target: match target {
                 SensorTarget::Subject(s) => SensorTarget::Subject(one("subject", s)?),
@@ -216,6 +223,7 @@ pub fn render_task(kind: &TaskKind, ctx: &RunContext) -> Result<TaskKind, Templa
             },
             poke_interval: *poke_interval,
             timeout: *timeout,
+            soft_fail: *soft_fail,
         },
         TaskKind::Plugin { type_name, args } => TaskKind::Plugin {
             type_name: type_name.clone(),
@@ -334,6 +342,7 @@ mod tests {
             command: "echo {{ ds }}".into(),
             env: BTreeMap::from([("RUN".to_string(), "{{ run_id }}".to_string())]),
             cwd: Some("/w/{{ ds_nodash }}".into()),
+            skip_on_exit_code: vec![99],
         };
         let out = render_task(&kind, &ctx()).expect("renders");
         assert_eq!(
@@ -342,6 +351,7 @@ mod tests {
                 command: "echo 2026-11-30".into(),
                 env: BTreeMap::from([("RUN".to_string(), "scheduled__2026-11-30".to_string())]),
                 cwd: Some("/w/20261130".into()),
+                skip_on_exit_code: vec![99],
             }
         );
         let bad = TaskKind::Http {

@@ -174,15 +174,28 @@ async fn handle(s: &PipelineShared, http: &reqwest::Client, d: bulwark_kernel::b
             while let Ok(l) = lines.try_recv() {
                 buf.push_str(&l);
             }
-            if let Err(e) = &result {
-                buf.push_str(&format!("[bulwark] {}\n", e.message));
+            match &result {
+                Err(e) => buf.push_str(&format!("[bulwark] {}\n", e.message)),
+                Ok(exec::TaskOutput {
+                    skipped: Some(why), ..
+                }) => buf.push_str(&format!("[bulwark] skipped: {why}\n")),
+                Ok(_) => {}
             }
             flush(s, t.id, t.try_number, &mut buf, &mut written).await;
             result
         }
     };
     let (o, exit_code, details) = match outcome {
-        Ok(out) => (Outcome::Success, out.exit_code, out.details),
+        Ok(out) => match out.skipped {
+            Some(reason) => (Outcome::Skipped { reason }, out.exit_code, out.details),
+            None => {
+                let mut datasets = job.as_ref().map(|j| j.outlets.clone()).unwrap_or_default();
+                datasets.extend(out.datasets);
+                datasets.sort();
+                datasets.dedup();
+                (Outcome::Success { datasets }, out.exit_code, out.details)
+            }
+        },
         Err(f) => {
             let delay = job
                 .as_ref()

@@ -854,6 +854,97 @@ async fn standby_scheduler_takes_over() {
     assert_eq!(wait_run(&app, "tick", "two").await["state"], "success");
 }
 
+/// P1, ops: a scheduler that loses the lease (here frozen with SIGSTOP past the lease while the
+/// standby takes over, then resumed) zeroes the gauges only the active one reports, so a
+/// dashboard's `max` over instances or a pool-starvation alert never reads its stale figures.
+#[tokio::test]
+async fn a_scheduler_that_lost_the_lease_zeroes_its_gauges() {
+    let app = builder(Backend::Embedded)
+        .role(ProcessRole::Web)
+        .start()
+        .await;
+    write_dag(
+        &app,
+        "tick.toml",
+        "schedule = \"none\"\nstart_date = \"2026-11-01\"\n[tasks.t]\ntype = \"shell\"\ncommand = \"true\"\n",
+    );
+    let a = process(&app, ProcessRole::Scheduler).await;
+    let b = process(&app, ProcessRole::Scheduler).await;
+    wait_dag(&app, "tick").await;
+    let open = [("pool", "default"), ("state", "open")];
+    let started = Instant::now();
+    let (active, standby) = loop {
+        assert!(
+            started.elapsed() < WAIT,
+            "no scheduler reported its pool gauges"
+        );
+        let oa = a.metric("bulwark_pipeline_pool_slots", &open).await;
+        let ob = b.metric("bulwark_pipeline_pool_slots", &open).await;
+        match (oa, ob) {
+            (Some(x), _) if x > 0.0 => break (&a, &b),
+            (_, Some(x)) if x > 0.0 => break (&b, &a),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(
+        active
+            .metric("bulwark_pipeline_scheduler_active", &[])
+            .await,
+        Some(1.0)
+    );
+    active.signal("STOP");
+    let frozen = Instant::now();
+    let mut took = false;
+    while frozen.elapsed() < WAIT {
+        if standby
+            .metric("bulwark_pipeline_scheduler_active", &[])
+            .await
+            == Some(1.0)
+        {
+            took = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    active.signal("CONT");
+    assert!(
+        took,
+        "the standby took the lease while the active one was frozen"
+    );
+    let resumed = Instant::now();
+    loop {
+        let text = active.metrics_text().await;
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            bulwark_tests::metrics::value(&text, name, labels)
+        };
+        if value("bulwark_pipeline_scheduler_active", &[]) == Some(0.0) {
+            assert_eq!(
+                value("bulwark_pipeline_pool_slots", &open),
+                Some(0.0),
+                "the old scheduler still reports open slots: {text}"
+            );
+            assert_eq!(value("bulwark_pipeline_queued_tasks", &[]), Some(0.0));
+            assert_eq!(
+                value("bulwark_pipeline_runs_past_sla", &[("dag", "tick")]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            resumed.elapsed() < WAIT,
+            "the resumed scheduler never noticed it lost the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        standby
+            .metric("bulwark_pipeline_pool_slots", &open)
+            .await
+            .is_some_and(|x| x > 0.0),
+        "the new active scheduler reports the pool"
+    );
+}
+
 /// Bad input on every entry point: unknown DAG, wrong role, reversed or oversized backfill,
 /// empty clear selection, duplicate logical date, unknown fields, bad dates.
 async fn bad_input_is_refused_clearly(backend: Backend) {
@@ -1278,6 +1369,305 @@ command = "sleep 5; touch {}"
 }
 bulwark_tests::each_backend!(task_timeout_stops_the_command);
 
+/// P2: `skipped` — a shell task exiting with a `skip_on_exit_code` (99 by default, as Airflow's
+/// BashOperator) and a `soft_fail` sensor that timed out end `skipped`, never retried, and so
+/// does everything downstream of them; an independent branch runs; the run succeeds. Clearing a
+/// skipped task's downstream skips the whole chain again (readiness carried through waiting
+/// tasks). `skip_on_exit_code = []` fails on 99; a custom code skips. The states and the try
+/// records are read from the database.
+async fn skipped_tasks_skip_their_downstream(backend: Backend) {
+    let app = builder(backend).start().await;
+    let never = app.settings.kernel.data_dir.join("never-there");
+    write_dag(
+        &app,
+        "skips.toml",
+        &format!(
+            r#"
+schedule = "none"
+start_date = "2026-11-01"
+[tasks.check]
+type = "shell"
+retries = 3
+retry_delay = "0s"
+command = "echo nothing new; exit 99"
+[tasks.load]
+type = "shell"
+depends_on = ["check"]
+command = "echo load"
+[tasks.report]
+type = "shell"
+depends_on = ["load"]
+command = "echo report"
+[tasks.other]
+type = "shell"
+command = "echo other"
+[tasks.wait]
+type = "sensor"
+file = "{never}/{{{{ ds }}}}"
+poke_interval = "100ms"
+timeout = "1s"
+soft_fail = true
+[tasks.after_wait]
+type = "shell"
+depends_on = ["wait"]
+command = "echo after"
+"#,
+            never = never.display()
+        ),
+    );
+    write_dag(
+        &app,
+        "strict.toml",
+        r#"
+schedule = "none"
+start_date = "2026-11-01"
+[tasks.plain]
+type = "shell"
+skip_on_exit_code = []
+command = "exit 99"
+[tasks.custom]
+type = "shell"
+skip_on_exit_code = [3]
+command = "exit 3"
+"#,
+    );
+    wait_dag(&app, "skips").await;
+    wait_dag(&app, "strict").await;
+    trigger(&app, "skips", json!({"dag_run_id": "k1"})).await;
+    trigger(&app, "strict", json!({"dag_run_id": "k1"})).await;
+    let done = wait_run(&app, "skips", "k1").await;
+    assert_eq!(
+        done["state"], "success",
+        "skips alone do not fail a run: {done}"
+    );
+    let strict = wait_run(&app, "strict", "k1").await;
+    assert_eq!(strict["state"], "failed", "{strict}");
+
+    let conn = db(&app).await;
+    let states = |rows: Vec<sea_orm::QueryResult>| -> Vec<(String, String, i32)> {
+        rows.iter()
+            .map(|r| {
+                (
+                    r.try_get::<String>("", "task_id").expect("task_id"),
+                    r.try_get::<String>("", "state").expect("state"),
+                    r.try_get::<i32>("", "try_number").expect("try_number"),
+                )
+            })
+            .collect()
+    };
+    let q = |dag: &str| {
+        format!(
+            "SELECT t.task_id, t.state, t.try_number FROM pipeline_task_instances t \
+             JOIN pipeline_runs r ON r.id = t.run_pk WHERE r.dag_id = '{dag}' \
+             AND r.run_id = 'k1' ORDER BY t.task_id"
+        )
+    };
+    let skips = states(rows(&conn, &q("skips")).await);
+    let want: Vec<(String, String, i32)> = [
+        ("after_wait", "skipped", 0),
+        ("check", "skipped", 1),
+        ("load", "skipped", 0),
+        ("other", "success", 1),
+        ("report", "skipped", 0),
+        ("wait", "skipped", 1),
+    ]
+    .iter()
+    .map(|(t, s, n)| ((*t).to_owned(), (*s).to_owned(), *n))
+    .collect();
+    assert_eq!(
+        skips, want,
+        "a skip is final (no retry) and skips its downstream"
+    );
+    assert_eq!(
+        states(rows(&conn, &q("strict")).await),
+        vec![
+            ("custom".to_owned(), "skipped".to_owned(), 1),
+            ("plain".to_owned(), "failed".to_owned(), 1)
+        ]
+    );
+    let tries = rows(
+        &conn,
+        "SELECT i.task_id, y.state, y.exit_code, y.error FROM pipeline_task_tries y \
+         JOIN pipeline_task_instances i ON i.id = y.ti_id JOIN pipeline_runs r ON r.id = i.run_pk \
+         WHERE r.dag_id = 'skips' ORDER BY i.task_id",
+    )
+    .await;
+    let try_of = |task: &str| {
+        tries
+            .iter()
+            .find(|r| r.try_get::<String>("", "task_id").ok().as_deref() == Some(task))
+            .unwrap_or_else(|| panic!("a try of {task}"))
+    };
+    let check = try_of("check");
+    assert_eq!(
+        check.try_get::<String>("", "state").expect("state"),
+        "skipped"
+    );
+    assert_eq!(
+        check.try_get::<Option<i32>>("", "exit_code").expect("code"),
+        Some(99)
+    );
+    let why = check
+        .try_get::<Option<String>>("", "error")
+        .expect("error")
+        .unwrap_or_default();
+    assert!(why.contains("skip_on_exit_code"), "{why}");
+    let wait = try_of("wait");
+    let why = wait
+        .try_get::<Option<String>>("", "error")
+        .expect("error")
+        .unwrap_or_default();
+    assert!(why.contains("soft_fail"), "{why}");
+
+    // Clear load and its downstream: check is still skipped, so both skip again and the run
+    // ends instead of waiting on `report` for ever.
+    let (status, v) = call(
+        &app,
+        Method::POST,
+        "/api/pipeline/dags/skips/clearTaskInstances",
+        Role::Admin,
+        Some(json!({"task_ids": ["load"], "include_downstream": true, "dry_run": false})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let again = wait_for(
+        &app,
+        "/api/pipeline/dags/skips/dagRuns/k1",
+        "the cleared run to end",
+        |v| v["state"] == "success" && !v["end_date"].is_null(),
+    )
+    .await;
+    assert_eq!(again["state"], "success", "{again}");
+    let skips = states(rows(&conn, &q("skips")).await);
+    for task in ["load", "report"] {
+        let s = skips.iter().find(|(t, _, _)| t == task).expect("task");
+        assert_eq!(s.1, "skipped", "{skips:?}");
+    }
+}
+bulwark_tests::each_backend!(skipped_tasks_skip_their_downstream);
+
+/// P15: sensors on a file and on a dataset wait deferred (no pool slot) and fire on the event:
+/// the file appearing, and a dataset event that another DAG's task announced through its
+/// `outlets` when it succeeded (recorded in the same transaction as its success).
+async fn sensors_on_a_file_and_a_dataset_fire(backend: Backend) {
+    let app = builder(backend).start().await;
+    let drop = app.settings.kernel.data_dir.join("drop");
+    std::fs::create_dir_all(&drop).expect("drop dir");
+    write_dag(
+        &app,
+        "waits.toml",
+        &format!(
+            r#"
+schedule = "none"
+start_date = "2026-11-01"
+[tasks.file_ready]
+type = "sensor"
+file = "{drop}/ready-{{{{ ds }}}}"
+poke_interval = "100ms"
+timeout = "5m"
+[tasks.use_file]
+type = "shell"
+depends_on = ["file_ready"]
+command = "echo file"
+[tasks.sales_ready]
+type = "sensor"
+dataset = "sales.raw"
+timeout = "5m"
+[tasks.use_sales]
+type = "shell"
+depends_on = ["sales_ready"]
+command = "echo sales"
+"#,
+            drop = drop.display()
+        ),
+    );
+    write_dag(
+        &app,
+        "producer.toml",
+        r#"
+schedule = "none"
+start_date = "2026-11-01"
+[tasks.write]
+type = "shell"
+outlets = ["sales.raw"]
+command = "echo wrote"
+"#,
+    );
+    wait_dag(&app, "waits").await;
+    wait_dag(&app, "producer").await;
+    trigger(
+        &app,
+        "waits",
+        json!({"dag_run_id": "w1", "logical_date": "2026-11-20T00:00:00Z"}),
+    )
+    .await;
+    let deferred = |v: &Value, task: &str| {
+        v["task_instances"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|i| i["task_id"] == task && i["state"] == "deferred")
+        })
+    };
+    wait_for(
+        &app,
+        "/api/pipeline/dags/waits/dagRuns/w1/taskInstances",
+        "both sensors to defer",
+        |v| deferred(v, "file_ready") && deferred(v, "sales_ready"),
+    )
+    .await;
+    let (_, pool) = call(
+        &app,
+        Method::GET,
+        "/api/pipeline/pools/default",
+        Role::Viewer,
+        None,
+    )
+    .await;
+    assert_eq!(pool["deferred"], 2, "{pool}");
+    assert_eq!(pool["running"], 0, "deferred sensors hold no slot: {pool}");
+
+    std::fs::write(drop.join("ready-2026-11-20"), b"x").expect("drop file");
+    let tis = wait_for(
+        &app,
+        "/api/pipeline/dags/waits/dagRuns/w1/taskInstances",
+        "the file sensor and its downstream",
+        |v| {
+            v["task_instances"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|i| i["task_id"] == "use_file" && i["state"] == "success")
+            })
+        },
+    )
+    .await;
+    assert!(
+        deferred(&tis, "sales_ready"),
+        "the dataset sensor still waits: {tis}"
+    );
+
+    trigger(&app, "producer", json!({"dag_run_id": "p1"})).await;
+    assert_eq!(wait_run(&app, "producer", "p1").await["state"], "success");
+    let done = wait_run(&app, "waits", "w1").await;
+    assert_eq!(done["state"], "success", "{done}");
+    let tis = instances(&app, "waits", "w1").await;
+    assert_eq!(by_task(&tis, "use_sales")["state"], "success");
+    let conn = db(&app).await;
+    let events = rows(
+        &conn,
+        "SELECT dataset, extra FROM pipeline_dataset_events ORDER BY id",
+    )
+    .await;
+    assert_eq!(events.len(), 1, "one event, from the producer's success");
+    let extra: Value =
+        serde_json::from_str(&events[0].try_get::<String>("", "extra").expect("extra"))
+            .expect("json");
+    assert_eq!(
+        events[0].try_get::<String>("", "dataset").expect("dataset"),
+        "sales.raw"
+    );
+    assert_eq!(extra["dag_id"], "producer", "{extra}");
+    assert_eq!(extra["task_id"], "write", "{extra}");
+}
+bulwark_tests::each_backend!(sensors_on_a_file_and_a_dataset_fire);
+
 /// P1: another module registers a built-in DAG through the service `pipeline.handle` (the Rust
 /// API the reporting module will use); it loads, shows in the API and runs like a file's.
 struct Builtin;
@@ -1291,18 +1681,9 @@ impl Module for Builtin {
         Ok(json!({}))
     }
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
-        use bulwark_pipeline::dag::{DagBuilder, Task, TaskKind};
+        use bulwark_pipeline::dag::{DagBuilder, Task};
         let handle = ctx.service(bulwark_pipeline::HANDLE)?;
-        let shell = |id: &str, cmd: &str| {
-            Task::new(
-                id,
-                TaskKind::Shell {
-                    command: cmd.into(),
-                    env: Default::default(),
-                    cwd: None,
-                },
-            )
-        };
+        let shell = |id: &str, cmd: &str| Task::shell(id, cmd);
         let dag = DagBuilder::new("builtin_summary")
             .task(shell("collect", "echo collect {{ ds }}"))
             .task(shell("publish", "echo publish {{ ds }}").depends_on(["collect"]))
@@ -1458,6 +1839,33 @@ async fn sql_tasks_run_through_the_scheduler(backend: Backend) {
     assert!(quarantined > 0, "{details}");
     assert_eq!(quarantined + written, details["rows"].as_u64().unwrap_or(0));
     assert_eq!(details["output"]["app_id"], "events_daily.gate");
+    // P15: each table a sql task wrote is announced as a dataset event naming the task (the
+    // DAG's own daily schedule may add runs, so one event per run, each from `gate`).
+    let table = details["output"]["table"]
+        .as_str()
+        .expect("output table")
+        .to_owned();
+    let conn = db(&app).await;
+    let extras: Vec<Value> = rows(
+        &conn,
+        &format!("SELECT extra FROM pipeline_dataset_events WHERE dataset = '{table}'"),
+    )
+    .await
+    .iter()
+    .map(|r| serde_json::from_str(&r.try_get::<String>("", "extra").expect("extra")).expect("json"))
+    .collect();
+    let d1 = rows(
+        &conn,
+        "SELECT id FROM pipeline_runs WHERE dag_id = 'events_daily' AND run_id = 'd1'",
+    )
+    .await[0]
+        .try_get::<i64>("", "id")
+        .expect("run pk");
+    assert!(
+        extras.iter().all(|e| e["task_id"] == "gate")
+            && extras.iter().filter(|e| e["run_pk"] == d1).count() == 1,
+        "one event from run d1's gate: {extras:?}"
+    );
 
     let cli = |args: &[&str]| {
         std::process::Command::new(bulwark_tests::app::binary_path())

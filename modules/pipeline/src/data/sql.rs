@@ -215,8 +215,17 @@ impl TaskType for SqlTask {
             .record(started.elapsed().as_secs_f64());
         match r {
             Ok(details) => Ok(TaskOutput {
-                exit_code: None,
+                // A table written (not a merge it already held) is a new version of that
+                // dataset: DAGs scheduled on it run, sensors waiting for it fire.
+                datasets: details["output"]
+                    .as_object()
+                    .filter(|o| o.get("skipped") != Some(&serde_json::Value::Bool(true)))
+                    .and_then(|o| o.get("table"))
+                    .and_then(serde_json::Value::as_str)
+                    .map(|t| vec![t.to_owned()])
+                    .unwrap_or_default(),
                 details: Some(details),
+                ..TaskOutput::default()
             }),
             Err((e, details)) => Err(TaskFailure {
                 message: e.to_string(),

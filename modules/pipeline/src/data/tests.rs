@@ -59,6 +59,7 @@ fn job(task: &str, ds: &str, args: &serde_json::Value) -> Job {
             max_delay_ms: 0,
             jitter: false,
         },
+        outlets: Vec::new(),
     }
 }
 
