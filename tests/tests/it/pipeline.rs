@@ -157,6 +157,14 @@ async fn instances(app: &TestApp, dag: &str, run_id: &str) -> Vec<Value> {
     v["task_instances"].as_array().cloned().unwrap_or_default()
 }
 
+/// Whether a `taskInstances` answer has `task` in `state`.
+fn has_state(v: &Value, task: &str, state: &str) -> bool {
+    v["task_instances"].as_array().is_some_and(|t| {
+        t.iter()
+            .any(|i| i["task_id"] == task && i["state"] == state)
+    })
+}
+
 fn by_task<'a>(tis: &'a [Value], task: &str) -> &'a Value {
     tis.iter()
         .find(|t| t["task_id"] == task)
@@ -678,12 +686,7 @@ command = "echo after"
         &app,
         "/api/pipeline/dags/wait/dagRuns/s1/taskInstances",
         "the sensor to defer",
-        |v| {
-            v["task_instances"].as_array().is_some_and(|t| {
-                t.iter()
-                    .any(|i| i["task_id"] == "wait" && i["state"] == "deferred")
-            })
-        },
+        |v| has_state(v, "wait", "deferred"),
     )
     .await;
     let (_, pool) = call(
@@ -1601,12 +1604,7 @@ command = "echo wrote"
         json!({"dag_run_id": "w1", "logical_date": "2026-11-20T00:00:00Z"}),
     )
     .await;
-    let deferred = |v: &Value, task: &str| {
-        v["task_instances"].as_array().is_some_and(|t| {
-            t.iter()
-                .any(|i| i["task_id"] == task && i["state"] == "deferred")
-        })
-    };
+    let deferred = |v: &Value, task: &str| has_state(v, task, "deferred");
     wait_for(
         &app,
         "/api/pipeline/dags/waits/dagRuns/w1/taskInstances",
@@ -1630,12 +1628,7 @@ command = "echo wrote"
         &app,
         "/api/pipeline/dags/waits/dagRuns/w1/taskInstances",
         "the file sensor and its downstream",
-        |v| {
-            v["task_instances"].as_array().is_some_and(|t| {
-                t.iter()
-                    .any(|i| i["task_id"] == "use_file" && i["state"] == "success")
-            })
-        },
+        |v| has_state(v, "use_file", "success"),
     )
     .await;
     assert!(
