@@ -1444,7 +1444,7 @@ fn parse_task(
                 .unwrap_or_default();
             let cwd = get("cwd").and_then(|(l, n)| cx.string(l, "cwd", n));
             let skip_on_exit_code = match get("skip_on_exit_code") {
-                Some((l, n)) => exit_codes(cx, l, &id, n),
+                Some((l, n)) => exit_codes(cx, l, id, n),
                 None => DEFAULT_SKIP_EXIT_CODES.to_vec(),
             };
             if let Some(command) = command {
