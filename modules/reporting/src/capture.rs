@@ -1,0 +1,790 @@
+//! Change capture from a PostgreSQL primary (R2, R3): a publication and a logical replication
+//! slot (pgoutput), read by polling `pg_logical_slot_peek_binary_changes` and advanced only
+//! after the bus acknowledged every message of the read.
+//!
+//! * **No loss**: the slot is advanced past a read only once its changes are stored on the
+//!   `CDC` stream. A crash in between re-reads them; the stream's duplicate window and the
+//!   sink's LSN guard make the replay harmless.
+//! * **Bounded WAL**: each read is bounded by `pg_current_wal_lsn()` taken just before it;
+//!   when the read reached that bound the slot is advanced to it even if nothing of ours was
+//!   in between, so writes to other tables (or databases) never pile up behind an idle slot.
+//! * **Snapshot, then stream**: the slot and the publication exist before a table's first
+//!   snapshot is read, so every change after the read is in the slot, and changes between slot
+//!   and read are applied again over the snapshot rows, which the LSN guard orders (a snapshot
+//!   row has LSN 0 and never overwrites a streamed one).
+//! * **One reader**: PostgreSQL lets one session use a slot at a time; a second capture
+//!   process finds it active and waits for its turn.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_kernel::bus::{Bus, Headers};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value as DbValue};
+use thiserror::Error;
+
+use crate::config::{ReportingConfig, TableConfig};
+use crate::event::{Batch, Change, ColumnType, Op, subject};
+use crate::pgoutput::{self, Message, Relation, Value, format_lsn, parse_lsn};
+
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    /// A problem with the source or the config that a retry will not fix.
+    #[error("{0}")]
+    Setup(String),
+    #[error("source database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("bus: {0}")]
+    Bus(#[from] bulwark_kernel::bus::BusError),
+    #[error("bulwark database: {0}")]
+    State(sea_orm::DbErr),
+}
+
+type Result<T> = std::result::Result<T, CaptureError>;
+
+fn stmt(sql: &str, values: Vec<DbValue>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A captured table as the source describes it.
+#[derive(Debug, Clone)]
+pub struct SourceTable {
+    pub cfg: TableConfig,
+    pub schema: String,
+    pub name: String,
+    /// Columns in attribute order, with their SQL type text for keyset casts.
+    pub columns: Vec<(ColumnType, String)>,
+}
+
+impl SourceTable {
+    pub fn full_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+    fn sql_name(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(&self.name))
+    }
+    fn column_types(&self) -> Vec<ColumnType> {
+        self.columns.iter().map(|(c, _)| c.clone()).collect()
+    }
+}
+
+/// The capture's connections and what it learnt at start.
+pub struct Capture {
+    pub cfg: ReportingConfig,
+    pub source: DatabaseConnection,
+    /// Bulwark's own database: the slot and snapshot records.
+    pub state: DatabaseConnection,
+    pub bus: Arc<dyn Bus>,
+    pub tables: Vec<SourceTable>,
+}
+
+/// What one read of the slot did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReadOutcome {
+    pub changes: u64,
+    pub messages: u64,
+    /// Where the slot now stands.
+    pub advanced_to: Option<u64>,
+}
+
+impl Capture {
+    /// Check the source and the tables, create the publication and the slot as needed.
+    pub async fn prepare(
+        cfg: ReportingConfig,
+        source: DatabaseConnection,
+        state: DatabaseConnection,
+        bus: Arc<dyn Bus>,
+    ) -> Result<Self> {
+        let wal_level = one_text(&source, "SELECT current_setting('wal_level')", vec![]).await?;
+        if wal_level.as_deref() != Some("logical") {
+            return Err(CaptureError::Setup(format!(
+                "reporting.source_url: the source's wal_level is `{}`; change capture needs \
+                 `wal_level = logical` (postgresql.conf, then a restart)",
+                wal_level.unwrap_or_default()
+            )));
+        }
+        let mut tables = Vec::new();
+        for (i, t) in cfg.tables.iter().enumerate() {
+            tables.push(describe(&source, t, i).await?);
+        }
+        let capture = Self {
+            cfg,
+            source,
+            state,
+            bus,
+            tables,
+        };
+        capture.ensure_publication().await?;
+        capture.ensure_slot().await?;
+        Ok(capture)
+    }
+
+    async fn ensure_publication(&self) -> Result<()> {
+        let name = &self.cfg.publication;
+        let exists = one_text(
+            &self.source,
+            "SELECT pubname::text FROM pg_publication WHERE pubname = $1",
+            vec![name.clone().into()],
+        )
+        .await?
+        .is_some();
+        let list = self
+            .tables
+            .iter()
+            .map(SourceTable::sql_name)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !exists {
+            self.source
+                .execute_unprepared(&format!("CREATE PUBLICATION {} FOR TABLE {list}", quote(name)))
+                .await?;
+            return Ok(());
+        }
+        let rows = self
+            .source
+            .query_all(stmt(
+                "SELECT schemaname::text || '.' || tablename::text AS t FROM pg_publication_tables \
+                 WHERE pubname = $1",
+                vec![name.clone().into()],
+            ))
+            .await?;
+        let have: std::collections::BTreeSet<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get_by_index::<String>(0).ok())
+            .collect();
+        let missing: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|t| !have.contains(&t.full_name()))
+            .map(SourceTable::sql_name)
+            .collect();
+        if !missing.is_empty() {
+            self.source
+                .execute_unprepared(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote(name),
+                    missing.join(", ")
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_slot(&self) -> Result<()> {
+        let slot = &self.cfg.slot;
+        let row = self
+            .source
+            .query_one(stmt(
+                "SELECT plugin::text, slot_type::text, database::text, \
+                 coalesce(wal_status, '')::text, current_database()::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                vec![slot.clone().into()],
+            ))
+            .await?;
+        let recorded = self
+            .state
+            .query_one(Statement::from_sql_and_values(
+                self.state.get_database_backend(),
+                "SELECT slot FROM reporting_slots WHERE slot = $1",
+                vec![slot.clone().into()],
+            ))
+            .await
+            .map_err(CaptureError::State)?
+            .is_some();
+        let Some(row) = row else {
+            let lsn = one_text(
+                &self.source,
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                vec![slot.clone().into()],
+            )
+            .await?
+            .unwrap_or_default();
+            // A slot re-created after being lost starts a new history: every table is
+            // snapshotted again.
+            self.exec_state("DELETE FROM reporting_tables WHERE slot = $1", vec![slot.clone().into()])
+                .await?;
+            self.exec_state("DELETE FROM reporting_slots WHERE slot = $1", vec![slot.clone().into()])
+                .await?;
+            self.exec_state(
+                "INSERT INTO reporting_slots (slot, publication, created_lsn, created_at_ms) \
+                 VALUES ($1, $2, $3, $4)",
+                vec![
+                    slot.clone().into(),
+                    self.cfg.publication.clone().into(),
+                    lsn.clone().into(),
+                    now_ms().into(),
+                ],
+            )
+            .await?;
+            tracing::info!(message = "Created the replication slot.", slot = %slot, lsn = %lsn);
+            return Ok(());
+        };
+        let get = |i: usize| row.try_get_by_index::<String>(i).unwrap_or_default();
+        let (plugin, kind, database, wal_status, current) = (get(0), get(1), get(2), get(3), get(4));
+        if kind != "logical" || plugin != "pgoutput" || database != current || !recorded {
+            return Err(CaptureError::Setup(format!(
+                "reporting.slot: a replication slot `{slot}` exists ({kind}, plugin `{plugin}`, \
+                 database `{database}`) and this Bulwark did not create it; it belongs to \
+                 someone else: choose another `reporting.slot`, or drop that slot if it is \
+                 abandoned"
+            )));
+        }
+        if wal_status == "lost" {
+            return Err(CaptureError::Setup(format!(
+                "reporting.slot: the replication slot `{slot}` was invalidated (the WAL it \
+                 needed was removed, max_slot_wal_keep_size); drop it with \
+                 `SELECT pg_drop_replication_slot('{slot}')` and restart: the capture creates it \
+                 again and snapshots every table (docs/runbooks/reporting.md)"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn exec_state(&self, sql: &str, values: Vec<DbValue>) -> Result<()> {
+        self.state
+            .execute(Statement::from_sql_and_values(
+                self.state.get_database_backend(),
+                sql,
+                values,
+            ))
+            .await
+            .map_err(CaptureError::State)?;
+        Ok(())
+    }
+
+    /// Publish the initial snapshot of every table that has none yet.
+    pub async fn snapshot_missing(&self) -> Result<u64> {
+        let mut total = 0;
+        for t in &self.tables {
+            let done = self
+                .state
+                .query_one(Statement::from_sql_and_values(
+                    self.state.get_database_backend(),
+                    "SELECT source_table FROM reporting_tables WHERE source_table = $1",
+                    vec![t.full_name().into()],
+                ))
+                .await
+                .map_err(CaptureError::State)?
+                .is_some();
+            if !done {
+                total += self.snapshot(t).await?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Read `t` in keyset chunks and publish it as `r` changes.
+    async fn snapshot(&self, t: &SourceTable) -> Result<u64> {
+        let at = one_text(&self.source, "SELECT pg_current_wal_lsn()::text", vec![])
+            .await?
+            .unwrap_or_default();
+        tracing::info!(message = "Snapshotting a table.", table = %t.full_name(), lsn = %at);
+        let cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|(c, _)| format!("{}::text", quote(&c.name)))
+            .collect();
+        let keys: Vec<&(ColumnType, String)> = t.columns.iter().filter(|(c, _)| c.key).collect();
+        let key_list = keys
+            .iter()
+            .map(|(c, _)| quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_idx: Vec<usize> = t
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| c.key)
+            .map(|(i, _)| i)
+            .collect();
+        let mut last: Option<Vec<Option<String>>> = None;
+        let mut rows_total = 0u64;
+        let mut chunk_no = 0u64;
+        let columns = t.column_types();
+        loop {
+            let (filter, values) = match &last {
+                None => (String::new(), vec![]),
+                Some(k) => {
+                    let params = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, ty))| format!("CAST(${} AS {ty})", i + 1))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    (
+                        format!("WHERE ({key_list}) > ({params})"),
+                        k.iter().map(|v| DbValue::from(v.clone())).collect(),
+                    )
+                }
+            };
+            let sql = format!(
+                "SELECT {} FROM {} {filter} ORDER BY {key_list} LIMIT {}",
+                cols.join(", "),
+                t.sql_name(),
+                self.cfg.snapshot_chunk
+            );
+            let rows = self.source.query_all(stmt(&sql, values)).await?;
+            if rows.is_empty() {
+                break;
+            }
+            let read_at = chrono::Utc::now().timestamp_micros();
+            let mut changes = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let after: Vec<Option<String>> = (0..t.columns.len())
+                    .map(|i| r.try_get_by_index::<Option<String>>(i).ok().flatten())
+                    .collect();
+                changes.push(Change {
+                    op: Op::Read,
+                    lsn: 0,
+                    seq: 0,
+                    xid: 0,
+                    commit_time_us: read_at,
+                    after,
+                    unchanged: vec![],
+                    before: None,
+                });
+            }
+            last = changes
+                .last()
+                .map(|c| key_idx.iter().map(|i| c.after[*i].clone()).collect());
+            for part in changes.chunks(self.cfg.changes_per_message) {
+                let batch = Batch {
+                    table: t.full_name(),
+                    columns: columns.clone(),
+                    changes: part.to_vec(),
+                };
+                let id = format!("{}:snapshot:{at}:{chunk_no}", t.full_name());
+                chunk_no += 1;
+                self.publish(&batch, &id).await?;
+            }
+            rows_total += rows.len() as u64;
+            metrics::counter!("bulwark_reporting_snapshot_rows_total", "table" => t.full_name())
+                .increment(rows.len() as u64);
+            if rows.len() < self.cfg.snapshot_chunk as usize {
+                break;
+            }
+        }
+        self.exec_state(
+            "INSERT INTO reporting_tables (source_table, slot, snapshot_lsn, snapshot_rows, \
+             snapshot_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            vec![
+                t.full_name().into(),
+                self.cfg.slot.clone().into(),
+                at.into(),
+                i64::try_from(rows_total).unwrap_or(i64::MAX).into(),
+                now_ms().into(),
+            ],
+        )
+        .await?;
+        tracing::info!(message = "Snapshot published.", table = %t.full_name(), rows = rows_total);
+        Ok(rows_total)
+    }
+
+    async fn publish(&self, batch: &Batch, id: &str) -> Result<()> {
+        let payload = serde_json::to_vec(batch)
+            .map_err(|e| CaptureError::Setup(format!("encoding a change batch: {e}")))?;
+        let mut headers = Headers::new();
+        headers.insert("Content-Type".into(), "application/json".into());
+        self.bus
+            .publish(&subject(&batch.table), Some(id), headers, payload.into())
+            .await?;
+        Ok(())
+    }
+
+    /// Read the slot once up to the current WAL position, publish, advance.
+    pub async fn read_once(&self) -> Result<ReadOutcome> {
+        let upto = one_text(&self.source, "SELECT pg_current_wal_lsn()::text", vec![])
+            .await?
+            .and_then(|s| parse_lsn(&s))
+            .ok_or_else(|| CaptureError::Setup("pg_current_wal_lsn() returned nothing".into()))?;
+        let rows = self
+            .source
+            .query_all(stmt(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, CAST($2 AS pg_lsn), $3, \
+                 'proto_version', '1', 'publication_names', $4)",
+                vec![
+                    self.cfg.slot.clone().into(),
+                    format_lsn(upto).into(),
+                    i32::try_from(self.cfg.max_changes_per_read)
+                        .unwrap_or(i32::MAX)
+                        .into(),
+                    self.cfg.publication.clone().into(),
+                ],
+            ))
+            .await?;
+        let exhausted = (rows.len() as u64) < u64::from(self.cfg.max_changes_per_read);
+        let mut relations: HashMap<u32, Relation> = HashMap::new();
+        let mut pending: Vec<Batch> = Vec::new();
+        let mut txn: Vec<(u32, Change)> = Vec::new();
+        let (mut xid, mut commit_time) = (0u32, 0i64);
+        let mut last_end: Option<u64> = None;
+        let mut out = ReadOutcome::default();
+        for r in &rows {
+            let data: Vec<u8> = r.try_get_by_index(0)?;
+            match pgoutput::decode(&data)? {
+                Message::Begin {
+                    xid: x,
+                    commit_time: t,
+                    ..
+                } => {
+                    xid = x;
+                    commit_time = pg_time_to_unix_us(t);
+                    txn.clear();
+                }
+                Message::Relation(rel) => {
+                    relations.insert(rel.oid, rel);
+                }
+                Message::Insert { relation, new } => {
+                    txn.push((relation, change(Op::Insert, new, None, xid, commit_time)));
+                }
+                Message::Update { relation, old, new } => {
+                    txn.push((relation, change(Op::Update, new, old, xid, commit_time)));
+                }
+                Message::Delete { relation, old } => {
+                    txn.push((relation, change(Op::Delete, old, None, xid, commit_time)));
+                }
+                Message::Truncate { relations: rels } => {
+                    for oid in rels {
+                        let name = relations
+                            .get(&oid)
+                            .map(|r| format!("{}.{}", r.schema, r.name))
+                            .unwrap_or_default();
+                        tracing::warn!(
+                            message = "A captured table was truncated; the warehouse table keeps its rows until a re-snapshot.",
+                            table = %name
+                        );
+                        metrics::counter!("bulwark_reporting_truncates_total", "table" => name)
+                            .increment(1);
+                    }
+                }
+                Message::Commit {
+                    commit_lsn,
+                    end_lsn,
+                    ..
+                } => {
+                    for (n, (oid, mut c)) in txn.drain(..).enumerate() {
+                        let Some(rel) = relations.get(&oid) else {
+                            return Err(CaptureError::Setup(format!(
+                                "pgoutput sent a change of relation {oid} before describing it"
+                            )));
+                        };
+                        c.lsn = commit_lsn;
+                        // The change's position inside its commit: later wins.
+                        c.seq = n as u64 + 1;
+                        add_change(&mut pending, rel, c, self.cfg.changes_per_message);
+                    }
+                    last_end = Some(end_lsn);
+                }
+                Message::Other(_) => {}
+            }
+        }
+        for b in &pending {
+            out.changes += b.changes.len() as u64;
+            metrics::counter!("bulwark_reporting_changes_captured_total", "table" => b.table.clone())
+                .increment(b.changes.len() as u64);
+            let id = b.message_id();
+            self.publish(b, &id).await?;
+            out.messages += 1;
+        }
+        if let Some(last) = pending.last().and_then(|b| b.changes.last()) {
+            let age = chrono::Utc::now().timestamp_micros() - last.commit_time_us;
+            metrics::gauge!("bulwark_reporting_capture_lag_seconds").set(age.max(0) as f64 / 1e6);
+        } else if exhausted {
+            metrics::gauge!("bulwark_reporting_capture_lag_seconds").set(0.0);
+        }
+        let target = if exhausted { Some(upto) } else { last_end };
+        if let Some(to) = target {
+            self.source
+                .execute(stmt(
+                    "SELECT pg_replication_slot_advance($1, CAST($2 AS pg_lsn))",
+                    vec![self.cfg.slot.clone().into(), format_lsn(to).into()],
+                ))
+                .await?;
+            out.advanced_to = Some(to);
+        }
+        Ok(out)
+    }
+
+    /// Slot position against the WAL: (bytes not yet confirmed, bytes of WAL retained).
+    pub async fn slot_lag(&self) -> Result<Option<(i64, i64)>> {
+        let row = self
+            .source
+            .query_one(stmt(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                 (pg_current_wal_lsn() - restart_lsn)::bigint, coalesce(wal_status, '')::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                vec![self.cfg.slot.clone().into()],
+            ))
+            .await?;
+        let Some(row) = row else {
+            return Err(CaptureError::Setup(format!(
+                "reporting.slot: the replication slot `{}` is gone (dropped); restart to create \
+                 it again and snapshot every table",
+                self.cfg.slot
+            )));
+        };
+        if row.try_get_by_index::<String>(2).ok().as_deref() == Some("lost") {
+            return Err(CaptureError::Setup(format!(
+                "reporting.slot: the replication slot `{}` was invalidated (its WAL was \
+                 removed); see docs/runbooks/reporting.md",
+                self.cfg.slot
+            )));
+        }
+        Ok(Some((
+            row.try_get_by_index::<Option<i64>>(0)?.unwrap_or(0),
+            row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0),
+        )))
+    }
+}
+
+fn change(
+    op: Op,
+    tuple: Vec<Value>,
+    old: Option<Vec<Value>>,
+    xid: u32,
+    commit_time_us: i64,
+) -> Change {
+    let mut unchanged = Vec::new();
+    let after = tuple
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Null => None,
+            Value::Unchanged => {
+                unchanged.push(i);
+                None
+            }
+            Value::Text(s) => Some(s),
+        })
+        .collect();
+    let before = old.map(|o| {
+        o.into_iter()
+            .map(|v| match v {
+                Value::Text(s) => Some(s),
+                Value::Null | Value::Unchanged => None,
+            })
+            .collect()
+    });
+    Change {
+        op,
+        lsn: 0,
+        seq: 0,
+        xid,
+        commit_time_us,
+        after,
+        unchanged,
+        before,
+    }
+}
+
+/// Append `c` to the open batch of its table if the layout is the same and there is room.
+fn add_change(pending: &mut Vec<Batch>, rel: &Relation, c: Change, max: usize) {
+    let table = format!("{}.{}", rel.schema, rel.name);
+    let columns: Vec<ColumnType> = rel
+        .columns
+        .iter()
+        .map(|c| ColumnType {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            key: c.key,
+        })
+        .collect();
+    if let Some(b) = pending.iter_mut().rev().find(|b| b.table == table)
+        && b.columns == columns
+        && b.changes.len() < max
+    {
+        b.changes.push(c);
+        return;
+    }
+    pending.push(Batch {
+        table,
+        columns,
+        changes: vec![c],
+    });
+}
+
+/// PostgreSQL timestamps count microseconds from 2000-01-01.
+fn pg_time_to_unix_us(t: i64) -> i64 {
+    t + 946_684_800_000_000
+}
+
+async fn one_text(
+    db: &DatabaseConnection,
+    sql: &str,
+    values: Vec<DbValue>,
+) -> Result<Option<String>> {
+    Ok(db
+        .query_one(stmt(sql, values))
+        .await?
+        .and_then(|r| r.try_get_by_index::<Option<String>>(0).ok().flatten()))
+}
+
+/// Look `t` up in the source: it must exist and have a key (its primary key, or the declared
+/// one, for which the table is set to `REPLICA IDENTITY FULL`).
+async fn describe(db: &DatabaseConnection, t: &TableConfig, i: usize) -> Result<SourceTable> {
+    let (schema, name) = t.qualified();
+    let field = format!("reporting.tables[{i}]");
+    let oid = one_text(
+        db,
+        "SELECT c.oid::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+        vec![schema.clone().into(), name.clone().into()],
+    )
+    .await?
+    .ok_or_else(|| {
+        CaptureError::Setup(format!(
+            "{field}.name: the source has no table `{schema}.{name}`"
+        ))
+    })?;
+    let cols = db
+        .query_all(stmt(
+            "SELECT a.attname::text, a.atttypid::bigint, a.atttypmod::bigint, \
+             format_type(a.atttypid, a.atttypmod), \
+             coalesce(a.attnum = ANY(i.indkey), false) \
+             FROM pg_attribute a \
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+             WHERE a.attrelid = CAST($1 AS oid) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            vec![oid.clone().into()],
+        ))
+        .await?;
+    let mut columns = Vec::new();
+    for r in &cols {
+        let cname: String = r.try_get_by_index(0)?;
+        let pk: bool = r.try_get_by_index(4)?;
+        let key = if t.key.is_empty() {
+            pk
+        } else {
+            t.key.contains(&cname)
+        };
+        columns.push((
+            ColumnType {
+                name: cname,
+                type_oid: u32::try_from(r.try_get_by_index::<i64>(1)?).unwrap_or(0),
+                type_modifier: i32::try_from(r.try_get_by_index::<i64>(2)?).unwrap_or(-1),
+                key,
+            },
+            r.try_get_by_index::<String>(3)?,
+        ));
+    }
+    for k in &t.key {
+        if !columns.iter().any(|(c, _)| &c.name == k) {
+            return Err(CaptureError::Setup(format!(
+                "{field}.key: `{schema}.{name}` has no column `{k}`"
+            )));
+        }
+    }
+    if !columns.iter().any(|(c, _)| c.key) {
+        return Err(CaptureError::Setup(format!(
+            "{field}: `{schema}.{name}` has no primary key, so its updates and deletes cannot be \
+             matched: add a primary key, or declare `key = [\"col\", …]` for it (the capture \
+             then sets REPLICA IDENTITY FULL)"
+        )));
+    }
+    if !t.key.is_empty() {
+        let ident = one_text(
+            db,
+            "SELECT relreplident::text FROM pg_class WHERE oid = CAST($1 AS oid)",
+            vec![oid.into()],
+        )
+        .await?;
+        if ident.as_deref() != Some("f") {
+            db.execute_unprepared(&format!(
+                "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
+                quote(&schema),
+                quote(&name)
+            ))
+            .await?;
+        }
+    }
+    Ok(SourceTable {
+        cfg: t.clone(),
+        schema,
+        name,
+        columns,
+    })
+}
+
+/// The capture loop: snapshot what needs one, then read the slot until `stop`.
+pub async fn run(capture: Capture, stop: tokio_util::sync::CancellationToken) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match capture.snapshot_missing().await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(message = "Snapshot failed; retrying.", error = %e);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let mut lag_at = tokio::time::Instant::now();
+    loop {
+        let started = tokio::time::Instant::now();
+        let busy = match capture.read_once().await {
+            Ok(o) => {
+                backoff = Duration::from_millis(500);
+                o.changes > 0
+            }
+            Err(CaptureError::Setup(m)) => {
+                tracing::error!(message = "Change capture stopped.", error = %m);
+                metrics::counter!("bulwark_reporting_capture_errors_total").increment(1);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                false
+            }
+            Err(e) => {
+                // An active slot (another process reads it), a connection or bus outage.
+                tracing::debug!(message = "Reading the slot failed; retrying.", error = %e);
+                metrics::counter!("bulwark_reporting_capture_errors_total").increment(1);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                false
+            }
+        };
+        metrics::histogram!("bulwark_reporting_capture_read_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if lag_at.elapsed() >= Duration::from_secs(1) {
+            lag_at = tokio::time::Instant::now();
+            match capture.slot_lag().await {
+                Ok(Some((unconfirmed, retained))) => {
+                    metrics::gauge!("bulwark_reporting_capture_lag_bytes").set(unconfirmed as f64);
+                    metrics::gauge!("bulwark_reporting_slot_retained_wal_bytes")
+                        .set(retained as f64);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(message = "Slot check failed.", error = %e),
+            }
+        }
+        if !busy {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(capture.cfg.poll_interval) => {}
+            }
+        } else if stop.is_cancelled() {
+            return;
+        }
+    }
+}

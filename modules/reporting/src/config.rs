@@ -1,0 +1,250 @@
+//! The `[reporting]` config section (R2, R3, R6).
+
+use std::time::Duration;
+
+use bulwark_kernel::config::{ConfigError, SecretUrl};
+use serde::{Deserialize, Serialize};
+
+/// One captured source table: `[[reporting.tables]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `schema.table`, or `table` in `public`.
+    pub name: String,
+    /// Key columns for a table without a primary key. The capture then sets the table's
+    /// `REPLICA IDENTITY FULL`, without which PostgreSQL refuses UPDATE and DELETE on a
+    /// published table.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// The warehouse (Delta) table written; default `cdc_<schema>_<table>`.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+impl TableConfig {
+    /// `(schema, table)`.
+    pub fn qualified(&self) -> (String, String) {
+        match self.name.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), self.name.clone()),
+        }
+    }
+
+    /// The canonical `schema.table`, as events and records name it.
+    pub fn full_name(&self) -> String {
+        let (s, t) = self.qualified();
+        format!("{s}.{t}")
+    }
+
+    pub fn target_table(&self) -> String {
+        self.target.clone().unwrap_or_else(|| {
+            let (s, t) = self.qualified();
+            target_name(&s, &t)
+        })
+    }
+}
+
+/// `cdc_<schema>_<table>`, lower-cased, anything else than letters and digits as `_`.
+pub fn target_name(schema: &str, table: &str) -> String {
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
+    format!("cdc_{}_{}", clean(schema), clean(table))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportingConfig {
+    /// The PostgreSQL whose changes are captured (the production primary). Unset: no
+    /// capture runs. Needs `wal_level = logical` and a user with the REPLICATION attribute.
+    pub source_url: Option<SecretUrl>,
+    /// The logical replication slot (pgoutput) the capture reads and advances.
+    pub slot: String,
+    /// The publication naming the captured tables; created and kept in step with `tables`.
+    pub publication: String,
+    pub tables: Vec<TableConfig>,
+    /// How often the slot is read when the last read found nothing.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Changes decoded per slot read, at most (whole transactions: a read may end past it).
+    pub max_changes_per_read: u32,
+    /// Changes per bus message, at most.
+    pub changes_per_message: usize,
+    /// Rows per keyset chunk of the initial snapshot.
+    pub snapshot_chunk: u32,
+    /// Bus messages the sink applies in one Delta commit per table, at most.
+    pub sink_batch: usize,
+}
+
+impl Default for ReportingConfig {
+    fn default() -> Self {
+        Self {
+            source_url: None,
+            slot: "bulwark_reporting".into(),
+            publication: "bulwark_reporting".into(),
+            tables: Vec::new(),
+            poll_interval: Duration::from_millis(200),
+            max_changes_per_read: 20_000,
+            changes_per_message: 1000,
+            snapshot_chunk: 5000,
+            sink_batch: 200,
+        }
+    }
+}
+
+/// A PostgreSQL identifier the capture writes into SQL unquoted-safe: letters, digits, `_`.
+fn plain_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::new(format!("reporting.{key}"), message))
+        };
+        for (key, v) in [("slot", &self.slot), ("publication", &self.publication)] {
+            if !plain_ident(v) || v.chars().any(|c| c.is_ascii_uppercase()) {
+                return bad(
+                    key,
+                    format!(
+                        "`{v}` is not a valid name: lower-case letters, digits and `_`, at most \
+                         63, not starting with a digit"
+                    ),
+                );
+            }
+        }
+        if self.poll_interval < Duration::from_millis(10) {
+            return bad("poll_interval", "must be at least 10ms".into());
+        }
+        if self.max_changes_per_read == 0 {
+            return bad("max_changes_per_read", "must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.changes_per_message) {
+            return bad("changes_per_message", "must be 1 to 10000".into());
+        }
+        if self.snapshot_chunk == 0 {
+            return bad("snapshot_chunk", "must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.sink_batch) {
+            return bad("sink_batch", "must be 1 to 10000".into());
+        }
+        if self.source_url.is_some() && self.tables.is_empty() {
+            return bad(
+                "tables",
+                "`source_url` is set but no table is captured: add [[reporting.tables]] entries"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut targets = std::collections::BTreeSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let (s, n) = t.qualified();
+            if !plain_ident(&s) || !plain_ident(&n) || n.contains('.') {
+                return bad(
+                    &format!("tables[{i}].name"),
+                    format!(
+                        "`{}` is not `schema.table` of plain names (letters, digits, `_`)",
+                        t.name
+                    ),
+                );
+            }
+            if !seen.insert(t.full_name()) {
+                return bad(
+                    &format!("tables[{i}].name"),
+                    format!("`{}` is listed twice", t.full_name()),
+                );
+            }
+            for k in &t.key {
+                if !plain_ident(k) {
+                    return bad(
+                        &format!("tables[{i}].key"),
+                        format!("`{k}` is not a plain column name"),
+                    );
+                }
+            }
+            let target = t.target_table();
+            if let Err(m) = bulwark_pipeline::data::valid_name(&target) {
+                return bad(&format!("tables[{i}].target"), m);
+            }
+            if !targets.insert(target.clone()) {
+                return bad(
+                    &format!("tables[{i}].target"),
+                    format!("two tables write `{target}`"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_kernel::config::ModuleConfig;
+
+    fn with_tables(names: &[&str]) -> ReportingConfig {
+        ReportingConfig {
+            source_url: Some(SecretUrl::new("postgres://x@localhost/db")),
+            tables: names
+                .iter()
+                .map(|n| TableConfig {
+                    name: (*n).into(),
+                    key: vec![],
+                    target: None,
+                })
+                .collect(),
+            ..ReportingConfig::default()
+        }
+    }
+
+    #[test]
+    fn names_and_targets() {
+        let t = TableConfig {
+            name: "Sales.Orders".into(),
+            key: vec![],
+            target: None,
+        };
+        assert_eq!(t.full_name(), "Sales.Orders");
+        assert_eq!(t.target_table(), "cdc_sales_orders");
+        let p = TableConfig {
+            name: "bids".into(),
+            key: vec![],
+            target: None,
+        };
+        assert_eq!(p.full_name(), "public.bids");
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        assert!(ReportingConfig::default().validate().is_ok());
+        assert!(with_tables(&["public.bids", "auctions"]).validate().is_ok());
+        let e = with_tables(&[]).validate().expect_err("must be refused");
+        assert!(e.to_string().contains("reporting.tables"), "{e}");
+        let e = with_tables(&["bids; drop table x"]).validate().expect_err("must be refused");
+        assert!(e.to_string().contains("reporting.tables[0].name"), "{e}");
+        let e = with_tables(&["bids", "public.bids"]).validate().expect_err("must be refused");
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let mut c = with_tables(&["bids"]);
+        c.slot = "Bad-Slot".into();
+        assert!(c.validate().expect_err("must be refused").to_string().contains("reporting.slot"));
+        let mut c = with_tables(&["bids"]);
+        c.tables[0].key = vec!["a b".into()];
+        assert!(
+            c.validate()
+                .expect_err("must be refused")
+                .to_string()
+                .contains("tables[0].key")
+        );
+    }
+}
