@@ -35,10 +35,27 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(ReportingSlots::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(ReportingSlots::Slot).string().not_null().primary_key())
-                    .col(ColumnDef::new(ReportingSlots::Publication).string().not_null())
-                    .col(ColumnDef::new(ReportingSlots::CreatedLsn).string().not_null())
-                    .col(ColumnDef::new(ReportingSlots::CreatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(ReportingSlots::Slot)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingSlots::Publication)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingSlots::CreatedLsn)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingSlots::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -54,9 +71,21 @@ impl MigrationTrait for Migration {
                             .primary_key(),
                     )
                     .col(ColumnDef::new(ReportingTables::Slot).string().not_null())
-                    .col(ColumnDef::new(ReportingTables::SnapshotLsn).string().not_null())
-                    .col(ColumnDef::new(ReportingTables::SnapshotRows).big_integer().not_null())
-                    .col(ColumnDef::new(ReportingTables::SnapshotAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(ReportingTables::SnapshotLsn)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingTables::SnapshotRows)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingTables::SnapshotAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await

@@ -146,7 +146,10 @@ impl Capture {
             .join(", ");
         if !exists {
             self.source
-                .execute_unprepared(&format!("CREATE PUBLICATION {} FOR TABLE {list}", quote(name)))
+                .execute_unprepared(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {list}",
+                    quote(name)
+                ))
                 .await?;
             return Ok(());
         }
@@ -211,10 +214,16 @@ impl Capture {
             .unwrap_or_default();
             // A slot re-created after being lost starts a new history: every table is
             // snapshotted again.
-            self.exec_state("DELETE FROM reporting_tables WHERE slot = $1", vec![slot.clone().into()])
-                .await?;
-            self.exec_state("DELETE FROM reporting_slots WHERE slot = $1", vec![slot.clone().into()])
-                .await?;
+            self.exec_state(
+                "DELETE FROM reporting_tables WHERE slot = $1",
+                vec![slot.clone().into()],
+            )
+            .await?;
+            self.exec_state(
+                "DELETE FROM reporting_slots WHERE slot = $1",
+                vec![slot.clone().into()],
+            )
+            .await?;
             self.exec_state(
                 "INSERT INTO reporting_slots (slot, publication, created_lsn, created_at_ms) \
                  VALUES ($1, $2, $3, $4)",
@@ -230,7 +239,8 @@ impl Capture {
             return Ok(());
         };
         let get = |i: usize| row.try_get_by_index::<String>(i).unwrap_or_default();
-        let (plugin, kind, database, wal_status, current) = (get(0), get(1), get(2), get(3), get(4));
+        let (plugin, kind, database, wal_status, current) =
+            (get(0), get(1), get(2), get(3), get(4));
         if kind != "logical" || plugin != "pgoutput" || database != current || !recorded {
             return Err(CaptureError::Setup(format!(
                 "reporting.slot: a replication slot `{slot}` exists ({kind}, plugin `{plugin}`, \

@@ -110,9 +110,8 @@ fn plain_ident(s: &str) -> bool {
 
 impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| {
-            Err(ConfigError::new(format!("reporting.{key}"), message))
-        };
+        let bad =
+            |key: &str, message: String| Err(ConfigError::new(format!("reporting.{key}"), message));
         for (key, v) in [("slot", &self.slot), ("publication", &self.publication)] {
             if !plain_ident(v) || v.chars().any(|c| c.is_ascii_uppercase()) {
                 return bad(
@@ -231,13 +230,22 @@ mod tests {
         assert!(with_tables(&["public.bids", "auctions"]).validate().is_ok());
         let e = with_tables(&[]).validate().expect_err("must be refused");
         assert!(e.to_string().contains("reporting.tables"), "{e}");
-        let e = with_tables(&["bids; drop table x"]).validate().expect_err("must be refused");
+        let e = with_tables(&["bids; drop table x"])
+            .validate()
+            .expect_err("must be refused");
         assert!(e.to_string().contains("reporting.tables[0].name"), "{e}");
-        let e = with_tables(&["bids", "public.bids"]).validate().expect_err("must be refused");
+        let e = with_tables(&["bids", "public.bids"])
+            .validate()
+            .expect_err("must be refused");
         assert!(e.to_string().contains("listed twice"), "{e}");
         let mut c = with_tables(&["bids"]);
         c.slot = "Bad-Slot".into();
-        assert!(c.validate().expect_err("must be refused").to_string().contains("reporting.slot"));
+        assert!(
+            c.validate()
+                .expect_err("must be refused")
+                .to_string()
+                .contains("reporting.slot")
+        );
         let mut c = with_tables(&["bids"]);
         c.tables[0].key = vec!["a b".into()];
         assert!(

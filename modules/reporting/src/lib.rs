@@ -242,7 +242,11 @@ impl Module for ReportingModule {
                 )),
             });
             if ctx.role.runs(WorkerKind::Scheduler) {
-                let url = cfg.source_url.clone().map(|u| u.expose().to_owned()).unwrap_or_default();
+                let url = cfg
+                    .source_url
+                    .clone()
+                    .map(|u| u.expose().to_owned())
+                    .unwrap_or_default();
                 let source = bulwark_kernel::db::connect_url(&url, &ctx.settings.kernel.database)
                     .await
                     .map_err(|e| ModuleError::Other(format!("reporting.source_url: {e}")))?;

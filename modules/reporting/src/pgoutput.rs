@@ -331,7 +331,10 @@ mod tests {
         del.extend(16384u32.to_be_bytes());
         del.push(b'K');
         del.extend(tuple(&[Some("8"), None]));
-        assert!(matches!(decode(&del).expect("test value"), Message::Delete { .. }));
+        assert!(matches!(
+            decode(&del).expect("test value"),
+            Message::Delete { .. }
+        ));
 
         let mut c = vec![b'C', 0];
         c.extend(0x1528E70u64.to_be_bytes());

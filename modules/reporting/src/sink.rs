@@ -87,7 +87,10 @@ fn normalize(v: &str, ty: &DataType) -> String {
         DataType::Timestamp(_, Some(_)) => {
             let b = v.as_bytes();
             let n = b.len();
-            if n > 3 && (b[n - 3] == b'+' || b[n - 3] == b'-') && b[n - 2..].iter().all(u8::is_ascii_digit) {
+            if n > 3
+                && (b[n - 3] == b'+' || b[n - 3] == b'-')
+                && b[n - 2..].iter().all(u8::is_ascii_digit)
+            {
                 format!("{v}:00")
             } else {
                 v.to_owned()
@@ -173,8 +176,7 @@ fn fold(batches: &[Batch]) -> Result<(Vec<ColumnType>, Vec<Row>)> {
             if let Some(before) = &ch.before
                 && before.len() == b.columns.len()
             {
-                let old: Vec<Option<String>> =
-                    key_idx.iter().map(|i| before[*i].clone()).collect();
+                let old: Vec<Option<String>> = key_idx.iter().map(|i| before[*i].clone()).collect();
                 if old != key {
                     let values = key_idx
                         .iter()
@@ -263,9 +265,8 @@ fn to_record_batch(columns: &[ColumnType], rows: &[Row]) -> Result<RecordBatch> 
                     .map(|v| normalize(&v, &ty))
             })
             .collect();
-        let arr = arrow::compute::cast_with_options(&text, &ty, &opts).map_err(|e| {
-            SinkError::Invalid(format!("column `{}` as {ty}: {e}", c.name))
-        })?;
+        let arr = arrow::compute::cast_with_options(&text, &ty, &opts)
+            .map_err(|e| SinkError::Invalid(format!("column `{}` as {ty}: {e}", c.name)))?;
         fields.push(Field::new(&c.name, ty, !c.key));
         arrays.push(arr);
     }
@@ -294,9 +295,7 @@ fn to_record_batch(columns: &[ColumnType], rows: &[Row]) -> Result<RecordBatch> 
     fields.push(Field::new("_unchanged", DataType::Utf8, true));
     arrays.push(Arc::new(
         rows.iter()
-            .map(|r| {
-                (!r.unchanged.is_empty()).then(|| format!(",{},", r.unchanged.join(",")))
-            })
+            .map(|r| (!r.unchanged.is_empty()).then(|| format!(",{},", r.unchanged.join(","))))
             .collect::<StringArray>(),
     ));
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
@@ -318,9 +317,11 @@ pub async fn apply(engine: &Engine, target: &str, batches: &[Batch]) -> Result<A
     let max_lsn = rows.iter().map(|r| r.lsn).max().unwrap_or(0);
     let batch = to_record_batch(&columns, &rows)?;
     // The table's schema: every column but the batch-only `_unchanged`.
-    let table_schema = Arc::new(batch.schema().project(
-        &(0..batch.num_columns() - 1).collect::<Vec<_>>(),
-    )?);
+    let table_schema = Arc::new(
+        batch
+            .schema()
+            .project(&(0..batch.num_columns() - 1).collect::<Vec<_>>())?,
+    );
     let path = engine.table_path(target);
     std::fs::create_dir_all(&path)?;
     let mut table = deltalake::DeltaTable::try_from_url(dir_url(&path)?).await?;
@@ -389,8 +390,8 @@ pub async fn apply(engine: &Engine, target: &str, batches: &[Batch]) -> Result<A
     }
     let insert = set.clone();
     let version = held_lsn.max(i64::try_from(max_lsn).unwrap_or(i64::MAX));
-    let props = CommitProperties::default()
-        .with_application_transaction(Transaction::new(APP_ID, version));
+    let props =
+        CommitProperties::default().with_application_transaction(Transaction::new(APP_ID, version));
     let (table, _metrics) = table
         .merge(df, on)
         .with_source_alias("source")
@@ -507,10 +508,16 @@ mod tests {
 
     #[test]
     fn types_map_and_values_parse() {
-        assert_eq!(arrow_type(1700, ((12 << 16) | 2) + 4), DataType::Decimal128(12, 2));
+        assert_eq!(
+            arrow_type(1700, ((12 << 16) | 2) + 4),
+            DataType::Decimal128(12, 2)
+        );
         assert_eq!(arrow_type(2950, -1), DataType::Utf8);
         let ty = arrow_type(1184, -1);
-        assert_eq!(normalize("2026-12-02 10:00:00.5+00", &ty), "2026-12-02 10:00:00.5+00:00");
+        assert_eq!(
+            normalize("2026-12-02 10:00:00.5+00", &ty),
+            "2026-12-02 10:00:00.5+00:00"
+        );
         let rows = vec![Row {
             op: Op::Insert,
             lsn: 1,
