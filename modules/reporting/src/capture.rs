@@ -196,8 +196,7 @@ impl Capture {
             .await?;
         let recorded = self
             .state
-            .query_one(Statement::from_sql_and_values(
-                self.state.get_database_backend(),
+            .query_one(self.state_stmt(
                 "SELECT slot FROM reporting_slots WHERE slot = $1",
                 vec![slot.clone().into()],
             ))
@@ -260,13 +259,14 @@ impl Capture {
         Ok(())
     }
 
+    /// A statement on Bulwark's own database (SQLite or PostgreSQL).
+    fn state_stmt(&self, sql: &str, values: Vec<DbValue>) -> Statement {
+        Statement::from_sql_and_values(self.state.get_database_backend(), sql, values)
+    }
+
     async fn exec_state(&self, sql: &str, values: Vec<DbValue>) -> Result<()> {
         self.state
-            .execute(Statement::from_sql_and_values(
-                self.state.get_database_backend(),
-                sql,
-                values,
-            ))
+            .execute(self.state_stmt(sql, values))
             .await
             .map_err(CaptureError::State)?;
         Ok(())
@@ -278,8 +278,7 @@ impl Capture {
         for t in &self.tables {
             let done = self
                 .state
-                .query_one(Statement::from_sql_and_values(
-                    self.state.get_database_backend(),
+                .query_one(self.state_stmt(
                     "SELECT source_table FROM reporting_tables WHERE source_table = $1",
                     vec![t.full_name().into()],
                 ))
