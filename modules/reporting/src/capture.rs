@@ -309,6 +309,13 @@ impl Capture {
             .map(|(c, _)| quote(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
+        // Qualified: an unqualified ORDER BY name would sort by the `::text` output column of
+        // that name, not the key (PostgreSQL prefers output names), and break the keyset.
+        let order = keys
+            .iter()
+            .map(|(c, _)| format!("{}.{}", t.sql_name(), quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let key_idx: Vec<usize> = t
             .columns
             .iter()
@@ -337,7 +344,7 @@ impl Capture {
                 }
             };
             let sql = format!(
-                "SELECT {} FROM {} {filter} ORDER BY {key_list} LIMIT {}",
+                "SELECT {} FROM {} {filter} ORDER BY {order} LIMIT {}",
                 cols.join(", "),
                 t.sql_name(),
                 self.cfg.snapshot_chunk

@@ -82,6 +82,11 @@ pub struct ReportingConfig {
     pub snapshot_chunk: u32,
     /// Bus messages the sink applies in one Delta commit per table, at most.
     pub sink_batch: usize,
+    /// How long a fetched message may stay unacknowledged before the bus redelivers it: the
+    /// longest one apply may take, and how long a sink restarted after a crash waits for the
+    /// messages the dead one held.
+    #[serde(with = "humantime_serde")]
+    pub sink_ack_wait: Duration,
 }
 
 impl Default for ReportingConfig {
@@ -96,6 +101,7 @@ impl Default for ReportingConfig {
             changes_per_message: 1000,
             snapshot_chunk: 5000,
             sink_batch: 200,
+            sink_ack_wait: Duration::from_secs(60),
         }
     }
 }
@@ -137,6 +143,9 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
         }
         if !(1..=10_000).contains(&self.sink_batch) {
             return bad("sink_batch", "must be 1 to 10000".into());
+        }
+        if self.sink_ack_wait < Duration::from_secs(1) {
+            return bad("sink_ack_wait", "must be at least 1s".into());
         }
         if self.source_url.is_some() && self.tables.is_empty() {
             return bad(

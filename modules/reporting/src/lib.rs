@@ -100,7 +100,7 @@ pub async fn run_sink(
         stream: event::STREAM.into(),
         durable: SINK_CONSUMER.into(),
         filter_subject: Some(format!("{}.>", event::SUBJECT_PREFIX)),
-        ack_wait: Duration::from_secs(120),
+        ack_wait: cfg.sink_ack_wait,
         max_deliver: 10_000,
         dead_letter_subject: None,
     };
@@ -159,6 +159,7 @@ pub async fn run_sink(
                 .max();
             match sink::apply(&engine, &target, &batches).await {
                 Ok(a) => {
+                    tracing::debug!(message = "Applied CDC changes.", table = %table, target = %target, messages = items.len(), changes = a.changes, rows = a.rows, version = ?a.version);
                     for (d, _) in items {
                         if let Err(e) = d.ack().await {
                             tracing::warn!(message = "Ack of an applied CDC message failed (it will be re-applied, harmlessly).", error = %e);

@@ -27,5 +27,6 @@ mod module_cli;
 mod otlp;
 mod pipeline;
 mod pipeline_ballista;
+mod reporting;
 mod resilience;
 mod services;
