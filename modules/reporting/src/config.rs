@@ -60,6 +60,42 @@ pub fn target_name(schema: &str, table: &str) -> String {
     format!("cdc_{}_{}", clean(schema), clean(table))
 }
 
+/// How a report's time column counts time; its day is the UTC date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeUnit {
+    /// Unix milliseconds (Bulwark's own `*_at_ms` columns).
+    #[default]
+    Ms,
+    /// Unix seconds.
+    S,
+    /// Unix microseconds.
+    Us,
+    /// A timestamp column.
+    Timestamp,
+    /// A date column.
+    Date,
+}
+
+/// One report: `[reporting.reports.<name>]` (R4). Its summary holds, per UTC day of
+/// `time_column` and per `group_by` values, each of `metrics` (an SQL aggregate over the
+/// warehouse table's live rows).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    #[serde(default)]
+    pub description: String,
+    /// The warehouse table summarised (a CDC table is `cdc_<schema>_<table>`).
+    pub table: String,
+    pub time_column: String,
+    #[serde(default)]
+    pub time_unit: TimeUnit,
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Output name → aggregate expression (`count(*)`, `sum(amount)`, `avg(price)`).
+    pub metrics: std::collections::BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportingConfig {
@@ -87,6 +123,16 @@ pub struct ReportingConfig {
     /// messages the dead one held.
     #[serde(with = "humantime_serde")]
     pub sink_ack_wait: Duration,
+    /// The reports served at `/api/reporting/reports/<name>`.
+    pub reports: std::collections::BTreeMap<String, ReportConfig>,
+    /// How often the summary DAG (`reporting_summaries`) folds new changes into the summaries:
+    /// the bound on both their staleness and their cost.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
+    /// The cache namespace (`[cache.namespaces.<name>]`) reports are served through.
+    pub cache_namespace: String,
+    /// The longest `from`..`to` range one report request may ask for, in days.
+    pub max_report_days: u32,
 }
 
 impl Default for ReportingConfig {
@@ -102,6 +148,10 @@ impl Default for ReportingConfig {
             snapshot_chunk: 5000,
             sink_batch: 200,
             sink_ack_wait: Duration::from_secs(60),
+            reports: std::collections::BTreeMap::new(),
+            summary_interval: Duration::from_secs(300),
+            cache_namespace: "reporting".into(),
+            max_report_days: 1000,
         }
     }
 }
@@ -146,6 +196,51 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
         }
         if self.sink_ack_wait < Duration::from_secs(1) {
             return bad("sink_ack_wait", "must be at least 1s".into());
+        }
+        if self.summary_interval < Duration::from_secs(1) {
+            return bad("summary_interval", "must be at least 1s".into());
+        }
+        if !(1..=10_000).contains(&self.max_report_days) {
+            return bad("max_report_days", "must be 1 to 10000".into());
+        }
+        for (name, r) in &self.reports {
+            let key = |k: &str| format!("reports.{name}.{k}");
+            if !plain_ident(name) || name.chars().any(|c| c.is_ascii_uppercase()) {
+                return bad(
+                    &format!("reports.{name}"),
+                    "a report name is lower-case letters, digits and `_`".into(),
+                );
+            }
+            if let Err(m) = bulwark_pipeline::data::valid_name(&r.table) {
+                return bad(&key("table"), m);
+            }
+            for (k, c) in std::iter::once(("time_column", &r.time_column))
+                .chain(r.group_by.iter().map(|g| ("group_by", g)))
+            {
+                if !plain_ident(c) {
+                    return bad(&key(k), format!("`{c}` is not a plain column name"));
+                }
+            }
+            if r.metrics.is_empty() {
+                return bad(
+                    &key("metrics"),
+                    "at least one metric, e.g. `n = \"count(*)\"`".into(),
+                );
+            }
+            for (m, expr) in &r.metrics {
+                if !plain_ident(m) || r.group_by.contains(m) || m == "day" {
+                    return bad(
+                        &key(&format!("metrics.{m}")),
+                        "a metric name is a plain name, not `day` nor a group_by column".into(),
+                    );
+                }
+                if expr.trim().is_empty() || expr.contains(';') || expr.contains("--") {
+                    return bad(
+                        &key(&format!("metrics.{m}")),
+                        format!("`{expr}` is not one aggregate expression"),
+                    );
+                }
+            }
         }
         if self.source_url.is_some() && self.tables.is_empty() {
             return bad(

@@ -1,16 +1,19 @@
 //! The `reporting` module: analytics kept off the primary (R1–R6).
 //!
-//! This slice is change capture (R2, R3) and its columnar store (R6): [`capture`] reads a
-//! PostgreSQL logical replication slot (pgoutput, decoded by [`pgoutput`]) and publishes
-//! [`event::Batch`]es on the `CDC` stream; [`sink`] applies them to Delta tables in the
-//! pipeline's warehouse. docs/reporting.md has the design; summaries, backfill and the
+//! [`capture`] reads a PostgreSQL logical replication slot (pgoutput, decoded by [`pgoutput`])
+//! and publishes [`event::Batch`]es on the `CDC` stream (R2, R3); [`sink`] applies them to
+//! Delta tables in the pipeline's warehouse (R6); [`summary`] folds those into per-day
+//! summaries through the built-in pipeline DAG `reporting_summaries`, and [`api`] serves them
+//! through the cache (R4). docs/reporting.md has the design; backfill from a replica and the
 //! embedded (trigger) capture are the next parts.
 
+pub mod api;
 pub mod capture;
 pub mod config;
 pub mod event;
 pub mod pgoutput;
 pub mod sink;
+pub mod summary;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,6 +89,54 @@ fn describe_metrics() {
         counter!(name).increment(0);
     }
     gauge!("bulwark_reporting_capture_lag_seconds").set(0.0);
+}
+
+fn describe_summary_metrics() {
+    use metrics::{counter, describe_counter, describe_gauge};
+    describe_counter!(
+        "bulwark_reporting_warehouse_queries_total",
+        "Queries the module ran on the warehouse (Delta), by caller; only the summary task does."
+    );
+    describe_counter!(
+        "bulwark_reporting_report_requests_total",
+        "Report API answers, by report and cache outcome (hit, stale, miss, bypass)."
+    );
+    describe_gauge!(
+        "bulwark_reporting_summary_refreshed_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "Unix time of a report's last successful summary refresh."
+    );
+    describe_counter!(
+        "bulwark_reporting_summary_days_refreshed_total",
+        "Days of a report's summary recomputed."
+    );
+    counter!("bulwark_reporting_warehouse_queries_total", "caller" => "summary").increment(0);
+}
+
+/// The summary DAG: one `reporting_summary` task per report, every `summary_interval`.
+pub fn summary_dag(cfg: &ReportingConfig) -> Result<bulwark_pipeline::dag::Dag, String> {
+    use bulwark_pipeline::dag::{DagBuilder, Task};
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .map_err(|e| e.to_string())?
+        .with_timezone(&chrono::Utc);
+    let mut b = DagBuilder::new(summary::DAG_ID)
+        .description("Per-day summaries of the reporting module's warehouse tables (R4)")
+        .schedule(bulwark_pipeline::schedule::Schedule::Interval(
+            cfg.summary_interval,
+        ))
+        .start_date(start)
+        .catchup(false)
+        .max_active_runs(1)
+        .tags(["reporting"])
+        .owner("reporting");
+    for name in cfg.reports.keys() {
+        b = b.task(Task::plugin(
+            name.clone(),
+            summary::TASK_TYPE,
+            serde_json::json!({ "report": name }),
+        ));
+    }
+    b.build().map_err(|e| e.to_string())
 }
 
 /// The sink: fetch, group by table, merge, ack.
@@ -214,18 +265,64 @@ impl Module for ReportingModule {
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {
         let section = ctx.section::<ReportingConfig>()?;
         let (cfg, effective) = (section.value, section.effective);
-        let (routes, openapi) = status_route(self.name(), effective);
+        let (status, mut openapi) = status_route(self.name(), effective);
+        describe_summary_metrics();
+        let reports = Arc::new(cfg.reports.clone());
+        let cache = ctx.service(bulwark_cache::LOADER).ok();
+        if cache.is_none() && !reports.is_empty() {
+            tracing::warn!(
+                message = "The cache module is not running; reports are served from their summaries uncached."
+            );
+        }
+        let pipeline_cfg = ctx
+            .settings
+            .module_section::<bulwark_pipeline::PipelineConfig>("pipeline")?
+            .value;
+        let engine = Engine::new(&pipeline_cfg.engine, &ctx.settings.kernel.data_dir);
+        // The summary DAG runs where there is something to summarise: capture is on, or a
+        // report's table is in the warehouse already (written by another deployment's sink).
+        let has_data =
+            cfg.source_url.is_some() || reports.values().any(|r| engine.has_table(&r.table));
+        if !reports.is_empty() && has_data {
+            match ctx.service(bulwark_pipeline::HANDLE) {
+                Ok(handle) => {
+                    handle.register_task_type(Arc::new(summary::SummaryTask {
+                        engine: engine.clone(),
+                        db: ctx.db.clone(),
+                        reports: reports.clone(),
+                        cache: cache.clone(),
+                        namespace: cfg.cache_namespace.clone(),
+                    }));
+                    handle.register_dag(summary_dag(&cfg).map_err(ModuleError::Other)?);
+                }
+                Err(_) => tracing::warn!(
+                    message = "The pipeline module is not running; report summaries are not refreshed (build with the `pipeline` feature)."
+                ),
+            }
+        }
+        let state = api::ApiState {
+            db: ctx.db.clone(),
+            reports,
+            cache,
+            namespace: cfg.cache_namespace.clone(),
+            max_days: cfg.max_report_days,
+        };
+        let routes = status.merge(
+            axum::Router::new()
+                .route("/api/reporting/reports", axum::routing::get(api::list))
+                .route(
+                    "/api/reporting/reports/{name}",
+                    axum::routing::get(api::report),
+                )
+                .with_state(state),
+        );
+        openapi.merge(<api::ReportingApi as utoipa::OpenApi>::openapi());
         let mut workers = Vec::new();
         if cfg.source_url.is_some() {
             describe_metrics();
             ctx.bus
                 .ensure_stream(&stream_spec(ctx.settings.kernel.bus.duplicate_window))
                 .await?;
-            let pipeline = ctx
-                .settings
-                .module_section::<bulwark_pipeline::PipelineConfig>("pipeline")?
-                .value;
-            let engine = Engine::new(&pipeline.engine, &ctx.settings.kernel.data_dir);
             let targets: HashMap<String, String> = cfg
                 .tables
                 .iter()

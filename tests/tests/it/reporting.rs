@@ -552,3 +552,277 @@ async fn kill9_of_capture_or_sink_loses_nothing() {
     drop((capture, capture2, sink, sink2));
     drop_slot(&src, &slot).await;
 }
+
+async fn call(app: &TestApp, path: &str) -> (u16, Option<String>, serde_json::Value) {
+    let res = app
+        .request(
+            reqwest::Method::GET,
+            path,
+            Some(&app.token(bulwark_kernel::auth::Role::Viewer)),
+        )
+        .send()
+        .await
+        .expect("send");
+    let status = res.status().as_u16();
+    let cache = res
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (
+        status,
+        cache,
+        res.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Run the summary DAG once (manual run) and wait for it to succeed.
+async fn refresh_summaries(app: &TestApp, n: u32) {
+    let run = format!("manual_{n}");
+    let res = app
+        .request(
+            reqwest::Method::POST,
+            "/api/pipeline/dags/reporting_summaries/dagRuns",
+            Some(&app.token(bulwark_kernel::auth::Role::Admin)),
+        )
+        .json(&json!({"dag_run_id": run, "logical_date": format!("2026-10-{:02}", n)}))
+        .send()
+        .await
+        .expect("trigger");
+    assert_eq!(res.status().as_u16(), 201, "{:?}", res.text().await);
+    let path = format!("/api/pipeline/dags/reporting_summaries/dagRuns/{run}");
+    let state = eventually(WAIT, || async {
+        let (status, _, v) = call(app, &path).await;
+        let s = v["state"].as_str().unwrap_or("").to_owned();
+        (status == 200 && (s == "success" || s == "failed")).then_some(s)
+    })
+    .await;
+    assert_eq!(state.as_deref(), Some("success"), "summary run {run}");
+}
+
+/// The report's rows as (day, group value, metrics) text, to compare with SQL on the source.
+fn report_rows(v: &serde_json::Value, group: &str, metrics: &[&str]) -> Rows {
+    v["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    let mut out = vec![r["day"].as_str().map(str::to_owned)];
+                    out.push(r["group"][group].as_str().map(str::to_owned));
+                    for m in metrics {
+                        out.push(match &r["metrics"][*m] {
+                            serde_json::Value::Null => None,
+                            x => Some(x.to_string()),
+                        });
+                    }
+                    out
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const BIDS_BY_DAY: &str = "SELECT to_char(to_timestamp(received_at_ms / 1000.0) AT TIME ZONE 'UTC', \
+     'YYYY-MM-DD') AS d, outcome, count(*)::text, sum(amount)::text, count(DISTINCT bidder)::text \
+     FROM auction_bids GROUP BY 1, 2 ORDER BY 1, 2";
+
+/// R4: the shipped reports over Bulwark's own auction tables (captured from its own
+/// PostgreSQL): the summary DAG folds changes into per-day summaries, only the affected days
+/// are recomputed, the report API answers from the summaries through the cache (a refresh
+/// invalidates it) and never queries the warehouse; each answer equals an aggregate run
+/// directly on the source. Bad requests name the field.
+#[tokio::test]
+async fn summaries_serve_reports_through_the_cache() {
+    let Some(db) = TestDatabase::postgres().await.expect("database") else {
+        return;
+    };
+    let slot = unique("bulwark_t_");
+    let Some(mut app) = reporting(
+        TestAppBuilder::new(Backend::Real),
+        &db.url,
+        &slot,
+        json!([{"name": "auction_auctions"}, {"name": "auction_bids"}]),
+    )
+    .set("database.url", db.url.clone())
+    .set("reporting.summary_interval", "1h")
+    .set("pipeline.scheduler_interval", "50ms")
+    .spawn()
+    .await
+    .expect("start") else {
+        return;
+    };
+    let src = Database::connect(db.url.clone()).await.expect("connect");
+    // Two days of auctions and bids (2026-11-04 and 2026-11-05, UTC). Closed auctions only:
+    // the auction module's closer would close an open one that ended, under the test.
+    let d1 = 1_793_750_400_000i64; // 2026-11-04T00:00:00Z
+    let day = 86_400_000i64;
+    exec(
+        &src,
+        &format!(
+            "INSERT INTO auction_auctions (title, starts_at_ms, ends_at_ms, scheduled_end_ms, \
+             start_price, min_increment, soft_close_window_ms, soft_close_extension_ms, status, \
+             version, seq, highest_amount, bid_count, created_at_ms) VALUES \
+             ('a', {d1}, {e1}, {e1}, 10, 1, 0, 0, 'closed', 1, 0, 500, 3, {d1}), \
+             ('b', {d1}, {e2}, {e2}, 10, 1, 0, 0, 'closed', 1, 0, 700, 2, {d1}), \
+             ('c', {d1}, {e2}, {e2}, 10, 1, 0, 0, 'closed', 1, 0, NULL, 0, {d1})",
+            e1 = d1 + 3_600_000,
+            e2 = d1 + day + 3_600_000,
+        ),
+    )
+    .await;
+    exec(
+        &src,
+        &format!(
+            "INSERT INTO auction_bids (auction_id, bidder, client_bid_id, amount, received_at_ms, \
+             processed_at_ms, outcome) \
+             SELECT 1 + g % 2, 'u' || (g % 4), 'c' || g, 100 + g, {d1} + g * 3000000, \
+             {d1} + g * 3000000, CASE WHEN g % 5 = 0 THEN 'rejected' ELSE 'accepted' END \
+             FROM generate_series(1, 40) g"
+        ),
+    )
+    .await;
+    let e = app_engine(&app);
+    converge(
+        &src,
+        &e,
+        "cdc_public_auction_bids",
+        "SELECT count(*)::text FROM auction_bids",
+        "SELECT CAST(count(*) AS VARCHAR) FROM cdc_public_auction_bids WHERE NOT _deleted",
+    )
+    .await;
+    refresh_summaries(&app, 1).await;
+    let path = "/api/reporting/reports/bids_per_day?from=2026-11-01&to=2026-11-30";
+    let metrics = ["bids", "amount", "bidders"];
+    let (status, _, v) = call(&app, path).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        report_rows(&v, "outcome", &metrics),
+        text_rows(&src, BIDS_BY_DAY).await,
+        "{v}"
+    );
+    assert!(v["refreshed_at_ms"].as_i64().is_some(), "{v}");
+
+    // Requests are answered from the summaries through the cache; the warehouse is not read.
+    let wh_before = app
+        .metric(
+            "bulwark_reporting_warehouse_queries_total",
+            &[("caller", "summary")],
+        )
+        .await
+        .unwrap_or(0.0);
+    let mut hits = 0;
+    for _ in 0..50 {
+        let (status, cache, _) = call(&app, path).await;
+        assert_eq!(status, 200);
+        if cache.as_deref() == Some("hit") {
+            hits += 1;
+        }
+    }
+    assert!(
+        hits >= 49,
+        "only {hits} of 50 repeated requests were cache hits"
+    );
+    let wh_after = app
+        .metric(
+            "bulwark_reporting_warehouse_queries_total",
+            &[("caller", "summary")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        wh_before, wh_after,
+        "a report request queried the warehouse"
+    );
+
+    // Changes on one day: only that day is recomputed, and the cached answer is replaced.
+    exec(
+        &src,
+        &format!(
+            "DELETE FROM auction_bids WHERE id IN (1, 2); UPDATE auction_bids SET amount = 9999 \
+             WHERE id = 3; INSERT INTO auction_bids (auction_id, bidder, client_bid_id, amount, \
+             received_at_ms, processed_at_ms, outcome) VALUES (1, 'new', 'cx', 5, {d1} + 60000, \
+             {d1} + 60000, 'accepted')"
+        ),
+    )
+    .await;
+    converge(
+        &src,
+        &e,
+        "cdc_public_auction_bids",
+        "SELECT count(*)::text, sum(amount)::text FROM auction_bids",
+        "SELECT CAST(count(*) AS VARCHAR), CAST(sum(amount) AS VARCHAR) FROM \
+         cdc_public_auction_bids WHERE NOT _deleted",
+    )
+    .await;
+    refresh_summaries(&app, 2).await;
+    let (_, _, list) = call(&app, "/api/reporting/reports").await;
+    let bids = list["reports"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["name"] == "bids_per_day"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(bids["days_last_refresh"], 1, "only the changed day: {list}");
+    let (status, cache, v) = call(&app, path).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{v}");
+    assert_eq!(
+        report_rows(&v, "outcome", &metrics),
+        text_rows(&src, BIDS_BY_DAY).await,
+        "{v}"
+    );
+
+    // The second shipped report: auctions by the day they end and their status.
+    let (_, _, v) = call(
+        &app,
+        "/api/reporting/reports/revenue_per_day?from=2026-11-04&to=2026-11-05",
+    )
+    .await;
+    let want = text_rows(
+        &src,
+        "SELECT to_char(to_timestamp(ends_at_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD'), \
+         status, count(*)::text, sum(highest_amount)::text, sum(bid_count)::text \
+         FROM auction_auctions GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .await;
+    assert_eq!(
+        report_rows(&v, "status", &["auctions", "revenue", "bids"]),
+        want,
+        "{v}"
+    );
+
+    // Bad requests name the field; unknown reports are 404.
+    for (p, code, field) in [
+        (
+            "/api/reporting/reports/nope?from=2026-11-01&to=2026-11-02",
+            404,
+            None,
+        ),
+        (
+            "/api/reporting/reports/bids_per_day?from=2026-13-01&to=2026-11-02",
+            400,
+            Some("from"),
+        ),
+        (
+            "/api/reporting/reports/bids_per_day?from=2026-11-05&to=2026-11-02",
+            400,
+            Some("to"),
+        ),
+        (
+            "/api/reporting/reports/bids_per_day?from=2020-01-01&to=2026-11-02",
+            400,
+            Some("to"),
+        ),
+        (
+            "/api/reporting/reports/bids_per_day?from=2026-11-01",
+            400,
+            None,
+        ),
+    ] {
+        let (status, _, v) = call(&app, p).await;
+        assert_eq!(status, code, "{p}: {v}");
+        if let Some(f) = field {
+            assert_eq!(v["field"], f, "{p}: {v}");
+        }
+    }
+    app.stop().await.expect("stop");
+    drop_slot(&src, &slot).await;
+}
