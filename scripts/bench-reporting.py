@@ -1,0 +1,237 @@
+"""Change-capture benchmarks of the reporting module (issue 15), printed as JSON.
+
+1. Throughput and lag: a captured table receives --rows inserts (transactions of --batch rows,
+   as fast as psql sends them) and then the same number of updates; we time from the first write
+   to the moment the sink's applied counter (`bulwark_reporting_changes_applied_total`) reaches
+   the number of changes, and read the apply-lag quantiles (commit on the source → merged into
+   Delta) from /metrics. The Delta table is then read by the `deltalake` package and compared.
+2. Primary overhead: pgbench (TPC-B-like, --clients, --seconds) on the same database, three
+   rounds in one run: no capture (baseline), capture on (slot + bulwark reading and applying
+   pgbench_accounts/tellers/branches), and the naive alternative — a job that copies
+   pgbench_accounts with SELECT every --naive-every seconds (the brief's "batch job every
+   minute", compressed so that a short round sees several copies). TPS ratios against baseline.
+
+Everything runs on this machine: PostgreSQL, NATS, bulwark and pgbench share 2 cores, so the
+capture's CPU competes with the primary's, which a deployment on separate machines would not.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+PG = os.environ.get("BULWARK_TEST_POSTGRES_URL", "postgres://postgres:postgres@127.0.0.1:5432/postgres")
+NATS = os.environ.get("BULWARK_TEST_NATS_URL", "nats://127.0.0.1:4222")
+PGBIN = "/usr/lib/postgresql/15/bin"
+
+
+def db_url(name):
+    return PG.rsplit("/", 1)[0] + "/" + name
+
+
+def psql(url, sql, quiet=True):
+    out = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"psql failed: {sql[:120]}: {out.stderr}")
+    return out.stdout.strip()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text, name, labels=None):
+    total = None
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        lab = m.group(2) or ""
+        if labels and not all(f'{k}="{v}"' in lab for k, v in labels.items()):
+            continue
+        total = (total or 0.0) + float(m.group(3))
+    return total
+
+
+class Bulwark:
+    def __init__(self, binary, source, tables, slot):
+        self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
+        self.port = free_port()
+        tables_toml = "\n".join(f'[[reporting.tables]]\nname = "{t}"' for t in tables)
+        with open(os.path.join(self.dir, "bulwark.toml"), "w") as f:
+            f.write(f"""data_dir = "{self.dir}/data"
+[server]
+listen = "127.0.0.1:{self.port}"
+[bus]
+url = "{NATS}"
+prefix = "{slot}"
+[telemetry]
+log_level = "warn"
+[reporting]
+source_url = "{source}"
+slot = "{slot}"
+publication = "{slot}"
+poll_interval = "20ms"
+{tables_toml}
+""")
+        self.log = open(os.path.join(self.dir, "log"), "w")
+        self.proc = subprocess.Popen([binary, "--config", "bulwark.toml", "serve"], cwd=self.dir,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(0.2)
+        self.stop()
+        raise SystemExit("bulwark did not become ready; log in " + self.dir)
+
+    def applied(self, table):
+        return metric(metrics(self.port), "bulwark_reporting_changes_applied_total", {"table": table}) or 0.0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def drop_slot(url, slot):
+    psql(url, f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'")
+
+
+def throughput(args, url):
+    slot = "bench_cdc_events"
+    drop_slot(url, slot)
+    psql(url, "DROP TABLE IF EXISTS bench_events; CREATE TABLE bench_events (id bigint PRIMARY KEY, "
+              "account int NOT NULL, amount numeric(12,2) NOT NULL, note text, at timestamptz NOT NULL DEFAULT now())")
+    b = Bulwark(args.binary, url, ["public.bench_events"], slot)
+    try:
+        n, batch = args.rows, args.batch
+        t0 = time.time()
+        sql = []
+        for start in range(1, n + 1, batch):
+            end = min(n, start + batch - 1)
+            sql.append(f"INSERT INTO bench_events (id, account, amount, note) SELECT g, g % 1000, g * 0.01, "
+                       f"'note ' || g FROM generate_series({start}, {end}) g;")
+        for start in range(1, n + 1, batch):
+            end = min(n, start + batch - 1)
+            sql.append(f"UPDATE bench_events SET amount = amount + 1 WHERE id BETWEEN {start} AND {end};")
+        subprocess.run(["psql", url, "-q", "-v", "ON_ERROR_STOP=1"], input="\n".join(sql), text=True, check=True)
+        written = time.time() - t0
+        want = 2 * n
+        while b.applied("public.bench_events") < want:
+            if time.time() - t0 > args.timeout:
+                raise SystemExit(f"applied {b.applied('public.bench_events')} of {want} in {args.timeout}s; log in {b.dir}")
+            time.sleep(0.05)
+        total = time.time() - t0
+        text = metrics(b.port)
+        q = {k: metric(text, "bulwark_reporting_apply_lag_seconds", {"quantile": k}) for k in ("0.5", "0.99", "1")}
+        path = os.path.join(b.dir, "data", "warehouse", "cdc_public_bench_events")
+        check = subprocess.run([sys.executable, "-c",
+                                "import sys,deltalake,pyarrow.compute as pc;t=deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table();"
+                                "l=t.filter(pc.invert(t['_deleted']));print(l.num_rows, pc.sum(l['amount']).as_py())", path],
+                               capture_output=True, text=True)
+        src = psql(url, "SELECT count(*) || ' ' || sum(amount) FROM bench_events")
+        return {
+            "rows": n, "changes": want, "batch": batch,
+            "source_write_seconds": round(written, 2),
+            "capture_and_apply_seconds": round(total, 2),
+            "changes_per_second": round(want / total),
+            "apply_lag_seconds": q,
+            "delta_equals_source": check.stdout.split() == src.split(),
+            "delta": check.stdout.strip(), "source": src,
+        }
+    finally:
+        b.stop()
+        drop_slot(url, slot)
+        shutil.rmtree(b.dir, ignore_errors=True)
+
+
+def pgbench(url, args):
+    out = subprocess.run([f"{PGBIN}/pgbench", "-n", "-c", str(args.clients), "-j", "2", "-T", str(args.seconds), url],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"tps = ([0-9.]+) \(without initial", out)
+    return float(m.group(1)) if m else 0.0
+
+
+def overhead(args, url):
+    subprocess.run([f"{PGBIN}/pgbench", "-i", "-q", "-s", str(args.scale), url], capture_output=True, check=True)
+    rounds = {}
+    rounds["baseline_tps"] = pgbench(url, args)
+    slot = "bench_cdc_pgbench"
+    drop_slot(url, slot)
+    b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot)
+    try:
+        # Let the initial snapshot finish before measuring.
+        accounts = 100000 * args.scale
+        while b.applied("public.pgbench_accounts") < accounts:
+            time.sleep(0.2)
+        rounds["cdc_on_tps"] = pgbench(url, args)
+        time.sleep(2)
+        rounds["cdc_lag_after_round_bytes"] = metric(metrics(b.port), "bulwark_reporting_capture_lag_bytes")
+    finally:
+        b.stop()
+        drop_slot(url, slot)
+    stop = time.time() + args.seconds + 1
+    copier = subprocess.Popen(["bash", "-c",
+                               f"while [ $(date +%s) -lt {int(stop)} ]; do psql '{url}' -Atqc 'SELECT * FROM pgbench_accounts' >/dev/null; "
+                               f"sleep {args.naive_every}; done"])
+    rounds["naive_select_tps"] = pgbench(url, args)
+    copier.wait()
+    base = rounds["baseline_tps"] or 1.0
+    rounds["cdc_on_ratio"] = round(rounds["cdc_on_tps"] / base, 3)
+    rounds["naive_select_ratio"] = round(rounds["naive_select_tps"] / base, 3)
+    rounds.update({"clients": args.clients, "seconds": args.seconds, "scale": args.scale,
+                   "naive_every_seconds": args.naive_every})
+    return rounds
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--binary", required=True)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=5000)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--seconds", type=int, default=30)
+    p.add_argument("--scale", type=int, default=1)
+    p.add_argument("--naive-every", type=int, default=10)
+    p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--skip-overhead", action="store_true")
+    args = p.parse_args()
+    name = "bench_cdc"
+    psql(PG, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    psql(PG, f"CREATE DATABASE {name}")
+    url = db_url(name)
+    result = {"throughput": throughput(args, url)}
+    print(json.dumps(result), flush=True)
+    if not args.skip_overhead:
+        result["overhead"] = overhead(args, url)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
