@@ -106,6 +106,11 @@ fn describe_summary_metrics() {
         metrics::Unit::Seconds,
         "Unix time of a report's last successful summary refresh."
     );
+    describe_gauge!(
+        "bulwark_reporting_summary_interval_seconds",
+        metrics::Unit::Seconds,
+        "The summary DAG's schedule (reporting.summary_interval): staleness is judged against it."
+    );
     describe_counter!(
         "bulwark_reporting_summary_days_refreshed_total",
         "Days of a report's summary recomputed."
@@ -267,6 +272,8 @@ impl Module for ReportingModule {
         let (cfg, effective) = (section.value, section.effective);
         let (status, mut openapi) = status_route(self.name(), effective);
         describe_summary_metrics();
+        metrics::gauge!("bulwark_reporting_summary_interval_seconds")
+            .set(cfg.summary_interval.as_secs_f64());
         let reports = Arc::new(cfg.reports.clone());
         let cache = ctx.service(bulwark_cache::LOADER).ok();
         if cache.is_none() && !reports.is_empty() {
