@@ -143,3 +143,147 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A streaming replica of the test PostgreSQL server on a free loopback port (R5's backfill
+/// reads only from one): `pg_basebackup -R` of the whole cluster into a fresh folder under /tmp,
+/// started with `pg_ctl` as the `postgres` user (when run as root), hot standby. Stopped and
+/// removed on drop. `None` when no test server is configured.
+pub struct Replica {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    base: String,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn as_postgres(program: &str) -> std::process::Command {
+    // PostgreSQL refuses to run as root; the Debian cluster's files belong to `postgres`.
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+impl Replica {
+    pub async fn start() -> anyhow::Result<Option<Self>> {
+        let Some(admin) = postgres_admin_url() else {
+            return Ok(None);
+        };
+        let u = reqwest::Url::parse(&admin).context("BULWARK_TEST_POSTGRES_URL")?;
+        let (host, port) = (
+            u.host_str().unwrap_or("127.0.0.1").to_owned(),
+            u.port().unwrap_or(5432),
+        );
+        let (user, password) = (
+            u.username().to_owned(),
+            u.password().unwrap_or("").to_owned(),
+        );
+        // Hot standby needs these at least as high as on the primary.
+        let primary = Database::connect(admin.clone()).await?;
+        let mut settings = String::new();
+        for name in [
+            "max_connections",
+            "max_worker_processes",
+            "max_wal_senders",
+            "max_prepared_transactions",
+            "max_locks_per_transaction",
+        ] {
+            let v = primary
+                .query_one(Statement::from_string(
+                    primary.get_database_backend(),
+                    format!("SELECT current_setting('{name}')"),
+                ))
+                .await?
+                .and_then(|r| r.try_get_by_index::<String>(0).ok())
+                .unwrap_or_default();
+            settings.push_str(&format!("{name} = {v}\n"));
+        }
+        primary.close().await.ok();
+        let replica_port = crate::procs::free_port();
+        let dir = std::env::temp_dir().join(unique("bulwark-replica-"));
+        let out = as_postgres(&format!("{PG_BIN}/pg_basebackup"))
+            .args([
+                "-h",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-U",
+                &user,
+                "-X",
+                "stream",
+                "-R",
+            ])
+            .args(["-c", "fast", "-D"])
+            .arg(&dir)
+            .env("PGPASSWORD", &password)
+            .output()
+            .context("run pg_basebackup")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The Debian cluster keeps its configuration in /etc: the copy has none of its own.
+        let conf = format!(
+            "port = {replica_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = \
+             '/tmp'\nhot_standby = on\n{settings}"
+        );
+        let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        for (name, text) in [("postgresql.conf", conf.as_str()), ("pg_hba.conf", hba)] {
+            let mut w = as_postgres("tee")
+                .arg(dir.join(name))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("write the replica's config")?;
+            if let Some(stdin) = w.stdin.as_mut() {
+                use std::io::Write as _;
+                stdin.write_all(text.as_bytes())?;
+            }
+            anyhow::ensure!(w.wait()?.success(), "writing {name} failed");
+        }
+        let replica = Self {
+            port: replica_port,
+            dir: dir.clone(),
+            base: format!("postgres://{user}:{password}@127.0.0.1:{replica_port}"),
+        };
+        let out = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&dir)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .context("run pg_ctl start")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        Ok(Some(replica))
+    }
+
+    /// The URL of database `db` on the replica.
+    pub fn url(&self, db: &str) -> String {
+        format!("{}/{db}", self.base)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = as_postgres("rm").arg("-rf").arg(&self.dir).output();
+    }
+}

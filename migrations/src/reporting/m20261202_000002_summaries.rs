@@ -2,6 +2,8 @@
 //! group, written by the summary task and read by the report API (never the warehouse). A
 //! report's state records how far the warehouse has been summarised (the highest change LSN
 //! folded in) and when. `day` is `YYYY-MM-DD` (UTC), `grp` and `metrics` are JSON text.
+//! `reporting_backfills` records each finished chunk of `bulwark reporting backfill`, so a
+//! killed backfill resumes after it (R5).
 
 use sea_orm_migration::prelude::*;
 
@@ -25,6 +27,17 @@ enum ReportingSummaryState {
     Lsn,
     Days,
     RefreshedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum ReportingBackfills {
+    Table,
+    SourceTable,
+    ColumnName,
+    ChunkStart,
+    ChunkEnd,
+    Rows,
+    DoneAtMs,
 }
 
 #[async_trait::async_trait]
@@ -89,10 +102,58 @@ impl MigrationTrait for Migration {
                     )
                     .to_owned(),
             )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ReportingBackfills::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(ReportingBackfills::SourceTable)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingBackfills::ColumnName)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingBackfills::ChunkStart)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingBackfills::ChunkEnd)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingBackfills::Rows)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ReportingBackfills::DoneAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .primary_key(
+                        Index::create()
+                            .col(ReportingBackfills::SourceTable)
+                            .col(ReportingBackfills::ColumnName)
+                            .col(ReportingBackfills::ChunkStart)
+                            .col(ReportingBackfills::ChunkEnd),
+                    )
+                    .to_owned(),
+            )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(ReportingBackfills::Table).to_owned())
+            .await?;
         manager
             .drop_table(Table::drop().table(ReportingSummaryState::Table).to_owned())
             .await?;

@@ -48,7 +48,7 @@ fn stmt(sql: &str, values: Vec<DbValue>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
-fn quote(ident: &str) -> String {
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
@@ -70,10 +70,10 @@ impl SourceTable {
     pub fn full_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }
-    fn sql_name(&self) -> String {
+    pub(crate) fn sql_name(&self) -> String {
         format!("{}.{}", quote(&self.schema), quote(&self.name))
     }
-    fn column_types(&self) -> Vec<ColumnType> {
+    pub(crate) fn column_types(&self) -> Vec<ColumnType> {
         self.columns.iter().map(|(c, _)| c.clone()).collect()
     }
 }
@@ -115,7 +115,7 @@ impl Capture {
         }
         let mut tables = Vec::new();
         for (i, t) in cfg.tables.iter().enumerate() {
-            tables.push(describe(&source, t, i).await?);
+            tables.push(describe(&source, t, i, true).await?);
         }
         let capture = Self {
             cfg,
@@ -648,7 +648,12 @@ async fn one_text(
 
 /// Look `t` up in the source: it must exist and have a key (its primary key, or the declared
 /// one, for which the table is set to `REPLICA IDENTITY FULL`).
-async fn describe(db: &DatabaseConnection, t: &TableConfig, i: usize) -> Result<SourceTable> {
+pub(crate) async fn describe(
+    db: &DatabaseConnection,
+    t: &TableConfig,
+    i: usize,
+    alter: bool,
+) -> Result<SourceTable> {
     let (schema, name) = t.qualified();
     let field = format!("reporting.tables[{i}]");
     let oid = one_text(
@@ -715,7 +720,7 @@ async fn describe(db: &DatabaseConnection, t: &TableConfig, i: usize) -> Result<
             vec![oid.into()],
         )
         .await?;
-        if ident.as_deref() != Some("f") {
+        if alter && ident.as_deref() != Some("f") {
             db.execute_unprepared(&format!(
                 "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
                 quote(&schema),

@@ -19,6 +19,10 @@ pub struct TableConfig {
     /// The warehouse (Delta) table written; default `cdc_<schema>_<table>`.
     #[serde(default)]
     pub target: Option<String>,
+    /// The column a backfill's `--from`/`--to` range applies to (a timestamp or date, or Unix
+    /// milliseconds in a bigint); `bulwark reporting backfill --column` overrides it.
+    #[serde(default)]
+    pub time_column: Option<String>,
 }
 
 impl TableConfig {
@@ -102,6 +106,9 @@ pub struct ReportingConfig {
     /// The PostgreSQL whose changes are captured (the production primary). Unset: no
     /// capture runs. Needs `wal_level = logical` and a user with the REPLICATION attribute.
     pub source_url: Option<SecretUrl>,
+    /// A streaming replica of the source, the only database `bulwark reporting backfill` reads
+    /// (it refuses a primary).
+    pub replica_url: Option<SecretUrl>,
     /// The logical replication slot (pgoutput) the capture reads and advances.
     pub slot: String,
     /// The publication naming the captured tables; created and kept in step with `tables`.
@@ -139,6 +146,7 @@ impl Default for ReportingConfig {
     fn default() -> Self {
         Self {
             source_url: None,
+            replica_url: None,
             slot: "bulwark_reporting".into(),
             publication: "bulwark_reporting".into(),
             tables: Vec::new(),
@@ -268,7 +276,7 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
                     format!("`{}` is listed twice", t.full_name()),
                 );
             }
-            for k in &t.key {
+            for k in t.key.iter().chain(t.time_column.iter()) {
                 if !plain_ident(k) {
                     return bad(
                         &format!("tables[{i}].key"),
@@ -305,6 +313,7 @@ mod tests {
                     name: (*n).into(),
                     key: vec![],
                     target: None,
+                    time_column: None,
                 })
                 .collect(),
             ..ReportingConfig::default()
@@ -317,6 +326,7 @@ mod tests {
             name: "Sales.Orders".into(),
             key: vec![],
             target: None,
+            time_column: None,
         };
         assert_eq!(t.full_name(), "Sales.Orders");
         assert_eq!(t.target_table(), "cdc_sales_orders");
@@ -324,6 +334,7 @@ mod tests {
             name: "bids".into(),
             key: vec![],
             target: None,
+            time_column: None,
         };
         assert_eq!(p.full_name(), "public.bids");
     }

@@ -4,11 +4,13 @@
 //! and publishes [`event::Batch`]es on the `CDC` stream (R2, R3); [`sink`] applies them to
 //! Delta tables in the pipeline's warehouse (R6); [`summary`] folds those into per-day
 //! summaries through the built-in pipeline DAG `reporting_summaries`, and [`api`] serves them
-//! through the cache (R4). docs/reporting.md has the design; backfill from a replica and the
-//! embedded (trigger) capture are the next parts.
+//! through the cache (R4); [`backfill`] reloads a range from a replica (R5, `bulwark reporting
+//! backfill`). docs/reporting.md has the design; the embedded (trigger) capture is still to come.
 
 pub mod api;
+pub mod backfill;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod event;
 pub mod pgoutput;
@@ -110,6 +112,10 @@ fn describe_summary_metrics() {
         "bulwark_reporting_summary_interval_seconds",
         metrics::Unit::Seconds,
         "The summary DAG's schedule (reporting.summary_interval): staleness is judged against it."
+    );
+    describe_counter!(
+        "bulwark_reporting_backfill_rows_total",
+        "Rows a backfill reloaded from the replica, by table."
     );
     describe_counter!(
         "bulwark_reporting_summary_days_refreshed_total",
@@ -265,6 +271,21 @@ impl Module for ReportingModule {
         Ok(settings
             .module_section::<ReportingConfig>(self.name())?
             .effective)
+    }
+
+    fn command(&self) -> Option<clap::Command> {
+        Some(cli::command())
+    }
+
+    async fn run_command(
+        &self,
+        settings: &Settings,
+        args: &clap::ArgMatches,
+    ) -> Result<(), ModuleError> {
+        let cfg = settings
+            .module_section::<ReportingConfig>(self.name())?
+            .value;
+        cli::run(settings, &cfg, args).await
     }
 
     async fn start(&self, ctx: &Context) -> Result<ModuleParts, ModuleError> {

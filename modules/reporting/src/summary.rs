@@ -46,6 +46,17 @@ pub enum SummaryError {
 
 type Result<T> = std::result::Result<T, SummaryError>;
 
+/// Which days a refresh recomputes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The days of rows changed since the report's watermark (the scheduled refresh).
+    Changed,
+    /// Every day.
+    Full,
+    /// These days (`YYYY-MM-DD`), whatever changed: a backfill's range.
+    Days(BTreeSet<String>),
+}
+
 /// What one refresh did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Refreshed {
@@ -108,8 +119,9 @@ pub async fn refresh(
     db: &DatabaseConnection,
     name: &str,
     r: &ReportConfig,
-    full: bool,
+    scope: &Scope,
 ) -> Result<Refreshed> {
+    let full = *scope == Scope::Full;
     if !engine.has_table(&r.table) {
         return Ok(Refreshed {
             skipped: Some(format!("the warehouse has no table `{}` yet", r.table)),
@@ -129,17 +141,25 @@ pub async fn refresh(
     let day = day_expr(r);
     let t = quoted(&r.table);
     // Days touched since the watermark, and the newest LSN among them.
-    let touched = warehouse_query(
-        engine,
-        &r.table,
-        &format!(
-            "SELECT CAST({day} AS VARCHAR) AS d, CAST(max(_lsn) AS VARCHAR) AS l FROM {t} \
-             WHERE _lsn > {since} GROUP BY {day}"
-        ),
-    )
-    .await?;
+    // (A day range keeps the watermark: the changes after it are still to be folded in.)
+    let touched = if matches!(scope, Scope::Days(_)) {
+        Vec::new()
+    } else {
+        warehouse_query(
+            engine,
+            &r.table,
+            &format!(
+                "SELECT CAST({day} AS VARCHAR) AS d, CAST(max(_lsn) AS VARCHAR) AS l FROM {t} \
+                 WHERE _lsn > {since} GROUP BY {day}"
+            ),
+        )
+        .await?
+    };
     let mut lsn = held.max(since);
-    let mut days = BTreeSet::new();
+    let mut days = match scope {
+        Scope::Days(d) => d.clone(),
+        Scope::Changed | Scope::Full => BTreeSet::new(),
+    };
     for row in &touched {
         if let Some(l) = row
             .get(1)
@@ -149,7 +169,9 @@ pub async fn refresh(
         {
             lsn = lsn.max(l);
         }
-        if let Some(d) = row.first().cloned().flatten() {
+        if let Some(d) = row.first().cloned().flatten()
+            && *scope == Scope::Changed
+        {
             days.insert(d);
         }
     }
@@ -352,7 +374,8 @@ impl TaskType for SummaryTask {
             .get(name)
             .ok_or_else(|| TaskFailure::new(format!("no report `{name}`")))?;
         let started = std::time::Instant::now();
-        let done = refresh(&self.engine, &self.db, name, r, full)
+        let scope = if full { Scope::Full } else { Scope::Changed };
+        let done = refresh(&self.engine, &self.db, name, r, &scope)
             .await
             .map_err(|e| TaskFailure::new(e.to_string()))?;
         if let Some(why) = &done.skipped {
