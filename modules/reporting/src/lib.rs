@@ -104,12 +104,12 @@ fn describe_summary_metrics() {
         "Report API answers, by report and cache outcome (hit, stale, miss, bypass)."
     );
     describe_gauge!(
-        "bulwark_reporting_summary_refreshed_timestamp_seconds",
+        "bulwark_reporting_report_refreshed_timestamp_seconds",
         metrics::Unit::Seconds,
         "Unix time of a report's last successful summary refresh."
     );
     describe_gauge!(
-        "bulwark_reporting_summary_interval_seconds",
+        "bulwark_reporting_report_refresh_interval_seconds",
         metrics::Unit::Seconds,
         "The summary DAG's schedule (reporting.summary_interval): staleness is judged against it."
     );
@@ -118,7 +118,7 @@ fn describe_summary_metrics() {
         "Rows a backfill reloaded from the replica, by table."
     );
     describe_counter!(
-        "bulwark_reporting_summary_days_refreshed_total",
+        "bulwark_reporting_report_days_refreshed_total",
         "Days of a report's summary recomputed."
     );
     counter!("bulwark_reporting_warehouse_queries_total", "caller" => "summary").increment(0);
@@ -293,7 +293,7 @@ impl Module for ReportingModule {
         let (cfg, effective) = (section.value, section.effective);
         let (status, mut openapi) = status_route(self.name(), effective);
         describe_summary_metrics();
-        metrics::gauge!("bulwark_reporting_summary_interval_seconds")
+        metrics::gauge!("bulwark_reporting_report_refresh_interval_seconds")
             .set(cfg.summary_interval.as_secs_f64());
         let reports = Arc::new(cfg.reports.clone());
         let cache = ctx.service(bulwark_cache::LOADER).ok();

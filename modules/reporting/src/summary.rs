@@ -389,9 +389,9 @@ impl TaskType for SummaryTask {
                 started.elapsed()
             ));
         }
-        metrics::gauge!("bulwark_reporting_summary_refreshed_timestamp_seconds", "report" => name.to_owned())
+        metrics::gauge!("bulwark_reporting_report_refreshed_timestamp_seconds", "report" => name.to_owned())
             .set(now_ms() as f64 / 1e3);
-        metrics::counter!("bulwark_reporting_summary_days_refreshed_total", "report" => name.to_owned())
+        metrics::counter!("bulwark_reporting_report_days_refreshed_total", "report" => name.to_owned())
             .increment(done.days as u64);
         if done.days > 0
             && let Some(cache) = &self.cache
