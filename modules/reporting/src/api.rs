@@ -32,6 +32,7 @@ pub struct ApiState {
 /// The day range of a report request, both ends included.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RangeQuery {
     /// First day, `YYYY-MM-DD` (UTC).
     pub from: String,
