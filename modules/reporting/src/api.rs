@@ -35,8 +35,11 @@ pub struct ApiState {
 #[into_params(parameter_in = Query)]
 pub struct RangeQuery {
     /// First day, `YYYY-MM-DD` (UTC).
+    #[param(value_type = String, format = Date, example = "2026-11-01")]
     pub from: String,
-    /// Last day, `YYYY-MM-DD` (UTC), not before `from`.
+    /// Last day, `YYYY-MM-DD` (UTC), not before `from`, at most `reporting.max_report_days`
+    /// after it (else 400 naming `to`).
+    #[param(value_type = String, format = Date, example = "2026-11-30")]
     pub to: String,
 }
 
