@@ -603,6 +603,10 @@ mod tests {
         assert_eq!(err.key, "server.listn");
     }
 
+    /// The module sections config/default.toml itself declares (the shipped reports and their
+    /// cache namespace): known to every test below, like the app's compiled-in modules.
+    const DEFAULT_MODULES: [&str; 2] = ["cache", "reporting"];
+
     #[test]
     fn unknown_section_is_named() {
         let f = Figment::from(Toml::string(DEFAULT_TOML))
@@ -610,7 +614,7 @@ mod tests {
             .merge(Serialized::default("cash.x", 1));
         let s = Settings::from_figment(f).expect("kernel sections are valid");
         let err = s
-            .check_modules(&["cash"], &[])
+            .check_modules(&["cash", DEFAULT_MODULES[0], DEFAULT_MODULES[1]], &[])
             .expect_err("unknown section");
         assert_eq!(err.key, "serverr");
     }
@@ -619,12 +623,14 @@ mod tests {
     fn sections_of_modules_not_compiled_in_are_ignored() {
         let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("m2.x", 1));
         let s = Settings::from_figment(f).expect("valid");
+        let [c, r] = DEFAULT_MODULES;
         assert_eq!(
-            s.check_modules(&["m1", "m2"], &["m1"]).expect("known"),
+            s.check_modules(&["m1", "m2", c, r], &["m1", c, r])
+                .expect("known"),
             vec!["m2".to_owned()]
         );
         assert!(
-            s.check_modules(&["m1", "m2"], &["m1", "m2"])
+            s.check_modules(&["m1", "m2", c, r], &["m1", "m2", c, r])
                 .expect("known")
                 .is_empty()
         );
@@ -635,8 +641,9 @@ mod tests {
         let f = Figment::from(Toml::string(DEFAULT_TOML))
             .merge(Serialized::default("modules.enabled", vec!["m1", "m3"]));
         let s = Settings::from_figment(f).expect("kernel part is valid");
+        let [c, r] = DEFAULT_MODULES;
         let err = s
-            .check_modules(&["m1"], &["m1"])
+            .check_modules(&["m1", c, r], &["m1", c, r])
             .expect_err("m3 is unknown");
         assert_eq!(err.key, "modules.enabled");
         assert!(err.message.contains("`m3`"), "{}", err.message);
