@@ -154,7 +154,11 @@ pub async fn report(
             {
                 Ok((body, outcome)) => Ok((body, outcome.label())),
                 Err(CacheError::UnknownNamespace(_)) => {
-                    tracing::warn!(message = "The reporting cache namespace is not declared; serving reports uncached.", namespace = %s.namespace);
+                    // Once per process: a request-rate warning would flood the log.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(message = "The reporting cache namespace is not declared; serving reports uncached.", namespace = %s.namespace);
+                    });
                     load(s.db.clone(), name.clone(), f, t)
                         .await
                         .map(|b| (b, "bypass"))
