@@ -197,29 +197,6 @@ pub async fn run(
         })?;
     let target = tcfg.target_table();
     let run_seq = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(1);
-    let keys: Vec<(usize, String, String)> = t
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, (c, _))| c.key)
-        .map(|(i, (c, ty))| (i, c.name.clone(), ty.clone()))
-        .collect();
-    let key_list = keys
-        .iter()
-        .map(|(_, n, _)| quote(n))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let order = keys
-        .iter()
-        .map(|(_, n, _)| format!("{}.{}", t.sql_name(), quote(n)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let select = t
-        .columns
-        .iter()
-        .map(|(c, _)| format!("{}::text", quote(&c.name)))
-        .collect::<Vec<_>>()
-        .join(", ");
     let all = chunks(req.from, req.to, req.chunk);
     let mut out = Outcome::default();
     let mut days = BTreeSet::new();
@@ -251,69 +228,47 @@ pub async fn run(
         }
         let (lo, hi) = bounds(&ty, *a, *b)?;
         let col = quote(&column);
+        let range = format!("{col} >= {lo} AND {col} < {hi}");
         let mut last: Option<Vec<Option<String>>> = None;
         let mut rows_chunk = 0u64;
         loop {
-            let (keyset, values) = match &last {
-                None => (String::new(), vec![]),
-                Some(k) => {
-                    let params = keys
-                        .iter()
-                        .enumerate()
-                        .map(|(j, (_, _, ty))| format!("CAST(${} AS {ty})", j + 1))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    (
-                        format!(" AND ({key_list}) > ({params})"),
-                        k.iter().map(|v| DbValue::from(v.clone())).collect(),
-                    )
-                }
-            };
-            let sql = format!(
-                "SELECT {select} FROM {} WHERE {col} >= {lo} AND {col} < {hi}{keyset} \
-                 ORDER BY {order} LIMIT {}",
-                t.sql_name(),
-                cfg.snapshot_chunk
-            );
-            let rows = replica
-                .query_all(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    &sql,
-                    values,
-                ))
-                .await?;
+            let rows = capture::keyset_page(
+                replica,
+                &t,
+                Some(&range),
+                last.as_deref(),
+                cfg.snapshot_chunk,
+            )
+            .await?;
             if rows.is_empty() {
                 break;
             }
             let now = chrono::Utc::now().timestamp_micros();
+            let n_rows = rows.len();
             let changes: Vec<Change> = rows
-                .iter()
-                .map(|r| Change {
+                .into_iter()
+                .map(|after| Change {
                     op: Op::Read,
                     lsn: 0,
                     seq: run_seq,
                     xid: 0,
                     commit_time_us: now,
-                    after: (0..t.columns.len())
-                        .map(|i| r.try_get_by_index::<Option<String>>(i).ok().flatten())
-                        .collect(),
+                    after,
                     unchanged: vec![],
                     before: None,
                 })
                 .collect();
-            last = changes
-                .last()
-                .map(|c| keys.iter().map(|(i, _, _)| c.after[*i].clone()).collect());
+            last = changes.last().map(|c| t.key_of(&c.after));
             let batch = Batch {
                 table: t.full_name(),
                 columns: t.column_types(),
                 changes,
             };
             sink::apply(engine, &target, std::slice::from_ref(&batch)).await?;
-            rows_chunk += rows.len() as u64;
+            rows_chunk += n_rows as u64;
             metrics::counter!("bulwark_reporting_backfill_rows_total", "table" => t.full_name())
-                .increment(rows.len() as u64);
-            if rows.len() < cfg.snapshot_chunk as usize {
+                .increment(n_rows as u64);
+            if n_rows < cfg.snapshot_chunk as usize {
                 break;
             }
         }

@@ -73,6 +73,16 @@ impl SourceTable {
     pub(crate) fn sql_name(&self) -> String {
         format!("{}.{}", quote(&self.schema), quote(&self.name))
     }
+    /// The key columns' values of a row (in column order).
+    pub(crate) fn key_of(&self, row: &[Option<String>]) -> Vec<Option<String>> {
+        self.columns
+            .iter()
+            .zip(row)
+            .filter(|((c, _), _)| c.key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     pub(crate) fn column_types(&self) -> Vec<ColumnType> {
         self.columns.iter().map(|(c, _)| c.clone()).collect()
     }
@@ -298,67 +308,25 @@ impl Capture {
             .await?
             .unwrap_or_default();
         tracing::info!(message = "Snapshotting a table.", table = %t.full_name(), lsn = %at);
-        let cols: Vec<String> = t
-            .columns
-            .iter()
-            .map(|(c, _)| format!("{}::text", quote(&c.name)))
-            .collect();
-        let keys: Vec<&(ColumnType, String)> = t.columns.iter().filter(|(c, _)| c.key).collect();
-        let key_list = keys
-            .iter()
-            .map(|(c, _)| quote(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Qualified: an unqualified ORDER BY name would sort by the `::text` output column of
-        // that name, not the key (PostgreSQL prefers output names), and break the keyset.
-        let order = keys
-            .iter()
-            .map(|(c, _)| format!("{}.{}", t.sql_name(), quote(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_idx: Vec<usize> = t
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, (c, _))| c.key)
-            .map(|(i, _)| i)
-            .collect();
         let mut last: Option<Vec<Option<String>>> = None;
         let mut rows_total = 0u64;
         let mut chunk_no = 0u64;
         let columns = t.column_types();
         loop {
-            let (filter, values) = match &last {
-                None => (String::new(), vec![]),
-                Some(k) => {
-                    let params = keys
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (_, ty))| format!("CAST(${} AS {ty})", i + 1))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    (
-                        format!("WHERE ({key_list}) > ({params})"),
-                        k.iter().map(|v| DbValue::from(v.clone())).collect(),
-                    )
-                }
-            };
-            let sql = format!(
-                "SELECT {} FROM {} {filter} ORDER BY {order} LIMIT {}",
-                cols.join(", "),
-                t.sql_name(),
-                self.cfg.snapshot_chunk
-            );
-            let rows = self.source.query_all(stmt(&sql, values)).await?;
+            let rows = keyset_page(
+                &self.source,
+                t,
+                None,
+                last.as_deref(),
+                self.cfg.snapshot_chunk,
+            )
+            .await?;
             if rows.is_empty() {
                 break;
             }
             let read_at = chrono::Utc::now().timestamp_micros();
             let mut changes = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let after: Vec<Option<String>> = (0..t.columns.len())
-                    .map(|i| r.try_get_by_index::<Option<String>>(i).ok().flatten())
-                    .collect();
+            for after in rows.iter().cloned() {
                 changes.push(Change {
                     op: Op::Read,
                     lsn: 0,
@@ -370,9 +338,7 @@ impl Capture {
                     before: None,
                 });
             }
-            last = changes
-                .last()
-                .map(|c| key_idx.iter().map(|i| c.after[*i].clone()).collect());
+            last = changes.last().map(|c| t.key_of(&c.after));
             for part in changes.chunks(self.cfg.changes_per_message) {
                 let batch = Batch {
                     table: t.full_name(),
@@ -644,6 +610,67 @@ async fn one_text(
         .query_one(stmt(sql, values))
         .await?
         .and_then(|r| r.try_get_by_index::<Option<String>>(0).ok().flatten()))
+}
+
+/// One keyset page of `t`: up to `limit` rows after key `after` (all rows from the start when
+/// `None`), ordered by key, every column as text; `range` is an extra SQL condition (a
+/// backfill's time range). The snapshot and the backfill both read this way.
+pub(crate) async fn keyset_page(
+    db: &DatabaseConnection,
+    t: &SourceTable,
+    range: Option<&str>,
+    after: Option<&[Option<String>]>,
+    limit: u32,
+) -> Result<Vec<Vec<Option<String>>>> {
+    let keys: Vec<&(ColumnType, String)> = t.columns.iter().filter(|(c, _)| c.key).collect();
+    let key_list = keys
+        .iter()
+        .map(|(c, _)| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Qualified: an unqualified ORDER BY name would sort by the `::text` output column of that
+    // name, not the key (PostgreSQL prefers output names), and break the keyset.
+    let order = keys
+        .iter()
+        .map(|(c, _)| format!("{}.{}", t.sql_name(), quote(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select = t
+        .columns
+        .iter()
+        .map(|(c, _)| format!("{}::text", quote(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut conditions: Vec<String> = range.iter().map(|r| (*r).to_owned()).collect();
+    let mut values = Vec::new();
+    if let Some(k) = after {
+        let params = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| format!("CAST(${} AS {ty})", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        conditions.push(format!("({key_list}) > ({params})"));
+        values = k.iter().map(|v| DbValue::from(v.clone())).collect();
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {select} FROM {} {filter} ORDER BY {order} LIMIT {limit}",
+        t.sql_name()
+    );
+    let rows = db.query_all(stmt(&sql, values)).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (0..t.columns.len())
+                .map(|i| r.try_get_by_index::<Option<String>>(i).ok().flatten())
+                .collect()
+        })
+        .collect())
 }
 
 /// Look `t` up in the source: it must exist and have a key (its primary key, or the declared
