@@ -603,9 +603,23 @@ mod tests {
         assert_eq!(err.key, "server.listn");
     }
 
-    /// The module sections config/default.toml itself declares (the shipped reports and their
-    /// cache namespace): known to every test below, like the app's compiled-in modules.
-    const DEFAULT_MODULES: [&str; 2] = ["cache", "reporting"];
+    /// The module sections config/default.toml itself declares, read from the defaults so the
+    /// kernel's tests never spell a module's name: known to every test below, like the app's
+    /// compiled-in modules.
+    fn default_modules() -> Vec<String> {
+        Settings::from_figment(Figment::from(Toml::string(DEFAULT_TOML)))
+            .expect("defaults are valid")
+            .other_sections
+    }
+
+    /// `extra` followed by the default module sections, as the `&str` list `check_modules` takes.
+    fn with_defaults<'a>(extra: &[&'a str], defaults: &'a [String]) -> Vec<&'a str> {
+        extra
+            .iter()
+            .copied()
+            .chain(defaults.iter().map(String::as_str))
+            .collect()
+    }
 
     #[test]
     fn unknown_section_is_named() {
@@ -613,8 +627,9 @@ mod tests {
             .merge(Serialized::default("serverr.listen", "x"))
             .merge(Serialized::default("cash.x", 1));
         let s = Settings::from_figment(f).expect("kernel sections are valid");
+        let defaults = default_modules();
         let err = s
-            .check_modules(&["cash", DEFAULT_MODULES[0], DEFAULT_MODULES[1]], &[])
+            .check_modules(&with_defaults(&["cash"], &defaults), &[])
             .expect_err("unknown section");
         assert_eq!(err.key, "serverr");
     }
@@ -623,17 +638,14 @@ mod tests {
     fn sections_of_modules_not_compiled_in_are_ignored() {
         let f = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default("m2.x", 1));
         let s = Settings::from_figment(f).expect("valid");
-        let [c, r] = DEFAULT_MODULES;
+        let defaults = default_modules();
+        let both = with_defaults(&["m1", "m2"], &defaults);
         assert_eq!(
-            s.check_modules(&["m1", "m2", c, r], &["m1", c, r])
+            s.check_modules(&both, &with_defaults(&["m1"], &defaults))
                 .expect("known"),
             vec!["m2".to_owned()]
         );
-        assert!(
-            s.check_modules(&["m1", "m2", c, r], &["m1", "m2", c, r])
-                .expect("known")
-                .is_empty()
-        );
+        assert!(s.check_modules(&both, &both).expect("known").is_empty());
     }
 
     #[test]
@@ -641,10 +653,9 @@ mod tests {
         let f = Figment::from(Toml::string(DEFAULT_TOML))
             .merge(Serialized::default("modules.enabled", vec!["m1", "m3"]));
         let s = Settings::from_figment(f).expect("kernel part is valid");
-        let [c, r] = DEFAULT_MODULES;
-        let err = s
-            .check_modules(&["m1", c, r], &["m1", c, r])
-            .expect_err("m3 is unknown");
+        let defaults = default_modules();
+        let known = with_defaults(&["m1"], &defaults);
+        let err = s.check_modules(&known, &known).expect_err("m3 is unknown");
         assert_eq!(err.key, "modules.enabled");
         assert!(err.message.contains("`m3`"), "{}", err.message);
     }
