@@ -5,8 +5,8 @@ No cluster and no helm binary: helm-python-sdk (Helm's Go SDK through a C ABI) l
 kubernetes-validate validates the rendered core objects strictly against KUBE_VERSION, and the
 assertions below check what the chart promises (rolling updates, draining, PDB/Service/
 ServiceMonitor wiring, HPA, single-source rules and dashboards, the annotation module's section
-and exports volume, the pipeline module's section and DAG folder, a closed values schema, a
-README that lists every value).
+and exports volume, the pipeline module's section and DAG folder, the reporting module's section
+and its two secret URLs, a closed values schema, a README that lists every value).
 
 Usage:
   check.py                 run every check; exit 1 when any fails
@@ -354,7 +354,7 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
               f"{label}: {n} runs serve --role with --config")
         env = {e["name"]: e for e in c.get("env", [])}
         check(all("valueFrom" in env[k] for k in env if k.startswith("BULWARK__") and
-                  k.split("__")[-1] in ("URL", "READ_URL", "HS256_SECRET")),
+                  k.split("__")[-1] in ("URL", "READ_URL", "HS256_SECRET", "SOURCE_URL", "REPLICA_URL")),
               f"{label}: {n} secret env vars come from secretKeyRef")
         for k in ("BULWARK__DATABASE__URL", "BULWARK__BUS__URL", "BULWARK__REDIS__URL"):
             check(k in env, f"{label}: {n} has {k}")
@@ -449,11 +449,14 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
               conf["server"]["metrics_listen"].endswith(f":{values['ports']['metrics']}"),
               f"{label}: listen addresses from ports")
         check("url" not in conf["database"] and "url" not in conf["bus"] and "url" not in conf["redis"]
-              and "hs256_secret" not in conf["auth"], f"{label}: no secret in the ConfigMap")
+              and "hs256_secret" not in conf["auth"]
+              and not {"source_url", "replica_url"} & set(conf.get("reporting", {})),
+              f"{label}: no secret in the ConfigMap")
         check(conf["database"]["migrate_on_start"] == (not values["migrations"]["enabled"]),
               f"{label}: migrate_on_start is off when the migration Job runs")
         annotation_rendered(docs, conf, values, label)
         pipeline_rendered(docs, conf, values, label)
+        reporting_rendered(docs, conf, values, label)
     except Exception as e:  # noqa: BLE001
         check(False, f"{label}: ConfigMap bulwark.toml is not valid TOML: {e}")
 
@@ -474,6 +477,13 @@ def assertions(docs: list[dict], values: dict, label: str, rules_by_name: dict,
             })
             if "jwks_url" not in conf.get("auth", {}):
                 env["BULWARK__AUTH__HS256_SECRET"] = "x" * 48
+            # The reporting URLs, when the pods get them (capture on: [reporting] must then name
+            # its tables, which Bulwark checks together with the URL).
+            pod_env = {e["name"] for e in web["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+            if "BULWARK__REPORTING__SOURCE_URL" in pod_env:
+                env["BULWARK__REPORTING__SOURCE_URL"] = "postgres://replicator:secret@primary:5432/app"
+            if "BULWARK__REPORTING__REPLICA_URL" in pod_env:
+                env["BULWARK__REPORTING__REPLICA_URL"] = "postgres://reader:secret@replica:5432/app"
             out = subprocess.run([binary, "--config", path, "config", "check"], env=env, cwd=tmp,
                                  capture_output=True, text=True)
             check(out.returncode == 0, f"{label}: `bulwark config check` accepts the rendered config"
@@ -683,6 +693,86 @@ def annotation_tests(chart: helm.Chart, base: dict) -> None:
         print(f"  ok   {what}: {passed - before} checks passed")
 
 
+def reporting_rendered(docs: list[dict], conf: dict, values: dict, label: str) -> None:
+    """reporting.enabled: [reporting] is reporting.settings, with [[reporting.tables]] = tables and
+    [reporting.reports.<name>] = reports (Bulwark merges these over config/default.toml's);
+    disabled: no section. The two URLs never appear in it: every Bulwark container (each role
+    and the migration Job) gets BULWARK__REPORTING__SOURCE_URL / __REPLICA_URL from a
+    secretKeyRef exactly when the secret's key is set, from the Secret named like the database
+    URL's (its own name, else secrets.existingSecret, else the release's full name)."""
+    r = values["reporting"]
+    if r["enabled"]:
+        want = dict(r["settings"])
+        if r["tables"]:
+            want["tables"] = r["tables"]
+        if r["reports"]:
+            want["reports"] = r["reports"]
+    else:
+        want = None
+    check(conf.get("reporting") == want, f"{label}: [reporting] is {want} (got {conf.get('reporting')})")
+    s = values["secrets"]
+    containers = [(d["metadata"]["name"], d["spec"]["template"]["spec"]["containers"][0])
+                  for d in by_kind(docs, "Deployment") + by_kind(docs, "Job")]
+    for var, ref in (("BULWARK__REPORTING__SOURCE_URL", s["reportingSourceUrl"]),
+                     ("BULWARK__REPORTING__REPLICA_URL", s["reportingReplicaUrl"])):
+        secret = ref["name"] or s["existingSecret"] or RELEASE
+        want_env = ({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": ref["key"]}}}
+                    if ref["key"] else None)
+        for n, c in containers:
+            got = next((e for e in c.get("env", []) if e["name"] == var), None)
+            check(got == want_env, f"{label}: {n} {var} is {want_env} (got {got})")
+    if s["reportingSourceUrl"]["key"]:
+        check(bool(r["enabled"] and r["tables"]), f"{label}: capture on names its tables")
+
+
+def reporting_tests(chart: helm.Chart, base: dict) -> None:
+    """The reporting cases that no ci/*-values.yaml covers (ci/reporting-values.yaml is capture
+    on, with the replica for backfills and a report of its own), rendered in memory; and the
+    template's guards against a source URL Bulwark would refuse."""
+    step("reporting: defaults, disabled, replica only, a Secret per URL; a source without tables refused")
+    import tomllib
+    cases = {
+        "reporting by default (empty section, no URL)": {},
+        "reporting disabled": {"reporting": {"enabled": False}},
+        "reporting replica only (backfills, no capture)":
+            {"secrets": {"reportingReplicaUrl": {"key": "replica-url"}},
+             "reporting": {"settings": {"summary_interval": "15m"}}},
+        "reporting URLs from Secrets of their own":
+            {"secrets": {"reportingSourceUrl": {"name": "pg-replication", "key": "url"},
+                         "reportingReplicaUrl": {"name": "pg-replica", "key": "url"}},
+             "reporting": {"tables": [{"name": "sales.orders", "key": ["order_id", "line"],
+                                       "target": "orders", "time_column": "created_at"}]}},
+    }
+    for what, over in cases.items():
+        values = deep_merge(base, over)
+        try:
+            docs = render(chart, values)
+        except helm.HelmError as e:
+            check(False, f"{what}: render failed: {e}")
+            continue
+        conf = tomllib.loads(named(docs, "ConfigMap", RELEASE)["data"]["bulwark.toml"])
+        before = passed
+        reporting_rendered(docs, conf, values, what)
+        validate_core(docs, what)
+        print(f"  ok   {what}: {passed - before} checks passed")
+    for what, over, needle in (
+        ("a source URL without reporting.tables",
+         {"secrets": {"reportingSourceUrl": {"key": "source-url"}}}, "reporting.tables"),
+        ("a source URL with reporting disabled",
+         {"secrets": {"reportingSourceUrl": {"key": "source-url"}},
+          "reporting": {"enabled": False, "tables": [{"name": "bids"}]}}, "reporting.enabled"),
+    ):
+        try:
+            chart.render(values=deep_merge(base, over), name=RELEASE, namespace=NAMESPACE,
+                         is_install=True)
+            check(False, f"{what} was accepted")
+        except helm.HelmValuesError as e:
+            check(False, f"{what} failed on the schema, not the template's guard: {e}")
+        except helm.HelmError as e:
+            check(needle in str(e), f"{what} fails naming {needle}: {e}")
+            print(f"  ok   {what}: render fails")
+
+
 def negative_tests(chart: helm.Chart, base: dict) -> None:
     step("negative tests: the schema rejects bad values (render must fail)")
     cases = {
@@ -711,6 +801,41 @@ def negative_tests(chart: helm.Chart, base: dict) -> None:
         "a pipeline.engine.schedulerUrl that is not df://host:port":
             {"pipeline": {"engine": {"schedulerUrl": "http://x"}}},
         "scheduler.replicaCount 3": {"scheduler": {"replicaCount": 3}},
+        "config.moduleSettings.reporting (reporting.* is the place)":
+            {"config": {"moduleSettings": {"reporting": {"summary_interval": "10m"}}}},
+        "the source URL typed into reporting.settings (secrets.reportingSourceUrl is the place)":
+            {"reporting": {"settings": {"source_url": "postgres://replicator:pw@db/app"}}},
+        "a replica URL typed into reporting.settings":
+            {"reporting": {"settings": {"replica_url": "postgres://reader:pw@replica/app"}}},
+        "the URL itself as secrets.reportingSourceUrl.key":
+            {"secrets": {"reportingSourceUrl": {"key": "postgres://replicator:pw@db:5432/app"}}},
+        "an unknown secrets.reportingReplicaUrl key":
+            {"secrets": {"reportingReplicaUrl": {"secret": "pg-replica"}}},
+        "reporting.settings.summary_interval \"5 minutes\"":
+            {"reporting": {"settings": {"summary_interval": "5 minutes"}}},
+        "reporting.settings.slot with upper case and a dash":
+            {"reporting": {"settings": {"slot": "Bad-Slot"}}},
+        "reporting.settings.sink_batch 0": {"reporting": {"settings": {"sink_batch": 0}}},
+        "reporting.settings.max_report_days 10001":
+            {"reporting": {"settings": {"max_report_days": 10001}}},
+        "an unknown reporting.settings key": {"reporting": {"settings": {"summary_intervall": "5m"}}},
+        "an unknown reporting key": {"reporting": {"sourceUrl": "postgres://x@db/app"}},
+        "a reporting table name that is not schema.table":
+            {"reporting": {"tables": [{"name": "bids; drop table x"}]}},
+        "a reporting table without a name": {"reporting": {"tables": [{"time_column": "at"}]}},
+        "an unknown reporting table key": {"reporting": {"tables": [{"name": "bids", "keys": ["id"]}]}},
+        "a report time_unit \"hours\"":
+            {"reporting": {"reports": {"r": {"table": "cdc_public_bids", "time_column": "at",
+                                             "time_unit": "hours", "metrics": {"n": "count(*)"}}}}},
+        "a report without metrics":
+            {"reporting": {"reports": {"r": {"table": "cdc_public_bids", "time_column": "at",
+                                             "metrics": {}}}}},
+        "a report metric with two statements":
+            {"reporting": {"reports": {"r": {"table": "cdc_public_bids", "time_column": "at",
+                                             "metrics": {"n": "count(*); drop table x"}}}}},
+        "a report name with upper case":
+            {"reporting": {"reports": {"Daily": {"table": "cdc_public_bids", "time_column": "at",
+                                                 "metrics": {"n": "count(*)"}}}}},
     }
     for what, over in cases.items():
         values = deep_merge(base, over)
@@ -775,7 +900,7 @@ def main() -> int:
     defaults = load_yaml(os.path.join(CHART, "values.yaml"))
     values_files = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
     for required in ("default-values.yaml", "hpa-values.yaml", "jwks-values.yaml", "annotation-values.yaml",
-                     "pipeline-values.yaml"):
+                     "pipeline-values.yaml", "reporting-values.yaml"):
         check(os.path.join(CHART, "ci", required) in values_files, f"ci/{required} exists")
 
     schema_is_closed(schema)
@@ -800,6 +925,7 @@ def main() -> int:
         print(f"  {len(docs)} objects ({', '.join(kinds)}); {passed - before} checks passed")
     annotation_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
     pipeline_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
+    reporting_tests(chart, deep_merge(defaults, load_yaml(os.path.join(CHART, "ci", "default-values.yaml"))))
     negative_tests(chart, load_yaml(os.path.join(CHART, "ci", "default-values.yaml")))
     chart.close()
 

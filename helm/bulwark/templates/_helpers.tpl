@@ -144,8 +144,8 @@ timeout = {{ $c.drain.timeout | toJson }}
 
 [modules]
 enabled = {{ $c.modules.enabled | toJson }}
-{{- /* annotation.settings (when annotation.enabled) and pipeline.* (when pipeline.enabled) are
-more module sections, rendered alike. */}}
+{{- /* annotation.settings (when annotation.enabled), pipeline.* (when pipeline.enabled) and
+reporting.settings (when reporting.enabled) are more module sections, rendered alike. */}}
 {{- $sections := deepCopy $c.moduleSettings }}
 {{- if .Values.annotation.enabled }}
 {{- $_ := set $sections "annotation" (merge (dict "export_dir" .Values.annotation.exports.mountPath) (deepCopy .Values.annotation.settings)) }}
@@ -167,11 +167,50 @@ more module sections, rendered alike. */}}
 {{- end }}
 {{- $_ := set $sections "pipeline" $pipeline }}
 {{- end }}
+{{- /* reporting.settings (when reporting.enabled) is one more; its tables and reports follow the
+       sections below. The source and replica URLs are secrets: env only (bulwark.env). */}}
+{{- $r := .Values.reporting }}
+{{- if .Values.secrets.reportingSourceUrl.key }}
+{{- if not $r.enabled }}
+{{- fail "secrets.reportingSourceUrl: needs reporting.enabled (the [reporting] section with reporting.tables)" }}
+{{- end }}
+{{- if not $r.tables }}
+{{- fail "reporting.tables: needed when secrets.reportingSourceUrl.key is set (Bulwark refuses a source_url with no captured table)" }}
+{{- end }}
+{{- end }}
+{{- if $r.enabled }}
+{{- $_ := set $sections "reporting" (deepCopy $r.settings) }}
+{{- end }}
 {{- range $section, $keys := $sections }}
 
 [{{ $section }}]
 {{- range $k, $v := $keys }}
 {{ $k }} = {{ include "bulwark.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- if $r.enabled }}
+{{- range $t := $r.tables }}
+
+[[reporting.tables]]
+{{- range $k, $v := $t }}
+{{ $k }} = {{ include "bulwark.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- range $name, $report := $r.reports }}
+
+[reporting.reports.{{ $name }}]
+{{- range $k, $v := $report }}
+{{- if ne $k "metrics" }}
+{{ $k }} = {{ include "bulwark.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- with $report.metrics }}
+
+[reporting.reports.{{ $name }}.metrics]
+{{- range $m, $expr := . }}
+{{ $m }} = {{ include "bulwark.tomlValue" $expr }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- with $c.extraToml }}
@@ -210,6 +249,8 @@ more module sections, rendered alike. */}}
 {{- if not .Values.config.auth.jwks_url }}
 {{- include "bulwark.secretEnv" (dict "root" . "env" "BULWARK__AUTH__HS256_SECRET" "ref" $s.jwtSecret) }}
 {{- end }}
+{{- include "bulwark.secretEnv" (dict "root" . "env" "BULWARK__REPORTING__SOURCE_URL" "ref" $s.reportingSourceUrl) }}
+{{- include "bulwark.secretEnv" (dict "root" . "env" "BULWARK__REPORTING__REPLICA_URL" "ref" $s.reportingReplicaUrl) }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
