@@ -56,6 +56,49 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Store one change batch on the `CDC` stream under message id `id`; returns once the bus
+/// acknowledged it. Both sources publish this way.
+pub(crate) async fn publish_batch(bus: &dyn Bus, batch: &Batch, id: &str) -> Result<()> {
+    let payload = serde_json::to_vec(batch)
+        .map_err(|e| CaptureError::Setup(format!("encoding a change batch: {e}")))?;
+    let mut headers = Headers::new();
+    headers.insert("Content-Type".into(), "application/json".into());
+    bus.publish(&subject(&batch.table), Some(id), headers, payload.into())
+        .await?;
+    Ok(())
+}
+
+/// Where changes come from: the PostgreSQL slot ([`Capture`]) or, on an embedded SQLite
+/// source, the trigger-fed change log ([`crate::trigger::TriggerCapture`]). [`run`] drives
+/// either the same way.
+#[async_trait::async_trait]
+pub trait ChangeSource: Send + Sync {
+    /// Snapshot every table that has none yet; the rows copied.
+    async fn snapshot_missing(&self) -> Result<u64>;
+    /// Read what is new once, publish it, and only then let the source forget it.
+    async fn read_once(&self) -> Result<ReadOutcome>;
+    /// (bytes not yet confirmed, bytes the source retains for the capture).
+    async fn slot_lag(&self) -> Result<Option<(i64, i64)>>;
+    /// How long to wait after a read that found nothing.
+    fn poll_interval(&self) -> Duration;
+}
+
+#[async_trait::async_trait]
+impl ChangeSource for Capture {
+    async fn snapshot_missing(&self) -> Result<u64> {
+        Capture::snapshot_missing(self).await
+    }
+    async fn read_once(&self) -> Result<ReadOutcome> {
+        Capture::read_once(self).await
+    }
+    async fn slot_lag(&self) -> Result<Option<(i64, i64)>> {
+        Capture::slot_lag(self).await
+    }
+    fn poll_interval(&self) -> Duration {
+        self.cfg.poll_interval
+    }
+}
+
 /// A captured table as the source describes it.
 #[derive(Debug, Clone)]
 pub struct SourceTable {
@@ -373,14 +416,7 @@ impl Capture {
     }
 
     async fn publish(&self, batch: &Batch, id: &str) -> Result<()> {
-        let payload = serde_json::to_vec(batch)
-            .map_err(|e| CaptureError::Setup(format!("encoding a change batch: {e}")))?;
-        let mut headers = Headers::new();
-        headers.insert("Content-Type".into(), "application/json".into());
-        self.bus
-            .publish(&subject(&batch.table), Some(id), headers, payload.into())
-            .await?;
-        Ok(())
+        publish_batch(self.bus.as_ref(), batch, id).await
     }
 
     /// Read the slot once up to the current WAL position, publish, advance.
@@ -764,8 +800,8 @@ pub(crate) async fn describe(
     })
 }
 
-/// The capture loop: snapshot what needs one, then read the slot until `stop`.
-pub async fn run(capture: Capture, stop: tokio_util::sync::CancellationToken) {
+/// The capture loop: snapshot what needs one, then read the source until `stop`.
+pub async fn run<S: ChangeSource>(capture: S, stop: tokio_util::sync::CancellationToken) {
     let mut backoff = Duration::from_millis(500);
     loop {
         if stop.is_cancelled() {
@@ -801,8 +837,9 @@ pub async fn run(capture: Capture, stop: tokio_util::sync::CancellationToken) {
                 false
             }
             Err(e) => {
-                // An active slot (another process reads it), a connection or bus outage.
-                tracing::debug!(message = "Reading the slot failed; retrying.", error = %e);
+                // An active slot (another process reads it), a busy SQLite source, a
+                // connection or bus outage.
+                tracing::debug!(message = "Reading the change source failed; retrying.", error = %e);
                 metrics::counter!("bulwark_reporting_capture_errors_total").increment(1);
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -823,13 +860,15 @@ pub async fn run(capture: Capture, stop: tokio_util::sync::CancellationToken) {
                         .set(retained as f64);
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(message = "Slot check failed.", error = %e),
+                Err(e) => {
+                    tracing::warn!(message = "Change source backlog check failed.", error = %e)
+                }
             }
         }
         if !busy {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(capture.cfg.poll_interval) => {}
+                () = tokio::time::sleep(capture.poll_interval()) => {}
             }
         } else if stop.is_cancelled() {
             return;

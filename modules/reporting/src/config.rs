@@ -250,6 +250,36 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
                 }
             }
         }
+        let scheme = |u: &SecretUrl| {
+            u.expose()
+                .split_once(':')
+                .map(|(s, _)| s.to_ascii_lowercase())
+                .unwrap_or_default()
+        };
+        let sqlite_source = self.source_url.as_ref().map(scheme).as_deref() == Some("sqlite");
+        if let Some(u) = &self.source_url
+            && !matches!(scheme(u).as_str(), "postgres" | "postgresql" | "sqlite")
+        {
+            return bad(
+                "source_url",
+                format!(
+                    "`{}` is neither a PostgreSQL URL (postgres://…, captured from a logical \
+                     slot) nor a SQLite one (sqlite://…, captured by triggers)",
+                    u.redacted()
+                ),
+            );
+        }
+        if let Some(u) = &self.replica_url
+            && !matches!(scheme(u).as_str(), "postgres" | "postgresql")
+        {
+            return bad(
+                "replica_url",
+                format!(
+                    "`{}` is not a PostgreSQL URL: a backfill reads a streaming replica",
+                    u.redacted()
+                ),
+            );
+        }
         if self.source_url.is_some() && self.tables.is_empty() {
             return bad(
                 "tables",
@@ -266,6 +296,15 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
                     &format!("tables[{i}].name"),
                     format!(
                         "`{}` is not `schema.table` of plain names (letters, digits, `_`)",
+                        t.name
+                    ),
+                );
+            }
+            if sqlite_source && s != "public" && s != "main" {
+                return bad(
+                    &format!("tables[{i}].name"),
+                    format!(
+                        "`{}`: a SQLite source has one schema; name the table `{n}` or `main.{n}`",
                         t.name
                     ),
                 );
@@ -369,5 +408,30 @@ mod tests {
                 .to_string()
                 .contains("tables[0].key")
         );
+    }
+
+    /// R2: the source's scheme picks the capture; anything else is named.
+    #[test]
+    fn source_and_replica_urls_are_checked() {
+        let mut c = with_tables(&["bids"]);
+        c.source_url = Some(SecretUrl::new("sqlite://data/bulwark.db"));
+        assert!(c.validate().is_ok());
+        c.tables[0].name = "main.bids".into();
+        assert!(c.validate().is_ok());
+        c.tables[0].name = "sales.bids".into();
+        let e = c.validate().expect_err("SQLite has one schema");
+        assert!(e.to_string().contains("reporting.tables[0].name"), "{e}");
+        c.tables[0].name = "bids".into();
+        c.source_url = Some(SecretUrl::new("mysql://u:pw@db/x"));
+        let e = c.validate().expect_err("unknown scheme");
+        assert!(e.to_string().contains("reporting.source_url"), "{e}");
+        assert!(
+            !e.to_string().contains("pw"),
+            "the password is redacted: {e}"
+        );
+        let mut c = with_tables(&["bids"]);
+        c.replica_url = Some(SecretUrl::new("sqlite://replica.db"));
+        let e = c.validate().expect_err("a backfill reads PostgreSQL");
+        assert!(e.to_string().contains("reporting.replica_url"), "{e}");
     }
 }

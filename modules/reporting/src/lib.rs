@@ -5,7 +5,9 @@
 //! Delta tables in the pipeline's warehouse (R6); [`summary`] folds those into per-day
 //! summaries through the built-in pipeline DAG `reporting_summaries`, and [`api`] serves them
 //! through the cache (R4); [`backfill`] reloads a range from a replica (R5, `bulwark reporting
-//! backfill`). docs/reporting.md has the design; the embedded (trigger) capture is still to come.
+//! backfill`). On a SQLite source (the embedded default) [`trigger`] captures changes through
+//! triggers into a change log instead of a slot, behind the same [`capture::ChangeSource`]
+//! trait. docs/reporting.md has the design.
 
 pub mod api;
 pub mod backfill;
@@ -16,6 +18,7 @@ pub mod event;
 pub mod pgoutput;
 pub mod sink;
 pub mod summary;
+pub mod trigger;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -376,14 +379,27 @@ impl Module for ReportingModule {
                 let source = bulwark_kernel::db::connect_url(&url, &ctx.settings.kernel.database)
                     .await
                     .map_err(|e| ModuleError::Other(format!("reporting.source_url: {e}")))?;
-                let capture =
-                    capture::Capture::prepare(cfg, source, ctx.db.clone(), ctx.bus.clone())
-                        .await
-                        .map_err(|e| ModuleError::Other(e.to_string()))?;
+                let stop = ctx.shutdown.closing_token();
+                let run: futures::future::BoxFuture<'static, ()> =
+                    if sea_orm::ConnectionTrait::get_database_backend(&source)
+                        == sea_orm::DbBackend::Sqlite
+                    {
+                        let capture =
+                            trigger::TriggerCapture::prepare(cfg, source, ctx.bus.clone())
+                                .await
+                                .map_err(|e| ModuleError::Other(e.to_string()))?;
+                        Box::pin(capture::run(capture, stop))
+                    } else {
+                        let capture =
+                            capture::Capture::prepare(cfg, source, ctx.db.clone(), ctx.bus.clone())
+                                .await
+                                .map_err(|e| ModuleError::Other(e.to_string()))?;
+                        Box::pin(capture::run(capture, stop))
+                    };
                 workers.push(Worker {
                     name: "reporting-capture".into(),
                     kind: WorkerKind::Scheduler,
-                    run: Box::pin(capture::run(capture, ctx.shutdown.closing_token())),
+                    run,
                 });
             }
         }

@@ -1024,3 +1024,297 @@ async fn backfill_reads_a_replica_and_newer_cdc_data_wins() {
     drop_slot(&src, &slot).await;
     drop(replica);
 }
+
+// ---- The embedded source: SQLite, captured by triggers (issue 15 item 6, R2, R3) ----
+
+/// A fresh SQLite source database (its own file) and a connection to it.
+async fn sqlite_source() -> (TestDatabase, DatabaseConnection) {
+    let db = TestDatabase::sqlite().expect("a SQLite source");
+    let conn = Database::connect(format!("{}?mode=rwc", db.url))
+        .await
+        .expect("connect to the SQLite source");
+    (db, conn)
+}
+
+const SQ_ITEMS: &str = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, \
+                        qty INTEGER, price REAL, note TEXT)";
+/// SQLite keeps a BLOB as bytes; the capture carries it as hex text.
+const SQ_ITEMS_SRC: &str = "SELECT CAST(id AS TEXT), name, CAST(qty AS TEXT), \
+     CAST(CAST(round(price * 100) AS INTEGER) AS TEXT), \
+     CASE WHEN typeof(note) = 'blob' THEN hex(note) ELSE note END FROM items ORDER BY id";
+const SQ_ITEMS_WH: &str = "SELECT CAST(id AS VARCHAR) AS t_id, name, CAST(qty AS VARCHAR) AS t_qty, \
+     CAST(CAST(round(price * 100) AS BIGINT) AS VARCHAR) AS t_price, note \
+     FROM cdc_public_items WHERE NOT _deleted ORDER BY id";
+
+/// `n` rows from `from` on, as SQLite has no generate_series.
+fn sq_rows(from: i64, n: i64, select: &str) -> String {
+    format!(
+        "WITH RECURSIVE g(x) AS (SELECT {from} UNION ALL SELECT x + 1 FROM g WHERE x < {}) \
+         {select}",
+        from + n - 1
+    )
+}
+
+/// The same flow as `changes_reach_delta_in_order` on the embedded defaults: a SQLite source
+/// captured by triggers into its change log, the embedded bus, the Delta sink. Snapshot, then
+/// updates of one key, a transaction of many changes, a key change, a re-inserted key, a BLOB,
+/// a table with a declared key, and a column added while rows are being written (the rows
+/// written before the triggers learn the column get it from the re-copy). The change log is
+/// emptied as the bus acknowledges it.
+#[tokio::test]
+async fn embedded_trigger_capture_reaches_delta() {
+    let (src_db, src) = sqlite_source().await;
+    exec(&src, SQ_ITEMS).await;
+    exec(
+        &src,
+        &sq_rows(
+            1,
+            250,
+            "INSERT INTO items SELECT x, 'item ' || x, x % 7, x * 1.25, NULL FROM g",
+        ),
+    )
+    .await;
+    exec(&src, "CREATE TABLE tags (item INTEGER, tag TEXT)").await;
+    exec(&src, "INSERT INTO tags VALUES (1, 'a'), (2, 'b')").await;
+    let mut app = TestAppBuilder::new(Backend::Embedded)
+        .set("reporting.source_url", src_db.url.clone())
+        .set(
+            "reporting.tables",
+            json!([{"name": "items"}, {"name": "tags", "key": ["item"]}]),
+        )
+        .set("reporting.poll_interval", "50ms")
+        .start()
+        .await;
+    let e = app_engine(&app);
+    converge(&src, &e, "cdc_public_items", SQ_ITEMS_SRC, SQ_ITEMS_WH).await;
+
+    for v in 1..=3 {
+        exec(
+            &src,
+            &format!("UPDATE items SET name = 'v{v}' WHERE id = 1"),
+        )
+        .await;
+    }
+    exec(
+        &src,
+        &format!(
+            "BEGIN; UPDATE items SET qty = qty + 100 WHERE id % 3 = 0; \
+             DELETE FROM items WHERE id % 10 = 0; {}; \
+             UPDATE items SET qty = -1 WHERE id = 260; DELETE FROM items WHERE id = 261; COMMIT",
+            sq_rows(
+                251,
+                50,
+                "INSERT INTO items SELECT x, 'new ' || x, 1, 2.50, NULL FROM g"
+            )
+        ),
+    )
+    .await;
+    exec(&src, "UPDATE items SET id = 1000 WHERE id = 2").await;
+    exec(
+        &src,
+        "INSERT INTO items VALUES (10, 'again', 0, 0.10, NULL)",
+    )
+    .await;
+    exec(&src, "UPDATE items SET note = x'00ff10' WHERE id = 4").await;
+    converge(&src, &e, "cdc_public_items", SQ_ITEMS_SRC, SQ_ITEMS_WH).await;
+
+    exec(
+        &src,
+        "UPDATE tags SET tag = 'z' WHERE item = 1; DELETE FROM tags WHERE item = 2; \
+         INSERT INTO tags VALUES (3, 'c')",
+    )
+    .await;
+    converge(
+        &src,
+        &e,
+        "cdc_public_tags",
+        "SELECT CAST(item AS TEXT), tag FROM tags ORDER BY item",
+        "SELECT CAST(item AS VARCHAR) AS t_item, tag FROM cdc_public_tags WHERE NOT _deleted ORDER BY item",
+    )
+    .await;
+
+    // The column is added and written to in one go, before the capture can see the new
+    // schema: those rows are logged without it, and the re-copy brings it.
+    exec(
+        &src,
+        "ALTER TABLE items ADD COLUMN color TEXT; \
+         INSERT INTO items VALUES (301, 'colored', 1, 1.00, NULL, 'red'); \
+         UPDATE items SET color = 'blue' WHERE id = 3",
+    )
+    .await;
+    converge(
+        &src,
+        &e,
+        "cdc_public_items",
+        "SELECT CAST(id AS TEXT), name, CAST(qty AS TEXT), color FROM items ORDER BY id",
+        "SELECT CAST(id AS VARCHAR) AS t_id, name, CAST(qty AS VARCHAR) AS t_qty, color \
+         FROM cdc_public_items WHERE NOT _deleted ORDER BY id",
+    )
+    .await;
+    exec(&src, "UPDATE items SET color = 'green' WHERE id = 5").await;
+    converge(
+        &src,
+        &e,
+        "cdc_public_items",
+        "SELECT CAST(id AS TEXT), color FROM items ORDER BY id",
+        "SELECT CAST(id AS VARCHAR) AS t_id, color FROM cdc_public_items WHERE NOT _deleted ORDER BY id",
+    )
+    .await;
+    let dup = warehouse(
+        &e,
+        "cdc_public_items",
+        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
+    )
+    .await
+    .expect("count");
+    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
+    // What the bus holds, the log lets go of: it does not grow without bound.
+    let drained =
+        eventually(WAIT, || {
+            let src = &src;
+            async move {
+                (one_i64(src, "SELECT count(*) FROM bulwark_cdc_log").await == 0).then_some(())
+            }
+        })
+        .await;
+    assert!(drained.is_some(), "the change log is not emptied");
+    app.stop().await.expect("stop");
+}
+
+/// R2: bad input on a SQLite source names the field; a refused config leaves no trigger.
+#[tokio::test]
+async fn embedded_capture_bad_config_is_refused_clearly() {
+    let (src_db, src) = sqlite_source().await;
+    exec(&src, SQ_ITEMS).await;
+    exec(&src, "CREATE TABLE loose (a INTEGER, b TEXT)").await;
+    let cases = [
+        (json!([{"name": "missing"}]), "reporting.tables[0].name"),
+        (json!([{"name": "sales.items"}]), "reporting.tables[0].name"),
+        (
+            json!([{"name": "items"}, {"name": "loose"}]),
+            "has no primary key",
+        ),
+        (
+            json!([{"name": "loose", "key": ["zz"]}]),
+            "reporting.tables[0].key",
+        ),
+    ];
+    for (tables, want) in cases {
+        let err = TestAppBuilder::new(Backend::Embedded)
+            .set("reporting.source_url", src_db.url.clone())
+            .set("reporting.tables", tables.clone())
+            .spawn()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{tables} must be refused"));
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{tables}: {msg}");
+    }
+    assert_eq!(
+        one_i64(
+            &src,
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger'"
+        )
+        .await,
+        0
+    );
+    let err = TestAppBuilder::new(Backend::Embedded)
+        .set("reporting.source_url", "mysql://u:secret@db/x")
+        .set("reporting.tables", json!([{"name": "items"}]))
+        .spawn()
+        .await
+        .err()
+        .expect("an unknown scheme must be refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("reporting.source_url") && !msg.contains("secret"),
+        "{msg}"
+    );
+}
+
+/// R2, R3 on the embedded source: kill -9 of the capture process and then of the sink process
+/// while a writer keeps changing the SQLite source; the warehouse ends equal to the source row
+/// by row, every key once, every delete a tombstone.
+#[tokio::test]
+async fn embedded_kill9_of_capture_or_sink_loses_nothing() {
+    let (src_db, src) = sqlite_source().await;
+    exec(&src, SQ_ITEMS).await;
+    exec(
+        &src,
+        &sq_rows(
+            1,
+            500,
+            "INSERT INTO items SELECT x, 'item ' || x, 0, 1.00, NULL FROM g",
+        ),
+    )
+    .await;
+    let app = TestAppBuilder::new(Backend::Embedded).start().await;
+    let shared: PathBuf = app.settings.kernel.data_dir.join("warehouse-shared");
+    std::fs::create_dir_all(&shared).expect("warehouse dir");
+    let proc = |role: ProcessRole| {
+        app.process(role)
+            .set("reporting.source_url", src_db.url.clone())
+            .set("reporting.tables", json!([{"name": "items"}]))
+            .set("reporting.poll_interval", "20ms")
+            .set("reporting.changes_per_message", 50)
+            .set("reporting.sink_batch", 5)
+            .set("reporting.sink_ack_wait", "3s")
+            .set("pipeline.engine.warehouse", shared.display().to_string())
+    };
+    let mut capture = proc(ProcessRole::Scheduler).spawn().await;
+    let mut sink = proc(ProcessRole::Worker).spawn().await;
+    let writer = {
+        let url = format!("{}?mode=rwc", src_db.url);
+        tokio::spawn(async move {
+            let db = Database::connect(url).await.expect("writer connection");
+            for round in 0..120i64 {
+                let base = 1000 + round * 10;
+                let sql = format!(
+                    "BEGIN; {}; \
+                     UPDATE items SET qty = qty + 1, name = 'r{round}' WHERE id % 17 = {m}; \
+                     DELETE FROM items WHERE id = {d}; COMMIT",
+                    sq_rows(
+                        base,
+                        10,
+                        &format!(
+                            "INSERT INTO items SELECT x, 'w' || x, {round}, 2.00, NULL FROM g"
+                        )
+                    ),
+                    m = round % 17,
+                    d = 1 + round * 3,
+                );
+                db.execute_unprepared(&sql).await.expect("writer round");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    capture.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let capture2 = proc(ProcessRole::Scheduler).spawn().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sink.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sink2 = proc(ProcessRole::Worker).spawn().await;
+    writer.await.expect("writer");
+
+    let e = engine_at(&shared);
+    converge(&src, &e, "cdc_public_items", SQ_ITEMS_SRC, SQ_ITEMS_WH).await;
+    let dup = warehouse(
+        &e,
+        "cdc_public_items",
+        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
+    )
+    .await
+    .expect("count");
+    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
+    let tombstones = warehouse(
+        &e,
+        "cdc_public_items",
+        "SELECT CAST(count(*) AS VARCHAR) FROM cdc_public_items WHERE _deleted",
+    )
+    .await
+    .expect("tombstones");
+    assert_eq!(tombstones, vec![vec![Some("120".to_owned())]]);
+    drop((capture, capture2, sink, sink2));
+}
