@@ -10,6 +10,11 @@
    pgbench_accounts/tellers/branches), and the naive alternative — a job that copies
    pgbench_accounts with SELECT every --naive-every seconds (the brief's "batch job every
    minute", compressed so that a short round sees several copies). TPS ratios against baseline.
+3. Report API (R4): bulwark on its embedded defaults with a year of summary rows for the
+   shipped `bids_per_day` report; wrk (64 connections, 2 threads, --report-seconds) asks for a
+   30-day range through the cache; the baseline is nginx serving the same JSON body as a
+   static file under the same wrk run settings. wrk is closed-loop: its latencies are at the
+   highest rate the machine sustains, with wrk, bulwark (or nginx) sharing 2 cores.
 
 Everything runs on this machine: PostgreSQL, NATS, bulwark and pgbench share 2 cores, so the
 capture's CPU competes with the primary's, which a deployment on separate machines would not.
@@ -210,6 +215,107 @@ def overhead(args, url):
     return rounds
 
 
+def wrk(url, args, headers=()):
+    cmd = ["wrk", "-t", "2", "-c", str(args.connections), "-d", f"{args.report_seconds}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    lat = {}
+    for q in ("50", "90", "99"):
+        m = re.search(rf"^\s+{q}%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M)
+        if m:
+            lat[q] = round(float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)], 3)
+    rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests_per_second": float(rps.group(1)) if rps else 0.0, "latency_ms": lat,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+def report_api(args):
+    import sqlite3
+    d = tempfile.mkdtemp(prefix="bench-report-api-")
+    port = free_port()
+    env = dict(os.environ, BULWARK__SERVER__LISTEN=f"127.0.0.1:{port}", BULWARK__TELEMETRY__LOG_LEVEL="warn")
+    log = open(os.path.join(d, "log"), "w")
+    proc = subprocess.Popen([args.binary, "serve"], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
+    nginx = None
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                if time.time() > deadline:
+                    raise SystemExit("bulwark did not become ready; log in " + d)
+                time.sleep(0.2)
+        # A year of summaries for the shipped report, three groups a day, as the DAG writes them.
+        db = sqlite3.connect(os.path.join(d, "data", "bulwark.db"), timeout=30)
+        now = int(time.time() * 1000)
+        rows = []
+        for day in range(365):
+            date = time.strftime("%Y-%m-%d", time.gmtime(1767225600 + day * 86400))
+            for g, outcome in enumerate(("accepted", "rejected", "late")):
+                rows.append(("bids_per_day", date, json.dumps([outcome]),
+                             json.dumps({"bids": 1000 + day + g, "amount": 12345.5 + day, "bidders": 40 + g}), now))
+        db.executemany("INSERT INTO reporting_summaries (report, day, grp, metrics, refreshed_at_ms) "
+                       "VALUES (?, ?, ?, ?, ?)", rows)
+        db.execute("INSERT INTO reporting_summary_state (report, lsn, days, refreshed_at_ms) VALUES (?, ?, ?, ?)",
+                   ("bids_per_day", 1, 365, now))
+        db.commit()
+        db.close()
+        token = subprocess.run([args.binary, "token", "issue", "--sub", "bench", "--role", "viewer"], cwd=d,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        path = "/api/reporting/reports/bids_per_day?from=2026-03-01&to=2026-03-30"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body = r.read()
+        got_rows = len(json.loads(body)["rows"])
+        if got_rows != 90:
+            raise SystemExit(f"the report returned {got_rows} rows, expected 90")
+        # The baseline: nginx serving the same bytes.
+        www = os.path.join(d, "www")
+        os.makedirs(www)
+        with open(os.path.join(www, "report.json"), "wb") as f:
+            f.write(body)
+        nport = free_port()
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; default_type application/json;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  server {{ listen 127.0.0.1:{nport}; root {www}; }} }}
+""")
+        nginx = subprocess.Popen(["nginx", "-c", conf, "-p", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        ours = wrk(f"http://127.0.0.1:{port}{path}", args, [f"Authorization: Bearer {token}"])
+        peer = wrk(f"http://127.0.0.1:{nport}/report.json", args)
+        text = metrics(port)
+        return {
+            "connections": args.connections, "seconds": args.report_seconds, "range_days": 30,
+            "rows": got_rows, "body_bytes": len(body),
+            "bulwark": ours, "nginx_static": peer,
+            "p99_ratio_vs_nginx": round(ours["latency_ms"].get("99", 0) / max(peer["latency_ms"].get("99", 0), 1e-9), 2),
+            "rps_ratio_vs_nginx": round(ours["requests_per_second"] / max(peer["requests_per_second"], 1e-9), 3),
+            "warehouse_queries": metric(text, "bulwark_reporting_warehouse_queries_total"),
+            "served_by_outcome": {o: metric(text, "bulwark_reporting_report_requests_total", {"cache": o})
+                                  for o in ("hit", "stale", "miss", "bypass")},
+        }
+    finally:
+        if nginx:
+            nginx.terminate()
+            nginx.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", required=True)
@@ -221,14 +327,29 @@ def main():
     p.add_argument("--naive-every", type=int, default=10)
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--report-seconds", type=int, default=20)
+    p.add_argument("--only", default="throughput,overhead,report",
+                   help="comma-separated parts: throughput, overhead, report")
     args = p.parse_args()
+    parts = set(args.only.split(","))
+    if args.skip_overhead:
+        parts.discard("overhead")
+    result = {}
+    if "report" in parts:
+        result["report_api"] = report_api(args)
+        print(json.dumps(result), flush=True)
+    if not parts & {"throughput", "overhead"}:
+        print(json.dumps(result, indent=2))
+        return
     name = "bench_cdc"
     psql(PG, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     psql(PG, f"CREATE DATABASE {name}")
     url = db_url(name)
-    result = {"throughput": throughput(args, url)}
-    print(json.dumps(result), flush=True)
-    if not args.skip_overhead:
+    if "throughput" in parts:
+        result["throughput"] = throughput(args, url)
+        print(json.dumps(result), flush=True)
+    if "overhead" in parts:
         result["overhead"] = overhead(args, url)
     print(json.dumps(result, indent=2))
 
