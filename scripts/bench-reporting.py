@@ -78,6 +78,31 @@ def metric(text, name, labels=None):
     return total
 
 
+def bucket_quantile(text, name, q):
+    """Prometheus' histogram_quantile over a histogram's cumulative `le` buckets: linear inside
+    the bucket that holds the q-th observation; also that bucket's upper bound (the resolution)."""
+    buckets = []
+    for line in text.splitlines():
+        m = re.match(rf'^{name}_bucket\{{.*le="([^"]+)".*\}}\s+(\S+)$', line)
+        if m:
+            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, float(m.group(2))))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return {"value": lower, "bucket_le": "+Inf"}
+            inside = count - below
+            frac = (rank - below) / inside if inside else 1.0
+            return {"value": round(lower + (le - lower) * frac, 4), "bucket_le": le}
+        lower, below = le, count
+    return None
+
+
 class Bulwark:
     def __init__(self, binary, source, tables, slot):
         self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
@@ -154,7 +179,7 @@ def throughput(args, url):
             time.sleep(0.05)
         total = time.time() - t0
         text = metrics(b.port)
-        q = {k: metric(text, "bulwark_reporting_apply_lag_seconds", {"quantile": k}) for k in ("0.5", "0.99", "1")}
+        q = {k: bucket_quantile(text, "bulwark_reporting_apply_lag_seconds", float(k)) for k in ("0.5", "0.99", "1")}
         path = os.path.join(b.dir, "data", "warehouse", "cdc_public_bench_events")
         check = subprocess.run([sys.executable, "-c",
                                 "import sys,deltalake,pyarrow.compute as pc;t=deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table();"
@@ -275,10 +300,13 @@ def report_api(args):
         if got_rows != 90:
             raise SystemExit(f"the report returned {got_rows} rows, expected 90")
         # The baseline: nginx serving the same bytes.
+        # nginx's workers run as another user: the folder and the file must be readable to them.
+        os.chmod(d, 0o755)
         www = os.path.join(d, "www")
-        os.makedirs(www)
+        os.makedirs(www, mode=0o755)
         with open(os.path.join(www, "report.json"), "wb") as f:
             f.write(body)
+        os.chmod(os.path.join(www, "report.json"), 0o644)
         nport = free_port()
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
@@ -293,6 +321,8 @@ http {{ access_log off; default_type application/json;
         time.sleep(1)
         ours = wrk(f"http://127.0.0.1:{port}{path}", args, [f"Authorization: Bearer {token}"])
         peer = wrk(f"http://127.0.0.1:{nport}/report.json", args)
+        if peer["non_2xx"]:
+            raise SystemExit(f"nginx answered {peer['non_2xx']} non-2xx responses; see {d}/nginx-error.log")
         text = metrics(port)
         return {
             "connections": args.connections, "seconds": args.report_seconds, "range_days": 30,
@@ -332,6 +362,7 @@ def main():
     p.add_argument("--only", default="throughput,overhead,report",
                    help="comma-separated parts: throughput, overhead, report")
     args = p.parse_args()
+    args.binary = os.path.abspath(args.binary)
     parts = set(args.only.split(","))
     if args.skip_overhead:
         parts.discard("overhead")
