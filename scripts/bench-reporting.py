@@ -170,7 +170,21 @@ def throughput(args, url):
         for start in range(1, n + 1, batch):
             end = min(n, start + batch - 1)
             sql.append(f"UPDATE bench_events SET amount = amount + 1 WHERE id BETWEEN {start} AND {end};")
-        subprocess.run(["psql", url, "-q", "-v", "ON_ERROR_STOP=1"], input="\n".join(sql), text=True, check=True)
+        if args.rate:
+            # Paced: one statement of --batch rows every batch/rate seconds, so the lag is
+            # measured at a steady rate and not behind a burst's backlog.
+            writer = subprocess.Popen(["psql", url, "-q", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE, text=True)
+            for i, stmt in enumerate(sql):
+                due = t0 + i * batch / args.rate
+                if due > time.time():
+                    time.sleep(due - time.time())
+                writer.stdin.write(stmt + "\n")
+                writer.stdin.flush()
+            writer.stdin.close()
+            if writer.wait() != 0:
+                raise SystemExit("psql writer failed")
+        else:
+            subprocess.run(["psql", url, "-q", "-v", "ON_ERROR_STOP=1"], input="\n".join(sql), text=True, check=True)
         written = time.time() - t0
         want = 2 * n
         while b.applied("public.bench_events") < want:
@@ -187,7 +201,7 @@ def throughput(args, url):
                                capture_output=True, text=True)
         src = psql(url, "SELECT count(*) || ' ' || sum(amount) FROM bench_events")
         return {
-            "rows": n, "changes": want, "batch": batch,
+            "rows": n, "changes": want, "batch": batch, "offered_rows_per_second": args.rate or "unpaced",
             "source_write_seconds": round(written, 2),
             "capture_and_apply_seconds": round(total, 2),
             "changes_per_second": round(want / total),
@@ -351,6 +365,8 @@ def main():
     p.add_argument("--binary", required=True)
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--batch", type=int, default=5000)
+    p.add_argument("--rate", type=int, default=0,
+                   help="throughput: offer this many changed rows per second (0: as fast as psql sends)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=int, default=30)
     p.add_argument("--scale", type=int, default=1)
