@@ -104,7 +104,7 @@ def bucket_quantile(text, name, q):
 
 
 class Bulwark:
-    def __init__(self, binary, source, tables, slot):
+    def __init__(self, binary, source, tables, slot, role="all"):
         self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
         self.port = free_port()
         tables_toml = "\n".join(f'[[reporting.tables]]\nname = "{t}"' for t in tables)
@@ -125,7 +125,7 @@ poll_interval = "20ms"
 {tables_toml}
 """)
         self.log = open(os.path.join(self.dir, "log"), "w")
-        self.proc = subprocess.Popen([binary, "--config", "bulwark.toml", "serve"], cwd=self.dir,
+        self.proc = subprocess.Popen([binary, "--config", "bulwark.toml", "serve", "--role", role], cwd=self.dir,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -228,11 +228,15 @@ def overhead(args, url):
     rounds["baseline_tps"] = pgbench(url, args)
     slot = "bench_cdc_pgbench"
     drop_slot(url, slot)
-    b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot)
+    b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot,
+                args.overhead_role)
     try:
-        # Let the initial snapshot finish before measuring.
+        # Let the initial snapshot finish before measuring (a capture-only process counts
+        # what it captured; the sink counts what it applied).
         accounts = 100000 * args.scale
-        while b.applied("public.pgbench_accounts") < accounts:
+        counter = "bulwark_reporting_changes_applied_total" if args.overhead_role != "scheduler" \
+            else "bulwark_reporting_snapshot_rows_total"
+        while (metric(metrics(b.port), counter, {"table": "public.pgbench_accounts"}) or 0) < accounts:
             time.sleep(0.2)
         rounds["cdc_on_tps"] = pgbench(url, args)
         time.sleep(2)
@@ -249,7 +253,7 @@ def overhead(args, url):
     base = rounds["baseline_tps"] or 1.0
     rounds["cdc_on_ratio"] = round(rounds["cdc_on_tps"] / base, 3)
     rounds["naive_select_ratio"] = round(rounds["naive_select_tps"] / base, 3)
-    rounds.update({"clients": args.clients, "seconds": args.seconds, "scale": args.scale,
+    rounds.update({"capture_role": args.overhead_role, "clients": args.clients, "seconds": args.seconds, "scale": args.scale,
                    "naive_every_seconds": args.naive_every})
     return rounds
 
@@ -373,6 +377,8 @@ def main():
     p.add_argument("--naive-every", type=int, default=10)
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--overhead-role", default="all", choices=["all", "scheduler"],
+                   help="overhead: `scheduler` runs the capture alone (no sink) to separate their costs")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--report-seconds", type=int, default=20)
     p.add_argument("--only", default="throughput,overhead,report",
