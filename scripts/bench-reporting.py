@@ -104,7 +104,7 @@ def bucket_quantile(text, name, q):
 
 
 class Bulwark:
-    def __init__(self, binary, source, tables, slot, role="all"):
+    def __init__(self, binary, source, tables, slot, role="all", poll="20ms"):
         self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
         self.port = free_port()
         tables_toml = "\n".join(f'[[reporting.tables]]\nname = "{t}"' for t in tables)
@@ -121,7 +121,7 @@ log_level = "warn"
 source_url = "{source}"
 slot = "{slot}"
 publication = "{slot}"
-poll_interval = "20ms"
+poll_interval = "{poll}"
 {tables_toml}
 """)
         self.log = open(os.path.join(self.dir, "log"), "w")
@@ -229,7 +229,7 @@ def overhead(args, url):
     slot = "bench_cdc_pgbench"
     drop_slot(url, slot)
     b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot,
-                args.overhead_role)
+                args.overhead_role, args.overhead_poll)
     try:
         # Let the initial snapshot finish before measuring (a capture-only process counts
         # what it captured; the sink counts what it applied).
@@ -253,7 +253,7 @@ def overhead(args, url):
     base = rounds["baseline_tps"] or 1.0
     rounds["cdc_on_ratio"] = round(rounds["cdc_on_tps"] / base, 3)
     rounds["naive_select_ratio"] = round(rounds["naive_select_tps"] / base, 3)
-    rounds.update({"capture_role": args.overhead_role, "clients": args.clients, "seconds": args.seconds, "scale": args.scale,
+    rounds.update({"capture_role": args.overhead_role, "poll_interval": args.overhead_poll, "clients": args.clients, "seconds": args.seconds, "scale": args.scale,
                    "naive_every_seconds": args.naive_every})
     return rounds
 
@@ -377,6 +377,8 @@ def main():
     p.add_argument("--naive-every", type=int, default=10)
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--overhead-poll", default="20ms",
+                   help="overhead: the capture's reporting.poll_interval (the default config has 200ms)")
     p.add_argument("--overhead-role", default="all", choices=["all", "scheduler"],
                    help="overhead: `scheduler` runs the capture alone (no sink) to separate their costs")
     p.add_argument("--connections", type=int, default=64)
