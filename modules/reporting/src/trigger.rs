@@ -84,9 +84,8 @@ struct Table {
 }
 
 impl Table {
-    /// Trigger names: one per operation.
     fn trigger(&self, op: char) -> String {
-        format!("bulwark_cdc_{}_{op}", self.name)
+        trigger_name(&self.name, op)
     }
 
     /// `json_array(...)` of `side` (`NEW` or `OLD`): every column, a BLOB as hex text (JSON
@@ -107,6 +106,11 @@ impl Table {
             .join(", ");
         format!("json_array({cols})")
     }
+}
+
+/// The trigger of `table` for `op` (`i`, `u` or `d`).
+fn trigger_name(table: &str, op: char) -> String {
+    format!("bulwark_cdc_{table}_{op}")
 }
 
 /// Unix microseconds in SQLite's SQL (julianday has millisecond precision).
@@ -361,7 +365,7 @@ impl TriggerCapture {
             for op in ['i', 'u', 'd'] {
                 txn.execute_unprepared(&format!(
                     "DROP TRIGGER IF EXISTS {}",
-                    quote(&format!("bulwark_cdc_{name}_{op}"))
+                    quote(&trigger_name(name, op))
                 ))
                 .await?;
             }

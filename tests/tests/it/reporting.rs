@@ -157,6 +157,32 @@ async fn converge(src: &DatabaseConnection, e: &Engine, table: &str, src_sql: &s
     }
 }
 
+/// Every key of `cdc_public_items` is stored once, tombstones included: no change applied twice
+/// made a second row.
+async fn assert_each_key_once(e: &Engine) {
+    let dup = warehouse(
+        e,
+        "cdc_public_items",
+        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
+    )
+    .await
+    .expect("count");
+    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
+}
+
+/// The deleted keys of `cdc_public_items` are tombstones, not missing: a replay of their
+/// inserts cannot revive them.
+async fn assert_tombstones(e: &Engine, want: u64) {
+    let tombstones = warehouse(
+        e,
+        "cdc_public_items",
+        "SELECT CAST(count(*) AS VARCHAR) FROM cdc_public_items WHERE _deleted",
+    )
+    .await
+    .expect("tombstones");
+    assert_eq!(tombstones, vec![vec![Some(want.to_string())]]);
+}
+
 /// The Python that has the `deltalake` package, as in the pipeline's reader test.
 fn delta_python() -> Option<String> {
     let py = std::env::var("BULWARK_TEST_PYTHON")
@@ -308,14 +334,7 @@ async fn changes_reach_delta_in_order() {
     )
     .await;
     // Every key once: tombstones included, no key is stored twice.
-    let dup = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
-    )
-    .await
-    .expect("count");
-    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
+    assert_each_key_once(&e).await;
 
     // An idle slot: WAL written to a table that is not captured is passed over, so the slot
     // retains no WAL for it (the read is bounded by pg_current_wal_lsn and advances to it).
@@ -532,23 +551,8 @@ async fn kill9_of_capture_or_sink_loses_nothing() {
 
     let e = engine_at(&shared);
     converge(&src, &e, "cdc_public_items", ITEMS_SRC, ITEMS_WH).await;
-    let dup = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
-    )
-    .await
-    .expect("count");
-    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
-    // The deleted keys are tombstones, not missing: a replay of their inserts cannot revive them.
-    let tombstones = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) AS VARCHAR) FROM cdc_public_items WHERE _deleted",
-    )
-    .await
-    .expect("tombstones");
-    assert_eq!(tombstones, vec![vec![Some("120".to_owned())]]);
+    assert_each_key_once(&e).await;
+    assert_tombstones(&e, 120).await;
     drop((capture, capture2, sink, sink2));
     drop_slot(&src, &slot).await;
 }
@@ -1160,14 +1164,7 @@ async fn embedded_trigger_capture_reaches_delta() {
         "SELECT CAST(id AS VARCHAR) AS t_id, color FROM cdc_public_items WHERE NOT _deleted ORDER BY id",
     )
     .await;
-    let dup = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
-    )
-    .await
-    .expect("count");
-    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
+    assert_each_key_once(&e).await;
     // What the bus holds, the log lets go of: it does not grow without bound.
     let drained =
         eventually(WAIT, || {
@@ -1300,21 +1297,7 @@ async fn embedded_kill9_of_capture_or_sink_loses_nothing() {
 
     let e = engine_at(&shared);
     converge(&src, &e, "cdc_public_items", SQ_ITEMS_SRC, SQ_ITEMS_WH).await;
-    let dup = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) - count(DISTINCT id) AS VARCHAR) FROM cdc_public_items",
-    )
-    .await
-    .expect("count");
-    assert_eq!(dup, vec![vec![Some("0".to_owned())]]);
-    let tombstones = warehouse(
-        &e,
-        "cdc_public_items",
-        "SELECT CAST(count(*) AS VARCHAR) FROM cdc_public_items WHERE _deleted",
-    )
-    .await
-    .expect("tombstones");
-    assert_eq!(tombstones, vec![vec![Some("120".to_owned())]]);
+    assert_each_key_once(&e).await;
+    assert_tombstones(&e, 120).await;
     drop((capture, capture2, sink, sink2));
 }
