@@ -621,21 +621,11 @@ def pipeline_rendered(docs: list[dict], conf: dict, values: dict, label: str) ->
               f"{label}: {n} mounts the DAG volume read-only at dags_folder ({mounts})")
 
 
-def pipeline_tests(chart: helm.Chart, base: dict) -> None:
-    """The pipeline cases that no ci/*-values.yaml covers (ci/pipeline-values.yaml is the
-    dags.files case with two schedulers), rendered in memory; and the guard against two DAG
-    sources."""
-    step("pipeline: disabled, a DAG claim, a named ConfigMap; two DAG sources refused")
+def render_cases(chart: helm.Chart, base: dict, cases: dict, rendered) -> None:
+    """Render `base` merged with each case's values and run `rendered(docs, conf, values, label)`
+    and the core validation on it."""
     import tomllib
-    cases = {
-        "pipeline disabled": {"pipeline": {"enabled": False}},
-        "pipeline DAGs from a claim": {"pipeline": {"dags": {"existingClaim": "bulwark-dags"}}},
-        "pipeline sql tasks on a Ballista cluster":
-            {"pipeline": {"engine": {"kind": "ballista", "schedulerUrl": "df://ballista-scheduler:50050",
-                                     "memoryLimitMb": 2048}}},
-        "pipeline DAGs from a named ConfigMap, another mount path":
-            {"pipeline": {"dags": {"configMap": "my-dags", "mountPath": "/srv/dags"}}},
-    }
+
     for what, over in cases.items():
         values = deep_merge(base, over)
         try:
@@ -645,9 +635,26 @@ def pipeline_tests(chart: helm.Chart, base: dict) -> None:
             continue
         conf = tomllib.loads(named(docs, "ConfigMap", RELEASE)["data"]["bulwark.toml"])
         before = passed
-        pipeline_rendered(docs, conf, values, what)
+        rendered(docs, conf, values, what)
         validate_core(docs, what)
         print(f"  ok   {what}: {passed - before} checks passed")
+
+
+def pipeline_tests(chart: helm.Chart, base: dict) -> None:
+    """The pipeline cases that no ci/*-values.yaml covers (ci/pipeline-values.yaml is the
+    dags.files case with two schedulers), rendered in memory; and the guard against two DAG
+    sources."""
+    step("pipeline: disabled, a DAG claim, a named ConfigMap; two DAG sources refused")
+    cases = {
+        "pipeline disabled": {"pipeline": {"enabled": False}},
+        "pipeline DAGs from a claim": {"pipeline": {"dags": {"existingClaim": "bulwark-dags"}}},
+        "pipeline sql tasks on a Ballista cluster":
+            {"pipeline": {"engine": {"kind": "ballista", "schedulerUrl": "df://ballista-scheduler:50050",
+                                     "memoryLimitMb": 2048}}},
+        "pipeline DAGs from a named ConfigMap, another mount path":
+            {"pipeline": {"dags": {"configMap": "my-dags", "mountPath": "/srv/dags"}}},
+    }
+    render_cases(chart, base, cases, pipeline_rendered)
     for what, dags in {
         "existingClaim and configMap": {"existingClaim": "c", "configMap": "m"},
         "configMap and files": {"configMap": "m", "files": {"a.toml": "dag_id = 'a'\n"}},
@@ -730,7 +737,6 @@ def reporting_tests(chart: helm.Chart, base: dict) -> None:
     on, with the replica for backfills and a report of its own), rendered in memory; and the
     template's guards against a source URL Bulwark would refuse."""
     step("reporting: defaults, disabled, replica only, a Secret per URL; a source without tables refused")
-    import tomllib
     cases = {
         "reporting by default (empty section, no URL)": {},
         "reporting disabled": {"reporting": {"enabled": False}},
@@ -743,18 +749,7 @@ def reporting_tests(chart: helm.Chart, base: dict) -> None:
              "reporting": {"tables": [{"name": "sales.orders", "key": ["order_id", "line"],
                                        "target": "orders", "time_column": "created_at"}]}},
     }
-    for what, over in cases.items():
-        values = deep_merge(base, over)
-        try:
-            docs = render(chart, values)
-        except helm.HelmError as e:
-            check(False, f"{what}: render failed: {e}")
-            continue
-        conf = tomllib.loads(named(docs, "ConfigMap", RELEASE)["data"]["bulwark.toml"])
-        before = passed
-        reporting_rendered(docs, conf, values, what)
-        validate_core(docs, what)
-        print(f"  ok   {what}: {passed - before} checks passed")
+    render_cases(chart, base, cases, reporting_rendered)
     for what, over, needle in (
         ("a source URL without reporting.tables",
          {"secrets": {"reportingSourceUrl": {"key": "source-url"}}}, "reporting.tables"),
