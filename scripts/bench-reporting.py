@@ -104,7 +104,7 @@ def bucket_quantile(text, name, q):
 
 
 class Bulwark:
-    def __init__(self, binary, source, tables, slot, role="all", poll="20ms"):
+    def __init__(self, binary, source, tables, slot, role="all", poll="20ms", cpus=None):
         self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
         self.port = free_port()
         tables_toml = "\n".join(f'[[reporting.tables]]\nname = "{t}"' for t in tables)
@@ -125,7 +125,8 @@ poll_interval = "{poll}"
 {tables_toml}
 """)
         self.log = open(os.path.join(self.dir, "log"), "w")
-        self.proc = subprocess.Popen([binary, "--config", "bulwark.toml", "serve", "--role", role], cwd=self.dir,
+        pinned = ["taskset", "-c", cpus] if cpus else []
+        self.proc = subprocess.Popen(pinned + [binary, "--config", "bulwark.toml", "serve", "--role", role], cwd=self.dir,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -215,21 +216,90 @@ def throughput(args, url):
         shutil.rmtree(b.dir, ignore_errors=True)
 
 
+def postgres_pids():
+    out = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def postgres_cpu_seconds():
+    """CPU seconds the whole PostgreSQL server used so far: every live process's user+system
+    time, plus the postmaster's reaped children (backends that already exited)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = postgres_pids()
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state (stat field 3): utime, stime, cutime, cstime are fields 14-17.
+        total += int(fields[11]) + int(fields[12])
+        if int(fields[1]) not in pids:  # the postmaster: its parent is not a postgres process
+            total += int(fields[13]) + int(fields[14])
+    return total / tick
+
+
+def pin(pids, cpus):
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True)
+
+
 def pgbench(url, args):
-    out = subprocess.run([f"{PGBIN}/pgbench", "-n", "-c", str(args.clients), "-j", "2", "-T", str(args.seconds), url],
-                         capture_output=True, text=True, check=True).stdout
+    cmd = [f"{PGBIN}/pgbench", "-n", "-c", str(args.clients), "-j", "2", "-T", str(args.seconds), url]
+    if args.isolate_primary:
+        cmd = ["taskset", "-c", "1"] + cmd
+    cpu0 = postgres_cpu_seconds()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = postgres_cpu_seconds() - cpu0
     m = re.search(r"tps = ([0-9.]+) \(without initial", out)
-    return float(m.group(1)) if m else 0.0
+    tps = float(m.group(1)) if m else 0.0
+    tx = re.search(r"number of transactions actually processed: (\d+)", out)
+    n = int(tx.group(1)) if tx else 0
+    return {"tps": tps, "primary_cpu_ms_per_tx": round(1000 * cpu / n, 3) if n else None}
 
 
 def overhead(args, url):
     subprocess.run([f"{PGBIN}/pgbench", "-i", "-q", "-s", str(args.scale), url], capture_output=True, check=True)
-    rounds = {}
-    rounds["baseline_tps"] = pgbench(url, args)
+    nats = [int(p) for p in subprocess.run(["pgrep", "-x", "nats-server"], capture_output=True, text=True).stdout.split()]
+    if args.isolate_primary:
+        # The primary alone on CPU 0 (backends fork from the postmaster and inherit it);
+        # pgbench, NATS and bulwark — which a deployment runs on other machines — on CPU 1.
+        pin(postgres_pids(), "0")
+        pin(nats, "1")
+    try:
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append(overhead_round(args, url))
+    finally:
+        if args.isolate_primary:
+            pin(postgres_pids(), "0-1")
+            pin(nats, "0-1")
+    def median(key):
+        v = sorted(r[key] for r in rounds)
+        return v[len(v) // 2]
+    out = {"rounds": rounds}
+    for k in ("baseline", "cdc_on", "naive_select"):
+        out[f"{k}_tps_median"] = median(f"{k}_tps")
+    base = out["baseline_tps_median"] or 1.0
+    out["cdc_on_ratio"] = round(out["cdc_on_tps_median"] / base, 3)
+    out["naive_select_ratio"] = round(out["naive_select_tps_median"] / base, 3)
+    out["cdc_on_ratio_per_round"] = [round(r["cdc_on_tps"] / (r["baseline_tps"] or 1.0), 3) for r in rounds]
+    out.update({"capture_role": args.overhead_role, "poll_interval": args.overhead_poll, "clients": args.clients,
+                "seconds": args.seconds, "scale": args.scale, "naive_every_seconds": args.naive_every,
+                "isolate_primary": args.isolate_primary})
+    return out
+
+
+def overhead_round(args, url):
+    """One round: pgbench without capture, with it, and beside the naive copy job."""
+    r = {}
+    b0 = pgbench(url, args)
+    r["baseline_tps"], r["baseline_primary_cpu_ms_per_tx"] = b0["tps"], b0["primary_cpu_ms_per_tx"]
     slot = "bench_cdc_pgbench"
     drop_slot(url, slot)
     b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot,
-                args.overhead_role, args.overhead_poll)
+                args.overhead_role, args.overhead_poll, cpus="1" if args.isolate_primary else None)
     try:
         # Let the initial snapshot finish before measuring (a capture-only process counts
         # what it captured; the sink counts what it applied).
@@ -238,24 +308,21 @@ def overhead(args, url):
             else "bulwark_reporting_snapshot_rows_total"
         while (metric(metrics(b.port), counter, {"table": "public.pgbench_accounts"}) or 0) < accounts:
             time.sleep(0.2)
-        rounds["cdc_on_tps"] = pgbench(url, args)
+        on = pgbench(url, args)
+        r["cdc_on_tps"], r["cdc_on_primary_cpu_ms_per_tx"] = on["tps"], on["primary_cpu_ms_per_tx"]
         time.sleep(2)
-        rounds["cdc_lag_after_round_bytes"] = metric(metrics(b.port), "bulwark_reporting_capture_lag_bytes")
+        r["cdc_lag_after_round_bytes"] = metric(metrics(b.port), "bulwark_reporting_capture_lag_bytes")
     finally:
         b.stop()
         drop_slot(url, slot)
     stop = time.time() + args.seconds + 1
-    copier = subprocess.Popen(["bash", "-c",
+    copier = subprocess.Popen((["taskset", "-c", "1"] if args.isolate_primary else []) + ["bash", "-c",
                                f"while [ $(date +%s) -lt {int(stop)} ]; do psql '{url}' -Atqc 'SELECT * FROM pgbench_accounts' >/dev/null; "
                                f"sleep {args.naive_every}; done"])
-    rounds["naive_select_tps"] = pgbench(url, args)
+    nv = pgbench(url, args)
+    r["naive_select_tps"], r["naive_select_primary_cpu_ms_per_tx"] = nv["tps"], nv["primary_cpu_ms_per_tx"]
     copier.wait()
-    base = rounds["baseline_tps"] or 1.0
-    rounds["cdc_on_ratio"] = round(rounds["cdc_on_tps"] / base, 3)
-    rounds["naive_select_ratio"] = round(rounds["naive_select_tps"] / base, 3)
-    rounds.update({"capture_role": args.overhead_role, "poll_interval": args.overhead_poll, "clients": args.clients, "seconds": args.seconds, "scale": args.scale,
-                   "naive_every_seconds": args.naive_every})
-    return rounds
+    return r
 
 
 def wrk(url, args, headers=()):
@@ -381,6 +448,10 @@ def main():
                    help="overhead: the capture's reporting.poll_interval (the default config has 200ms)")
     p.add_argument("--overhead-role", default="all", choices=["all", "scheduler"],
                    help="overhead: `scheduler` runs the capture alone (no sink) to separate their costs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="overhead: repeat baseline/on/naive this many times; medians and per-round ratios")
+    p.add_argument("--isolate-primary", action="store_true",
+                   help="overhead: pin PostgreSQL to CPU 0 and pgbench, NATS and bulwark to CPU 1, as separate machines would be")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--report-seconds", type=int, default=20)
     p.add_argument("--only", default="throughput,overhead,report",

@@ -16,7 +16,9 @@ pub struct AuctionConfig {
     /// Lease on a partition; a crashed worker's partitions move after this long.
     #[serde(with = "humantime_serde")]
     pub partition_lease: Duration,
-    /// An unacked bid is redelivered after this long.
+    /// An unacked bid is redelivered after this long. A worker taking over from one that died
+    /// waits this long (plus a third of the lease) before it fetches, so keep it short: the
+    /// worker reports progress while it retries, so only a single transaction must fit in it.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// Deliveries before a bid that keeps failing goes to the dead-letter stream.
@@ -53,7 +55,7 @@ impl Default for AuctionConfig {
         Self {
             partitions: 4,
             partition_lease: Duration::from_secs(10),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             max_deliver: 10,
             close_settle: Duration::from_secs(6),
             scheduler_interval: Duration::from_millis(500),

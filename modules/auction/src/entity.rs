@@ -98,6 +98,8 @@ pub mod partition_owner {
         pub token: i64,
         pub owner: String,
         pub claimed_at_ms: i64,
+        /// Set when the owner stopped with nothing in flight; cleared by the next claim.
+        pub released_at_ms: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -131,6 +131,10 @@ fn describe_metrics() {
         "Failed applications of a run or close, retried in place before anything later of its partition."
     );
     describe_counter!(
+        "bulwark_auction_handover_waits_total",
+        "Partition take-overs that waited ack_wait for a dead owner's unsettled deliveries before fetching."
+    );
+    describe_counter!(
         "bulwark_auction_fenced_total",
         "Writes refused because a newer owner claimed the partition (this worker's lease ran out)."
     );
@@ -153,6 +157,7 @@ fn describe_metrics() {
         "bulwark_auction_close_commands_total",
         "bulwark_auction_apply_retries_total",
         "bulwark_auction_fenced_total",
+        "bulwark_auction_handover_waits_total",
     ] {
         counter!(name).increment(0);
     }

@@ -37,17 +37,29 @@ pub struct Fence {
     pub token: i64,
 }
 
+/// What a new partition owner learns when it claims the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub fence: Fence,
+    /// The previous owner released the partition with nothing in flight (or there was none).
+    /// When false it died or lost its lease, and deliveries it fetched but did not ack may
+    /// still be out: the bus returns them only after `ack_wait`, and the new owner must apply
+    /// them before anything later of the partition (issue 14, item 1).
+    pub clean_handover: bool,
+}
+
 /// Claim partition `partition` for a new owner that just took its lease with the kernel's
 /// fencing token `lease_token`, and return the token to write with: the lease's own token
 /// when it is newer than the stored one (the normal case), else one above the stored token
 /// (the key-value store lost its counter, e.g. the embedded store after a restart). The
 /// stored token only ever grows, so every previous owner's writes are refused from now on.
+/// The claim also says whether the previous owner handed over cleanly ([`release_partition`]).
 pub async fn claim_partition(
     db: &DatabaseConnection,
     partition: i32,
     lease_token: u64,
     owner: &str,
-) -> Result<Fence, DbErr> {
+) -> Result<Claim, DbErr> {
     use sea_orm::sea_query::OnConflict;
     let txn = db.begin().await?;
     let row = partition_owner::ActiveModel {
@@ -55,6 +67,8 @@ pub async fn claim_partition(
         token: Set(0),
         owner: Set(owner.to_owned()),
         claimed_at_ms: Set(now_ms()),
+        // A partition never owned before has nothing in flight.
+        released_at_ms: Set(Some(now_ms())),
     };
     match partition_owner::Entity::insert(row)
         .on_conflict(
@@ -77,11 +91,11 @@ pub async fn claim_partition(
         .filter(partition_owner::Column::PartitionId.eq(partition))
         .exec(&txn)
         .await?;
-    let stored = partition_owner::Entity::find_by_id(partition)
+    let row = partition_owner::Entity::find_by_id(partition)
         .one(&txn)
-        .await?
-        .map(|r| r.token)
-        .unwrap_or(0);
+        .await?;
+    let stored = row.as_ref().map(|r| r.token).unwrap_or(0);
+    let clean_handover = row.is_none_or(|r| r.released_at_ms.is_some());
     let token = i64::try_from(lease_token)
         .unwrap_or(i64::MAX)
         .max(stored.saturating_add(1));
@@ -92,11 +106,35 @@ pub async fn claim_partition(
             Expr::value(owner.to_owned()),
         )
         .col_expr(partition_owner::Column::ClaimedAtMs, Expr::value(now_ms()))
+        .col_expr(
+            partition_owner::Column::ReleasedAtMs,
+            Expr::value(Option::<i64>::None),
+        )
         .filter(partition_owner::Column::PartitionId.eq(partition))
         .exec(&txn)
         .await?;
     txn.commit().await?;
-    Ok(Fence { partition, token })
+    Ok(Claim {
+        fence: Fence { partition, token },
+        clean_handover,
+    })
+}
+
+/// Record that the owner holding `fence` stopped with nothing in flight: every delivery it
+/// fetched was acked or handed back to the bus (which redelivers those first). The next claim
+/// then starts at once instead of waiting out `ack_wait`. Fenced: an owner whose lease was
+/// taken over records nothing. True when recorded.
+pub async fn release_partition(db: &DatabaseConnection, fence: &Fence) -> Result<bool, DbErr> {
+    let r = partition_owner::Entity::update_many()
+        .col_expr(
+            partition_owner::Column::ReleasedAtMs,
+            Expr::value(Some(now_ms())),
+        )
+        .filter(partition_owner::Column::PartitionId.eq(fence.partition))
+        .filter(partition_owner::Column::Token.eq(fence.token))
+        .exec(db)
+        .await?;
+    Ok(r.rows_affected == 1)
 }
 
 /// The current token of `partition`'s owner, if it was ever claimed.

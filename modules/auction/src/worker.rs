@@ -5,7 +5,11 @@
 //! partition's lease in the key-value store (renewed while it works) and applies deliveries
 //! one after another. So bids are applied in the order the stream stored them, and the
 //! scheduler's close command — published to the same subject after `ends_at + close_settle` —
-//! is applied after every bid stored before it, even after a backlog. The lease is renewed by
+//! is applied after every bid stored before it, even after a backlog. An owner that takes
+//! over from one that died first waits for the bus to return the dead owner's unsettled
+//! deliveries ([`await_handover`]), so they are applied before anything later; an owner that
+//! stops cleanly says so ([`store::release_partition`]) and its successor starts at once.
+//! The lease is renewed by
 //! a task beside the batch, and every write is fenced by the partition's token in the
 //! database ([`store::claim_partition`]), so an owner whose lease ran out cannot write after a
 //! newer one claimed the partition. A run that fails is retried in place before anything
@@ -170,7 +174,7 @@ async fn own(
     ));
     // Fence the partition's writes with this lease: from the claim on, a previous owner's
     // transactions are refused.
-    let fence = match store::claim_partition(
+    let claim = match store::claim_partition(
         &inner.db,
         i32::from(p),
         guard.fencing_token,
@@ -192,10 +196,13 @@ async fn own(
         }
     };
     let owner = Owner {
-        fence: Some(fence),
+        fence: Some(claim.fence),
         lost,
         deadline: deadline.clone(),
     };
+    if !claim.clean_handover && !await_handover(inner, p, &*consumer, &owner, closing).await {
+        return;
+    }
     while !closing.is_cancelled() && !owner.lost.is_cancelled() {
         let batch = match consumer.fetch(BATCH, FETCH_WAIT).await {
             Ok(b) => b,
@@ -210,6 +217,51 @@ async fn own(
             }
         };
         process_batch(inner, &owner, batch).await;
+    }
+    // Everything fetched was acked or handed back (`process_batch` settles its whole batch):
+    // tell the next owner it need not wait for anything in flight.
+    if !owner.lost.is_cancelled()
+        && let Err(e) = store::release_partition(&inner.db, &claim.fence).await
+    {
+        tracing::warn!(message = "Cannot record the partition's clean hand-over; the next owner will wait out ack_wait.", partition = p, error = %e);
+    }
+}
+
+/// The previous owner of partition `p` died or lost its lease (issue 14, item 1): deliveries
+/// it fetched and did not settle come back only when their `ack_wait` runs out, and a fetch
+/// before that would hand us later bids — and even the close — first, so the earlier bids
+/// would be judged after them. Wait until they are due again: `ack_wait` from now, plus the
+/// third of a lease in which an owner that is still alive notices its loss and stops pushing
+/// its deadlines out (`in_progress`). The bus then redelivers them ahead of anything new, in
+/// stream order. No wait when nothing is unacked. False when we stop first.
+async fn await_handover(
+    inner: &AuctionShared,
+    p: u16,
+    consumer: &dyn bulwark_kernel::bus::Consumer,
+    owner: &Owner,
+    closing: &CancellationToken,
+) -> bool {
+    let unacked = match consumer.unacked().await {
+        Ok(0) => return true,
+        Ok(n) => Some(n),
+        // Unknown: assume the worst.
+        Err(e) => {
+            tracing::warn!(message = "Cannot count the partition's unacked deliveries.", partition = p, error = %e);
+            None
+        }
+    };
+    let wait = inner.cfg.ack_wait + inner.cfg.partition_lease / 3 + Duration::from_millis(500);
+    tracing::warn!(
+        message = "The previous owner left deliveries unsettled; waiting for the bus to return them before fetching.",
+        partition = p,
+        unacked,
+        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+    );
+    metrics::counter!("bulwark_auction_handover_waits_total").increment(1);
+    tokio::select! {
+        _ = closing.cancelled() => false,
+        _ = owner.lost.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
     }
 }
 

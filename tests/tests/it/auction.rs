@@ -843,14 +843,23 @@ async fn a_stale_partition_owner_cannot_write(backend: Backend) {
     let old = store::claim_partition(&db, partition, 5, "old")
         .await
         .expect("claim");
-    assert_eq!(old.token, 5, "the lease's own token");
+    assert_eq!(old.fence.token, 5, "the lease's own token");
+    assert!(
+        old.clean_handover,
+        "a partition never owned has nothing in flight"
+    );
     let new = store::claim_partition(&db, partition, 3, "new")
         .await
         .expect("claim");
     assert_eq!(
-        new.token, 6,
+        new.fence.token, 6,
         "above the stored token when the lease's is older"
     );
+    assert!(
+        !new.clean_handover,
+        "the old owner never released: it may have left deliveries in flight (item 1)"
+    );
+    let (old, new) = (old.fence, new.fence);
     let cmd = BidCommand {
         auction_id: id,
         bidder: "alice".into(),
@@ -884,9 +893,162 @@ async fn a_stale_partition_owner_cannot_write(backend: Backend) {
         store::partition_token(&db, partition).await.expect("read"),
         Some(6)
     );
+    assert!(
+        !store::release_partition(&db, &old).await.expect("release"),
+        "a fenced-out owner cannot declare a clean hand-over"
+    );
+    assert!(store::release_partition(&db, &new).await.expect("release"));
+    let next = store::claim_partition(&db, partition, 7, "next")
+        .await
+        .expect("claim");
+    assert!(next.clean_handover, "released with nothing in flight");
 }
 
 bulwark_tests::each_backend!(a_stale_partition_owner_cannot_write);
+
+async fn a_new_owner_applies_a_dead_owners_deliveries_before_later_ones(backend: Backend) {
+    // Item 1 of issue 14: an owner fetched alice's winning bid and died without acking it
+    // (a kill -9 mid-batch: claimed, fetched, never settled). Bob's lower bid and the close
+    // are stored after it. The next owner must apply alice's bid first, although the bus
+    // returns it only after `ack_wait`; fetching at once would apply bob's bid and the close,
+    // and judge alice's winning bid `closed`.
+    use bulwark_auction::entity::{auction, bid};
+    use bulwark_auction::store::{self, BidCommand, Decision};
+    use bulwark_kernel::bus::{self, ConsumerSpec};
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+    let ack_wait = "10s";
+    let web = builder(backend)
+        .role(ProcessRole::Web)
+        .set("auction.ack_wait", ack_wait)
+        .start()
+        .await;
+    let db = web.db.connect_migrated().await.expect("db");
+    let id = create(&web, 4_000, json!({})).await;
+    let partition = id.rem_euclid(4);
+    let alice = client(&web, id, "alice", Role::Bidder);
+    let bob = client(&web, id, "bob", Role::Bidder);
+    let a = alice.bid(500);
+    until(&alice, "ack", |v| v.acks.contains_key(&a)).await;
+
+    // The owner that dies: it claims the partition and fetches alice's bid, nothing more.
+    store::claim_partition(&db, i32::try_from(partition).expect("partition"), 1, "dead")
+        .await
+        .expect("claim");
+    let bus = bus::from_config(&web.settings.kernel.bus, db.clone())
+        .await
+        .expect("bus");
+    let consumer = bus
+        .consumer(&ConsumerSpec {
+            stream: "AUCTION_BIDS".into(),
+            durable: format!("auction-worker-p{partition}"),
+            filter_subject: Some(format!("auction.bids.{partition}.>")),
+            ack_wait: Duration::from_secs(10),
+            max_deliver: 10,
+            dead_letter_subject: None,
+        })
+        .await
+        .expect("consumer");
+    let fetched = consumer
+        .fetch(1, Duration::from_secs(5))
+        .await
+        .expect("fetch");
+    assert_eq!(fetched.len(), 1, "the dead owner holds alice's bid");
+    drop(fetched);
+    drop(consumer);
+
+    let b = bob.bid(300);
+    until(&bob, "ack", |v| v.acks.contains_key(&b)).await;
+    // Past the end and the close settle: the scheduler will publish the close at once.
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    let worker = builder(backend)
+        .share(&web)
+        .role(ProcessRole::All)
+        .set("auction.ack_wait", ack_wait)
+        .start()
+        .await;
+    let viewer = worker.token(Role::Viewer);
+    let r = bulwark_tests::services::eventually(Duration::from_secs(40), || async {
+        let res = worker
+            .get(&format!("/api/auction/auctions/{id}/result"), Some(&viewer))
+            .await;
+        if res.status() != 200 {
+            return None;
+        }
+        res.json::<Value>().await.ok()
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(
+        (r["winner"].as_str(), r["amount"].as_i64()),
+        (Some("alice"), Some(500)),
+        "alice's bid, stored first, wins: {r}"
+    );
+
+    // The same as one uninterrupted worker computes from the stored bids in stream order.
+    let stored = bid::Entity::find()
+        .filter(bid::Column::AuctionId.eq(id))
+        .order_by_asc(bid::Column::StreamSeq)
+        .all(&db)
+        .await
+        .expect("bids");
+    let fresh = auction::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .expect("read")
+        .map(|a| auction::Model {
+            ends_at_ms: a.scheduled_end_ms,
+            status: "open".into(),
+            version: 0,
+            seq: 0,
+            highest_amount: None,
+            highest_bidder: None,
+            highest_bid_id: None,
+            bid_count: 0,
+            ..a
+        })
+        .expect("auction");
+    let cmds: Vec<BidCommand> = stored
+        .iter()
+        .map(|b| BidCommand {
+            auction_id: id,
+            bidder: b.bidder.clone(),
+            client_bid_id: b.client_bid_id.clone(),
+            amount: b.amount,
+            received_at_ms: b.received_at_ms,
+            stream_seq: b.stream_seq,
+        })
+        .collect();
+    let run = store::decide_run(&fresh, &cmds.iter().map(|c| (c, None)).collect::<Vec<_>>());
+    let expected: Vec<(String, &str)> = cmds
+        .iter()
+        .zip(&run.decisions)
+        .map(|(c, d)| match d {
+            Decision::Fresh { judgement, .. } | Decision::Duplicate(judgement) => {
+                (c.bidder.clone(), judgement.outcome.as_str())
+            }
+        })
+        .collect();
+    let got: Vec<(String, &str)> = stored
+        .iter()
+        .map(|b| (b.bidder.clone(), b.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "outcomes as one uninterrupted worker decides them"
+    );
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (
+            run.state.highest_bidder.as_deref(),
+            run.state.highest_amount
+        ),
+        (Some("alice"), Some(500))
+    );
+    alice.stop().await;
+    bob.stop().await;
+}
+
+bulwark_tests::each_backend!(a_new_owner_applies_a_dead_owners_deliveries_before_later_ones);
 
 #[tokio::test]
 async fn a_slow_batch_keeps_its_partition_lease() {

@@ -608,7 +608,55 @@ async fn pending_counts_waiting_and_unacked(b: &Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
+// K4: `unacked` counts deliveries a previous binding of the durable left unsettled (a worker
+// killed mid-batch), and once their ack_wait ran out they come back before anything newer, in
+// stream order — what the auction's partition hand-over relies on (issue 14, item 1).
+async fn unsettled_deliveries_come_back_first(b: &Backend) -> anyhow::Result<()> {
+    let bus = b.ready().await?;
+    let mut s = spec("handover", ACK_WAIT, 5);
+    s.filter_subject = Some("k4.handover.>".into());
+    let dead = bus.consumer(&s).await?;
+    ensure!(dead.unacked().await? == 0, "nothing delivered yet");
+    for i in 1..=3 {
+        publish(&*bus, &format!("k4.handover.{i}"), None, &format!("m{i}")).await?;
+    }
+    let got = fetch_n(&*dead, 3, SOON).await?;
+    ensure!(got.len() == 3, "fetched {}", got.len());
+    let mut got = got.into_iter();
+    if let Some(first) = got.next() {
+        first.ack().await?;
+    }
+    // Killed with m2 and m3 unsettled.
+    drop(got);
+    drop(dead);
+    publish(&*bus, "k4.handover.4", None, "m4").await?;
+    let next = bus.consumer(&s).await?;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while next.unacked().await? != 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n = next.unacked().await?;
+    ensure!(n == 2, "two left unsettled by the dead binding, got {n}");
+    tokio::time::sleep(ACK_WAIT + Duration::from_millis(200)).await;
+    let again = fetch_n(&*next, 3, SOON).await?;
+    let order: Vec<(String, u32)> = again.iter().map(|d| (text(d), d.delivered)).collect();
+    ensure!(
+        order == [("m2".into(), 2), ("m3".into(), 2), ("m4".into(), 1)],
+        "redeliveries first, in stream order, then the new message: {order:?}"
+    );
+    for d in again {
+        d.ack().await?;
+    }
+    let deadline = tokio::time::Instant::now() + SOON;
+    while next.unacked().await? != 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(next.unacked().await? == 0, "all settled");
+    Ok(())
+}
+
 conformance!(
+    unsettled_deliveries_come_back_first,
     pending_counts_waiting_and_unacked,
     acked_is_never_redelivered,
     unacked_is_redelivered_after_ack_wait,

@@ -206,6 +206,10 @@ impl Consumer for MeteredConsumer {
     async fn pending(&self) -> Result<u64, BusError> {
         self.held.consumer.pending().await
     }
+
+    async fn unacked(&self) -> Result<u64, BusError> {
+        self.held.consumer.unacked().await
+    }
 }
 
 struct MeteredAcker {

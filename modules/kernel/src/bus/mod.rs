@@ -224,6 +224,11 @@ pub trait Consumer: Send + Sync {
     /// Messages this consumer has not finished: not yet delivered plus delivered and not
     /// acked (its lag, for `bulwark_bus_consumer_pending`).
     async fn pending(&self) -> Result<u64, BusError>;
+    /// Deliveries handed out (to this or an earlier binding of the durable) and neither acked
+    /// nor terminated yet. A consumer that must keep order across a change of owner looks at
+    /// it before its first fetch: a previous owner's unsettled deliveries come back first, but
+    /// only once `ack_wait` ran out (or it handed them back with `nak`).
+    async fn unacked(&self) -> Result<u64, BusError>;
 }
 
 /// The bus every module uses.

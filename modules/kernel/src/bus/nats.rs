@@ -465,6 +465,11 @@ impl Consumer for NatsConsumer {
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
+    async fn unacked(&self) -> Result<u64, BusError> {
+        let info = self.consumer.get_info().await.map_err(unavailable)?;
+        Ok(info.num_ack_pending as u64)
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());
@@ -511,8 +516,10 @@ impl Acker for NatsAcker {
     }
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
         let delay = (!delay.is_zero()).then_some(delay);
+        // Double ack: when it returns the server has queued the message for redelivery, so a
+        // consumer handing deliveries back can then tell the next owner they are back.
         self.msg
-            .ack_with(AckKind::Nak(delay))
+            .double_ack_with(AckKind::Nak(delay))
             .await
             .map_err(|e| ack_error(&e))
     }

@@ -293,6 +293,26 @@ impl Consumer for EmbeddedConsumer {
         Ok(waiting + u64::try_from(unacked).unwrap_or(0))
     }
 
+    async fn unacked(&self) -> Result<u64, BusError> {
+        let store = &self.store;
+        let n = store
+            .db
+            .query_one(stmt(
+                store.backend(),
+                "SELECT COUNT(*) AS n FROM bus_deliveries WHERE stream = ? AND durable = ?",
+                vec![
+                    self.spec.stream.clone().into(),
+                    self.spec.durable.clone().into(),
+                ],
+            ))
+            .await
+            .map_err(storage)?
+            .map(|r| get::<i64>(&r, "n"))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());
