@@ -38,6 +38,9 @@ pub enum CaptureError {
     Decode(#[from] pgoutput::DecodeError),
     #[error("bus: {0}")]
     Bus(#[from] bulwark_kernel::bus::BusError),
+    /// The replication session failed or ended; the next read opens a new one.
+    #[error("replication stream: {0}")]
+    Stream(String),
     #[error("bulwark database: {0}")]
     State(sea_orm::DbErr),
 }
@@ -441,72 +444,36 @@ impl Capture {
             ))
             .await?;
         let exhausted = (rows.len() as u64) < u64::from(self.cfg.max_changes_per_read);
-        let mut relations: HashMap<u32, Relation> = HashMap::new();
-        let mut pending: Vec<Batch> = Vec::new();
-        let mut txn: Vec<(u32, Change)> = Vec::new();
-        let (mut xid, mut commit_time) = (0u32, 0i64);
-        let mut last_end: Option<u64> = None;
-        let mut out = ReadOutcome::default();
+        // Every read is a new decoding session: pgoutput describes each relation again.
+        let mut decoder = TxnDecoder::new(self.cfg.changes_per_message);
         for r in &rows {
             let data: Vec<u8> = r.try_get_by_index(0)?;
-            match pgoutput::decode(&data)? {
-                Message::Begin {
-                    xid: x,
-                    commit_time: t,
-                    ..
-                } => {
-                    xid = x;
-                    commit_time = pg_time_to_unix_us(t);
-                    txn.clear();
-                }
-                Message::Relation(rel) => {
-                    relations.insert(rel.oid, rel);
-                }
-                Message::Insert { relation, new } => {
-                    txn.push((relation, change(Op::Insert, new, None, xid, commit_time)));
-                }
-                Message::Update { relation, old, new } => {
-                    txn.push((relation, change(Op::Update, new, old, xid, commit_time)));
-                }
-                Message::Delete { relation, old } => {
-                    txn.push((relation, change(Op::Delete, old, None, xid, commit_time)));
-                }
-                Message::Truncate { relations: rels } => {
-                    for oid in rels {
-                        let name = relations
-                            .get(&oid)
-                            .map(|r| format!("{}.{}", r.schema, r.name))
-                            .unwrap_or_default();
-                        tracing::warn!(
-                            message = "A captured table was truncated; the warehouse table keeps its rows until a re-snapshot.",
-                            table = %name
-                        );
-                        metrics::counter!("bulwark_reporting_truncates_total", "table" => name)
-                            .increment(1);
-                    }
-                }
-                Message::Commit {
-                    commit_lsn,
-                    end_lsn,
-                    ..
-                } => {
-                    for (n, (oid, mut c)) in txn.drain(..).enumerate() {
-                        let Some(rel) = relations.get(&oid) else {
-                            return Err(CaptureError::Setup(format!(
-                                "pgoutput sent a change of relation {oid} before describing it"
-                            )));
-                        };
-                        c.lsn = commit_lsn;
-                        // The change's position inside its commit: later wins.
-                        c.seq = n as u64 + 1;
-                        add_change(&mut pending, rel, c, self.cfg.changes_per_message);
-                    }
-                    last_end = Some(end_lsn);
-                }
-                Message::Other(_) => {}
-            }
+            decoder.message(pgoutput::decode(&data)?)?;
         }
-        for b in &pending {
+        let (pending, last_end) = decoder.take();
+        let mut out = self.publish_pending(&pending, exhausted).await?;
+        let target = if exhausted { Some(upto) } else { last_end };
+        if let Some(to) = target {
+            self.source
+                .execute(stmt(
+                    "SELECT pg_replication_slot_advance($1, CAST($2 AS pg_lsn))",
+                    vec![self.cfg.slot.clone().into(), format_lsn(to).into()],
+                ))
+                .await?;
+            out.advanced_to = Some(to);
+        }
+        Ok(out)
+    }
+
+    /// Publish decoded batches in order (each acknowledged by the bus before the next) and set
+    /// the capture lag gauge; `caught_up` says the read found the end of the WAL.
+    pub(crate) async fn publish_pending(
+        &self,
+        pending: &[Batch],
+        caught_up: bool,
+    ) -> Result<ReadOutcome> {
+        let mut out = ReadOutcome::default();
+        for b in pending {
             out.changes += b.changes.len() as u64;
             metrics::counter!("bulwark_reporting_changes_captured_total", "table" => b.table.clone())
                 .increment(b.changes.len() as u64);
@@ -517,18 +484,8 @@ impl Capture {
         if let Some(last) = pending.last().and_then(|b| b.changes.last()) {
             let age = chrono::Utc::now().timestamp_micros() - last.commit_time_us;
             metrics::gauge!("bulwark_reporting_capture_lag_seconds").set(age.max(0) as f64 / 1e6);
-        } else if exhausted {
+        } else if caught_up {
             metrics::gauge!("bulwark_reporting_capture_lag_seconds").set(0.0);
-        }
-        let target = if exhausted { Some(upto) } else { last_end };
-        if let Some(to) = target {
-            self.source
-                .execute(stmt(
-                    "SELECT pg_replication_slot_advance($1, CAST($2 AS pg_lsn))",
-                    vec![self.cfg.slot.clone().into(), format_lsn(to).into()],
-                ))
-                .await?;
-            out.advanced_to = Some(to);
         }
         Ok(out)
     }
@@ -562,6 +519,130 @@ impl Capture {
             row.try_get_by_index::<Option<i64>>(0)?.unwrap_or(0),
             row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0),
         )))
+    }
+}
+
+/// Turns pgoutput messages into change batches, whole transactions at a time: a
+/// transaction's changes are held until its commit and then take the commit's LSN (the order
+/// the sink applies by) and their position inside it. The polling capture makes one per read;
+/// the streaming capture keeps one per replication session, since pgoutput describes each
+/// relation once per session.
+pub(crate) struct TxnDecoder {
+    relations: HashMap<u32, Relation>,
+    txn: Vec<(u32, Change)>,
+    xid: u32,
+    commit_time_us: i64,
+    in_txn: bool,
+    changes_per_message: usize,
+    pending: Vec<Batch>,
+    /// The end of the last commit decoded: where the slot may be confirmed once `pending` is
+    /// stored.
+    last_end: Option<u64>,
+    changes: u64,
+}
+
+impl TxnDecoder {
+    pub(crate) fn new(changes_per_message: usize) -> Self {
+        Self {
+            relations: HashMap::new(),
+            txn: Vec::new(),
+            xid: 0,
+            commit_time_us: 0,
+            in_txn: false,
+            changes_per_message,
+            pending: Vec::new(),
+            last_end: None,
+            changes: 0,
+        }
+    }
+
+    /// Inside a transaction (a begin seen, its commit not yet).
+    pub(crate) fn in_txn(&self) -> bool {
+        self.in_txn
+    }
+
+    /// Committed changes decoded since the last [`TxnDecoder::take`].
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub(crate) fn begin(&mut self, xid: u32, commit_time_pg_us: i64) {
+        self.xid = xid;
+        self.commit_time_us = pg_time_to_unix_us(commit_time_pg_us);
+        self.txn.clear();
+        self.in_txn = true;
+    }
+
+    pub(crate) fn commit(&mut self, commit_lsn: u64, end_lsn: u64) -> Result<()> {
+        for (n, (oid, mut c)) in self.txn.drain(..).enumerate() {
+            let Some(rel) = self.relations.get(&oid) else {
+                return Err(CaptureError::Setup(format!(
+                    "pgoutput sent a change of relation {oid} before describing it"
+                )));
+            };
+            c.lsn = commit_lsn;
+            // The change's position inside its commit: later wins.
+            c.seq = n as u64 + 1;
+            add_change(&mut self.pending, rel, c, self.changes_per_message);
+            self.changes += 1;
+        }
+        self.last_end = Some(end_lsn);
+        self.in_txn = false;
+        Ok(())
+    }
+
+    /// Any pgoutput message (the streaming client parses begin and commit itself and calls
+    /// [`TxnDecoder::begin`]/[`TxnDecoder::commit`]).
+    pub(crate) fn message(&mut self, m: Message) -> Result<()> {
+        let (xid, t) = (self.xid, self.commit_time_us);
+        match m {
+            Message::Begin {
+                xid, commit_time, ..
+            } => self.begin(xid, commit_time),
+            Message::Relation(rel) => {
+                self.relations.insert(rel.oid, rel);
+            }
+            Message::Insert { relation, new } => {
+                self.txn
+                    .push((relation, change(Op::Insert, new, None, xid, t)));
+            }
+            Message::Update { relation, old, new } => {
+                self.txn
+                    .push((relation, change(Op::Update, new, old, xid, t)));
+            }
+            Message::Delete { relation, old } => {
+                self.txn
+                    .push((relation, change(Op::Delete, old, None, xid, t)));
+            }
+            Message::Truncate { relations: rels } => {
+                for oid in rels {
+                    let name = self
+                        .relations
+                        .get(&oid)
+                        .map(|r| format!("{}.{}", r.schema, r.name))
+                        .unwrap_or_default();
+                    tracing::warn!(
+                        message = "A captured table was truncated; the warehouse table keeps its rows until a re-snapshot.",
+                        table = %name
+                    );
+                    metrics::counter!("bulwark_reporting_truncates_total", "table" => name)
+                        .increment(1);
+                }
+            }
+            Message::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => self.commit(commit_lsn, end_lsn)?,
+            Message::Other(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The batches decoded so far and the end of the last commit among them; starts over.
+    pub(crate) fn take(&mut self) -> (Vec<Batch>, Option<u64>) {
+        self.changes = 0;
+        (std::mem::take(&mut self.pending), self.last_end.take())
     }
 }
 

@@ -100,6 +100,14 @@ pub struct ReportConfig {
     pub metrics: std::collections::BTreeMap<String, String>,
 }
 
+/// How the PostgreSQL slot is read (`reporting.capture_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    Stream,
+    Poll,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportingConfig {
@@ -114,9 +122,19 @@ pub struct ReportingConfig {
     /// The publication naming the captured tables; created and kept in step with `tables`.
     pub publication: String,
     pub tables: Vec<TableConfig>,
-    /// How often the slot is read when the last read found nothing.
+    /// How a PostgreSQL source's slot is read: `stream` (the replication protocol, one
+    /// long-lived session; the default) or `poll` (`pg_logical_slot_peek_binary_changes`
+    /// and `pg_replication_slot_advance` over an ordinary connection, for a source that
+    /// refuses replication connections). docs/benchmarks.md compares their cost on the primary.
+    pub capture_mode: CaptureMode,
+    /// `poll`: how often the slot is read when the last read found nothing. `stream`: how long
+    /// one read waits for changes before it publishes what it has.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// `stream`: while nothing of ours changes, a logical message is emitted on the source
+    /// this often, so the slot can confirm past WAL written to other tables.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
     /// Changes decoded per slot read, at most (whole transactions: a read may end past it).
     pub max_changes_per_read: u32,
     /// Changes per bus message, at most.
@@ -150,7 +168,9 @@ impl Default for ReportingConfig {
             slot: "bulwark_reporting".into(),
             publication: "bulwark_reporting".into(),
             tables: Vec::new(),
+            capture_mode: CaptureMode::Stream,
             poll_interval: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_secs(10),
             max_changes_per_read: 20_000,
             changes_per_message: 1000,
             snapshot_chunk: 5000,
@@ -189,6 +209,9 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
         }
         if self.poll_interval < Duration::from_millis(10) {
             return bad("poll_interval", "must be at least 10ms".into());
+        }
+        if self.heartbeat_interval < Duration::from_secs(1) {
+            return bad("heartbeat_interval", "must be at least 1s".into());
         }
         if self.max_changes_per_read == 0 {
             return bad("max_changes_per_read", "must be at least 1".into());
@@ -265,6 +288,20 @@ impl bulwark_kernel::config::ModuleConfig for ReportingConfig {
                 format!(
                     "`{}` is neither a PostgreSQL URL (postgres://…, captured from a logical \
                      slot) nor a SQLite one (sqlite://…, captured by triggers)",
+                    u.redacted()
+                ),
+            );
+        }
+        if let Some(u) = &self.source_url
+            && !sqlite_source
+            && self.capture_mode == CaptureMode::Stream
+            && let Err(m) =
+                crate::stream::replication_config(u.expose(), &self.slot, &self.publication)
+        {
+            return bad(
+                "source_url",
+                format!(
+                    "`{}` {m}; capture_mode = \"stream\" opens a replication connection with it",
                     u.redacted()
                 ),
             );
@@ -428,6 +465,28 @@ mod tests {
         assert!(
             !e.to_string().contains("pw"),
             "the password is redacted: {e}"
+        );
+        c.source_url = Some(SecretUrl::new("postgres://db.example/x"));
+        let e = c.validate().expect_err("streaming needs a user");
+        assert!(e.to_string().contains("reporting.source_url"), "{e}");
+        assert!(e.to_string().contains("names no user"), "{e}");
+        c.capture_mode = CaptureMode::Poll;
+        assert!(
+            c.validate().is_ok(),
+            "an ordinary connection may take the default user"
+        );
+        let mut c = with_tables(&["bids"]);
+        c.heartbeat_interval = Duration::from_millis(10);
+        let e = c.validate().expect_err("too frequent");
+        assert!(
+            e.to_string().contains("reporting.heartbeat_interval"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<ReportingConfig>(r#"{"capture_mode": "sometimes"}"#)
+            .expect_err("unknown mode");
+        assert!(
+            e.to_string().contains("stream") && e.to_string().contains("poll"),
+            "{e}"
         );
         let mut c = with_tables(&["bids"]);
         c.replica_url = Some(SecretUrl::new("sqlite://replica.db"));

@@ -17,6 +17,7 @@ pub mod config;
 pub mod event;
 pub mod pgoutput;
 pub mod sink;
+pub mod stream;
 pub mod summary;
 pub mod trigger;
 
@@ -390,11 +391,19 @@ impl Module for ReportingModule {
                                 .map_err(|e| ModuleError::Other(e.to_string()))?;
                         Box::pin(capture::run(capture, stop))
                     } else {
+                        let mode = cfg.capture_mode;
                         let capture =
                             capture::Capture::prepare(cfg, source, ctx.db.clone(), ctx.bus.clone())
                                 .await
                                 .map_err(|e| ModuleError::Other(e.to_string()))?;
-                        Box::pin(capture::run(capture, stop))
+                        match mode {
+                            config::CaptureMode::Poll => Box::pin(capture::run(capture, stop)),
+                            config::CaptureMode::Stream => {
+                                let capture = stream::StreamCapture::new(capture)
+                                    .map_err(|e| ModuleError::Other(e.to_string()))?;
+                                Box::pin(capture::run(capture, stop))
+                            }
+                        }
                     };
                 workers.push(Worker {
                     name: "reporting-capture".into(),

@@ -219,8 +219,20 @@ const ITEMS_WH: &str = "SELECT CAST(id AS VARCHAR) AS t_id, name, CAST(qty AS VA
 /// a declared key, and a column added on the source all reach Delta in order; an idle slot
 /// moves past other tables' WAL; the Python `deltalake` package reads the same rows from
 /// zstd-compressed Parquet.
+///
+/// Through the replication protocol (`capture_mode = "stream"`, the default), and below
+/// through slot functions (`poll`): both sources must pass the same test.
 #[tokio::test]
 async fn changes_reach_delta_in_order() {
+    changes_reach_delta_in_order_with("stream").await;
+}
+
+#[tokio::test]
+async fn changes_reach_delta_in_order_polling() {
+    changes_reach_delta_in_order_with("poll").await;
+}
+
+async fn changes_reach_delta_in_order_with(mode: &str) {
     let Some((_src_db, src)) = source().await else {
         return;
     };
@@ -245,6 +257,8 @@ async fn changes_reach_delta_in_order() {
         &slot,
         json!([{"name": "public.items"}, {"name": "tags", "key": ["item"]}]),
     )
+    .set("reporting.capture_mode", mode)
+    .set("reporting.heartbeat_interval", "1s")
     .spawn()
     .await
     .expect("start with capture");
@@ -254,6 +268,18 @@ async fn changes_reach_delta_in_order() {
     let e = app_engine(&app);
     // The snapshot (three keyset chunks of 100).
     converge(&src, &e, "cdc_public_items", ITEMS_SRC, ITEMS_WH).await;
+    // The mode asked for is the one reading: a streaming capture holds the slot from a
+    // walsender (listed in pg_stat_replication), a polling one from an ordinary backend.
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s \
+         ON s.active_pid = r.pid WHERE s.slot_name = '{slot}'"
+    );
+    let walsenders = one_i64(&src, &sql).await;
+    assert_eq!(
+        walsenders,
+        i64::from(mode == "stream"),
+        "capture_mode = {mode}: walsenders holding the slot"
+    );
 
     // Streamed changes: the same key several times, in one transaction and across several.
     for v in 1..=3 {
@@ -337,7 +363,8 @@ async fn changes_reach_delta_in_order() {
     assert_each_key_once(&e).await;
 
     // An idle slot: WAL written to a table that is not captured is passed over, so the slot
-    // retains no WAL for it (the read is bounded by pg_current_wal_lsn and advances to it).
+    // retains no WAL for it (polling: the read is bounded by pg_current_wal_lsn and advances
+    // to it; streaming: a heartbeat message after it comes through and is confirmed).
     exec(
         &src,
         "INSERT INTO noise (pad) SELECT repeat(md5(g::text), 20) FROM generate_series(1, 20000) g",
@@ -486,6 +513,15 @@ async fn bad_capture_config_is_refused_clearly() {
 /// every key once (no loss, no duplicate effect).
 #[tokio::test]
 async fn kill9_of_capture_or_sink_loses_nothing() {
+    kill9_of_capture_or_sink_loses_nothing_with("stream").await;
+}
+
+#[tokio::test]
+async fn kill9_of_capture_or_sink_loses_nothing_polling() {
+    kill9_of_capture_or_sink_loses_nothing_with("poll").await;
+}
+
+async fn kill9_of_capture_or_sink_loses_nothing_with(mode: &str) {
     let Some((src_db, src)) = source().await else {
         return;
     };
@@ -511,6 +547,7 @@ async fn kill9_of_capture_or_sink_loses_nothing() {
             .set("reporting.slot", slot.clone())
             .set("reporting.publication", slot.clone())
             .set("reporting.tables", json!([{"name": "items"}]))
+            .set("reporting.capture_mode", mode)
             .set("reporting.poll_interval", "20ms")
             .set("reporting.changes_per_message", 50)
             .set("reporting.sink_batch", 5)
