@@ -5,11 +5,16 @@
    to the moment the sink's applied counter (`bulwark_reporting_changes_applied_total`) reaches
    the number of changes, and read the apply-lag quantiles (commit on the source → merged into
    Delta) from /metrics. The Delta table is then read by the `deltalake` package and compared.
-2. Primary overhead: pgbench (TPC-B-like, --clients, --seconds) on the same database, three
-   rounds in one run: no capture (baseline), capture on (slot + bulwark reading and applying
-   pgbench_accounts/tellers/branches), and the naive alternative — a job that copies
-   pgbench_accounts with SELECT every --naive-every seconds (the brief's "batch job every
-   minute", compressed so that a short round sees several copies). TPS ratios against baseline.
+2. Primary overhead: pgbench (TPC-B-like, --clients, --seconds) on the same database, four
+   conditions per round (--rounds N repeats them; medians and per-round ratios): no capture
+   (baseline); the floor — PostgreSQL's own pg_recvlogical streaming the same tables to
+   /dev/null, the least any reader of a logical slot costs the primary; capture on (bulwark
+   reading pgbench_accounts/tellers/branches with --capture-mode and applying them); and the
+   naive alternative — a job that copies pgbench_accounts with SELECT every --naive-every
+   seconds (the brief's "batch job every minute", compressed so that a short round sees several
+   copies). Besides TPS, each condition reports the primary's CPU per transaction (all
+   PostgreSQL processes' user+system time over the round / transactions). --isolate-primary
+   pins PostgreSQL to CPU 0 and everything else to CPU 1, as separate machines would be.
 3. Report API (R4): bulwark on its embedded defaults with a year of summary rows for the
    shipped `bids_per_day` report; wrk (64 connections, 2 threads, --report-seconds) asks for a
    30-day range through the cache; the baseline is nginx serving the same JSON body as a
@@ -104,7 +109,7 @@ def bucket_quantile(text, name, q):
 
 
 class Bulwark:
-    def __init__(self, binary, source, tables, slot, role="all", poll="20ms", cpus=None):
+    def __init__(self, binary, source, tables, slot, role="all", poll="20ms", cpus=None, mode="stream"):
         self.dir = tempfile.mkdtemp(prefix="bench-reporting-")
         self.port = free_port()
         tables_toml = "\n".join(f'[[reporting.tables]]\nname = "{t}"' for t in tables)
@@ -121,6 +126,7 @@ log_level = "warn"
 source_url = "{source}"
 slot = "{slot}"
 publication = "{slot}"
+capture_mode = "{mode}"
 poll_interval = "{poll}"
 {tables_toml}
 """)
@@ -159,7 +165,7 @@ def throughput(args, url):
     drop_slot(url, slot)
     psql(url, "DROP TABLE IF EXISTS bench_events; CREATE TABLE bench_events (id bigint PRIMARY KEY, "
               "account int NOT NULL, amount numeric(12,2) NOT NULL, note text, at timestamptz NOT NULL DEFAULT now())")
-    b = Bulwark(args.binary, url, ["public.bench_events"], slot)
+    b = Bulwark(args.binary, url, ["public.bench_events"], slot, mode=args.capture_mode)
     try:
         n, batch = args.rows, args.batch
         t0 = time.time()
@@ -279,13 +285,16 @@ def overhead(args, url):
         v = sorted(r[key] for r in rounds)
         return v[len(v) // 2]
     out = {"rounds": rounds}
-    for k in ("baseline", "cdc_on", "naive_select"):
+    for k in ("baseline", "floor_recvlogical", "cdc_on", "naive_select"):
         out[f"{k}_tps_median"] = median(f"{k}_tps")
+        out[f"{k}_primary_cpu_ms_per_tx_median"] = median(f"{k}_primary_cpu_ms_per_tx")
     base = out["baseline_tps_median"] or 1.0
     out["cdc_on_ratio"] = round(out["cdc_on_tps_median"] / base, 3)
+    out["floor_recvlogical_ratio"] = round(out["floor_recvlogical_tps_median"] / base, 3)
     out["naive_select_ratio"] = round(out["naive_select_tps_median"] / base, 3)
     out["cdc_on_ratio_per_round"] = [round(r["cdc_on_tps"] / (r["baseline_tps"] or 1.0), 3) for r in rounds]
-    out.update({"capture_role": args.overhead_role, "poll_interval": args.overhead_poll, "clients": args.clients,
+    out["floor_ratio_per_round"] = [round(r["floor_recvlogical_tps"] / (r["baseline_tps"] or 1.0), 3) for r in rounds]
+    out.update({"capture_mode": args.capture_mode, "capture_role": args.overhead_role, "poll_interval": args.overhead_poll, "clients": args.clients,
                 "seconds": args.seconds, "scale": args.scale, "naive_every_seconds": args.naive_every,
                 "isolate_primary": args.isolate_primary})
     return out
@@ -298,8 +307,28 @@ def overhead_round(args, url):
     r["baseline_tps"], r["baseline_primary_cpu_ms_per_tx"] = b0["tps"], b0["primary_cpu_ms_per_tx"]
     slot = "bench_cdc_pgbench"
     drop_slot(url, slot)
+    # The floor: PostgreSQL's own pg_recvlogical streaming the same publication to /dev/null.
+    # Whatever reads a logical slot pays at least this on the primary (the walsender's decoding).
+    floor_slot = "bench_cdc_floor"
+    drop_slot(url, floor_slot)
+    psql(url, "DROP PUBLICATION IF EXISTS bench_cdc_floor; CREATE PUBLICATION bench_cdc_floor FOR TABLE "
+              "pgbench_accounts, pgbench_tellers, pgbench_branches")
+    psql(url, f"SELECT pg_create_logical_replication_slot('{floor_slot}', 'pgoutput')")
+    recv = subprocess.Popen((["taskset", "-c", "1"] if args.isolate_primary else []) + [
+        f"{PGBIN}/pg_recvlogical", "-d", url, "--slot", floor_slot, "--start", "-o", "proto_version=1",
+        "-o", "publication_names=bench_cdc_floor", "-f", "/dev/null", "-s", "1"])
+    try:
+        time.sleep(1)
+        fl = pgbench(url, args)
+        r["floor_recvlogical_tps"], r["floor_recvlogical_primary_cpu_ms_per_tx"] = fl["tps"], fl["primary_cpu_ms_per_tx"]
+    finally:
+        recv.terminate()
+        recv.wait()
+        drop_slot(url, floor_slot)
+        psql(url, "DROP PUBLICATION IF EXISTS bench_cdc_floor")
     b = Bulwark(args.binary, url, ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches"], slot,
-                args.overhead_role, args.overhead_poll, cpus="1" if args.isolate_primary else None)
+                args.overhead_role, args.overhead_poll, cpus="1" if args.isolate_primary else None,
+                mode=args.capture_mode)
     try:
         # Let the initial snapshot finish before measuring (a capture-only process counts
         # what it captured; the sink counts what it applied).
@@ -448,6 +477,8 @@ def main():
                    help="overhead: the capture's reporting.poll_interval (the default config has 200ms)")
     p.add_argument("--overhead-role", default="all", choices=["all", "scheduler"],
                    help="overhead: `scheduler` runs the capture alone (no sink) to separate their costs")
+    p.add_argument("--capture-mode", default="stream", choices=["stream", "poll"],
+                   help="reporting.capture_mode of the bulwark under test")
     p.add_argument("--rounds", type=int, default=1,
                    help="overhead: repeat baseline/on/naive this many times; medians and per-round ratios")
     p.add_argument("--isolate-primary", action="store_true",

@@ -287,3 +287,89 @@ impl Drop for Replica {
         let _ = as_postgres("rm").arg("-rf").arg(&self.dir).output();
     }
 }
+
+/// A PostgreSQL server of the test's own — `initdb` into a fresh folder under /tmp, on a free
+/// loopback port, trust authentication — for a test that stops and restarts its database
+/// (issue 14, item 4), which the server every other test shares must never do. Stopped and
+/// removed on drop.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> anyhow::Result<Self> {
+        let port = crate::procs::free_port();
+        let dir = std::env::temp_dir().join(unique("bulwark-pg-"));
+        let out = as_postgres(&format!("{PG_BIN}/initdb"))
+            .arg("-D")
+            .arg(&dir)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .context("run initdb")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
+             fsync = off\nmax_connections = 100\n"
+        );
+        let mut w = as_postgres("tee")
+            .arg("-a")
+            .arg(dir.join("postgresql.conf"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("write postgresql.conf")?;
+        if let Some(stdin) = w.stdin.as_mut() {
+            use std::io::Write as _;
+            stdin.write_all(conf.as_bytes())?;
+        }
+        anyhow::ensure!(w.wait()?.success(), "writing postgresql.conf failed");
+        let pg = Self { port, dir };
+        pg.resume()?;
+        Ok(pg)
+    }
+
+    /// The URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres:postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(args)
+            .output()
+            .context("run pg_ctl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl {args:?}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// An outage: a fast shutdown, which ends every connection.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
+    }
+
+    /// Start (again) and wait until it accepts connections.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.pg_ctl(&["-w", "-t", "60", "start"])
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = as_postgres("rm").arg("-rf").arg(&self.dir).output();
+    }
+}

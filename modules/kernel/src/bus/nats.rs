@@ -188,13 +188,26 @@ impl Shared {
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload)
             .headers(map);
-        let ack = self
-            .js
-            .send_publish(self.prefix.subject(subject), publish)
+        // One bound for the whole publish: the wait for an in-flight slot (JetStream's
+        // back-pressure, which the client's request timeout does not cover) and the ack. A
+        // caller that promises "stored within request_timeout or refused" (the auction's close
+        // settle, issue 14 item 5) relies on it.
+        let sent = async {
+            self.js
+                .send_publish(self.prefix.subject(subject), publish)
+                .await
+                .map_err(|e| publish_error(subject, &e))?
+                .await
+                .map_err(|e| publish_error(subject, &e))
+        };
+        let ack = tokio::time::timeout(self.request_timeout, sent)
             .await
-            .map_err(|e| publish_error(subject, &e))?
-            .await
-            .map_err(|e| publish_error(subject, &e))?;
+            .map_err(|_| {
+                BusError::Timeout(format!(
+                    "publish to `{subject}`: not acknowledged within {:?}",
+                    self.request_timeout
+                ))
+            })??;
         Ok(PublishAck {
             stream: self.prefix.unstream(&ack.stream),
             sequence: ack.sequence,
