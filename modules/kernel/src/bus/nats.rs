@@ -190,8 +190,7 @@ impl Shared {
             .headers(map);
         // One bound for the whole publish: the wait for an in-flight slot (JetStream's
         // back-pressure, which the client's request timeout does not cover) and the ack. A
-        // caller that promises "stored within request_timeout or refused" (the auction's close
-        // settle, issue 14 item 5) relies on it.
+        // caller that promises "stored within request_timeout or refused" relies on it.
         let sent = async {
             self.js
                 .send_publish(self.prefix.subject(subject), publish)
