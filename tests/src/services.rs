@@ -171,6 +171,26 @@ fn as_postgres(program: &str) -> std::process::Command {
     }
 }
 
+/// Write (or `append` to) a file in a server folder that belongs to `postgres`.
+fn write_as_postgres(path: &std::path::Path, text: &str, append: bool) -> anyhow::Result<()> {
+    let mut tee = as_postgres("tee");
+    if append {
+        tee.arg("-a");
+    }
+    let mut w = tee
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("write {}", path.display()))?;
+    if let Some(stdin) = w.stdin.as_mut() {
+        use std::io::Write as _;
+        stdin.write_all(text.as_bytes())?;
+    }
+    anyhow::ensure!(w.wait()?.success(), "writing {} failed", path.display());
+    Ok(())
+}
+
 impl Replica {
     pub async fn start() -> anyhow::Result<Option<Self>> {
         let Some(admin) = postgres_admin_url() else {
@@ -237,17 +257,7 @@ impl Replica {
         );
         let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
         for (name, text) in [("postgresql.conf", conf.as_str()), ("pg_hba.conf", hba)] {
-            let mut w = as_postgres("tee")
-                .arg(dir.join(name))
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .context("write the replica's config")?;
-            if let Some(stdin) = w.stdin.as_mut() {
-                use std::io::Write as _;
-                stdin.write_all(text.as_bytes())?;
-            }
-            anyhow::ensure!(w.wait()?.success(), "writing {name} failed");
+            write_as_postgres(&dir.join(name), text, false)?;
         }
         let replica = Self {
             port: replica_port,
@@ -316,18 +326,7 @@ impl PrivatePostgres {
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
              fsync = off\nmax_connections = 100\n"
         );
-        let mut w = as_postgres("tee")
-            .arg("-a")
-            .arg(dir.join("postgresql.conf"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("write postgresql.conf")?;
-        if let Some(stdin) = w.stdin.as_mut() {
-            use std::io::Write as _;
-            stdin.write_all(conf.as_bytes())?;
-        }
-        anyhow::ensure!(w.wait()?.success(), "writing postgresql.conf failed");
+        write_as_postgres(&dir.join("postgresql.conf"), &conf, true)?;
         let pg = Self { port, dir };
         pg.resume()?;
         Ok(pg)

@@ -57,6 +57,23 @@ fn client(app: &TestApp, id: i64, who: &str, role: Role) -> AuctionClient {
     ))
 }
 
+/// The result of auction `id` once `app` reports it closed (read through the API, so through
+/// the database: on the embedded backend another instance's room broadcasts are not heard).
+async fn closed_result(app: &TestApp, id: i64, timeout: Duration) -> Value {
+    let viewer = app.token(Role::Viewer);
+    bulwark_tests::services::eventually(timeout, || async {
+        let res = app
+            .get(&format!("/api/auction/auctions/{id}/result"), Some(&viewer))
+            .await;
+        if res.status() != 200 {
+            return None;
+        }
+        res.json::<Value>().await.ok()
+    })
+    .await
+    .expect("closed in time")
+}
+
 async fn until(c: &AuctionClient, what: &str, pred: impl Fn(&View) -> bool) -> View {
     let (ok, v) = c.wait_until(WAIT, pred).await;
     assert!(ok, "timed out waiting for {what}; view: {:?}", v.log);
@@ -711,18 +728,7 @@ async fn backlog_before_the_end_is_applied_before_the_close(backend: Backend) {
         .await;
     // Read the result through the database: on the embedded backend the room broadcast is
     // in-process, so clients of the web instance would not hear the worker's `closed`.
-    let viewer = worker.token(Role::Viewer);
-    let r = bulwark_tests::services::eventually(WAIT, || async {
-        let res = worker
-            .get(&format!("/api/auction/auctions/{id}/result"), Some(&viewer))
-            .await;
-        if res.status() != 200 {
-            return None;
-        }
-        res.json::<Value>().await.ok()
-    })
-    .await
-    .expect("closed in time");
+    let r = closed_result(&worker, id, WAIT).await;
     assert_eq!(
         (r["winner"].as_str(), r["amount"].as_i64()),
         (Some("bob"), Some(170)),
@@ -966,18 +972,7 @@ async fn a_new_owner_applies_a_dead_owners_deliveries_before_later_ones(backend:
         .set("auction.ack_wait", ack_wait)
         .start()
         .await;
-    let viewer = worker.token(Role::Viewer);
-    let r = bulwark_tests::services::eventually(Duration::from_secs(40), || async {
-        let res = worker
-            .get(&format!("/api/auction/auctions/{id}/result"), Some(&viewer))
-            .await;
-        if res.status() != 200 {
-            return None;
-        }
-        res.json::<Value>().await.ok()
-    })
-    .await
-    .expect("closed in time");
+    let r = closed_result(&worker, id, Duration::from_secs(40)).await;
     assert_eq!(
         (r["winner"].as_str(), r["amount"].as_i64()),
         (Some("alice"), Some(500)),
